@@ -1,0 +1,88 @@
+"""Can the detector / segmenter fit a few real COCO images? The metric on those same images over training.
+
+The debug / overfit mode (``--overfit N``) trains and evaluates on the first N training images
+without augmentation. A correct model (for detection: matching, losses, box refinement,
+post-processing and COCO evaluation; for segmentation: masks, decoder, upsampling and mIoU) drives
+the metric on them towards 1; the public projects this replaces could not show that, since their
+AP / mIoU were computed wrongly.
+
+    DINOTUNE_SHARED=../shared python benchmarks/bench_overfit.py --task detect    # AP50 on 4 images
+    DINOTUNE_SHARED=../shared python benchmarks/bench_overfit.py --task segment   # mIoU on 2 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine_info, shared_dataset
+
+HERE = Path(__file__).resolve().parent
+
+# Per task: what to train, which metric to watch, and the defaults of this benchmark.
+TASKS = {
+    "detect": {
+        "metrics": ("AP", "AP50"), "images": 4, "epochs": 300, "image_size": 224,
+        "settings": dict(hidden_dim=128, num_heads=4, ffn_dim=256, decoder_layers=3, num_queries=50,
+                         sampling_points=4, lr=5e-4, backbone_lr=2e-4, warmup_epochs=10),
+        "title": "DETR-style detector",
+    },
+    "segment": {
+        "metrics": ("mIoU", "pixel_accuracy"), "images": 2, "epochs": 300, "image_size": 308,
+        "settings": dict(decoder="fpn", fpn_dim=64, lr=3e-3, backbone_lr=1e-3, warmup_epochs=5),
+        "title": "FPN segmenter",
+    },
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=list(TASKS), default="detect")
+    p.add_argument("--data", default=None, help="COCO folder (default: $DINOTUNE_SHARED/data/coco_tiny)")
+    p.add_argument("--model", default="random:tiny")
+    p.add_argument("--images", type=int, default=None, help="images to fit (default: 4 detect, 2 segment)")
+    p.add_argument("--epochs", type=int, default=None, help="one optimizer step per epoch (batch = all images)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="results file stem (default: results/<task>-overfit)")
+    args = p.parse_args()
+    spec = TASKS[args.task]
+    images = args.images or spec["images"]
+    epochs = args.epochs or spec["epochs"]
+    size = args.image_size or spec["image_size"]
+    data = shared_dataset("coco_tiny", args.data)
+
+    import dinotune
+    from dinotune.engine.logging import read_metrics
+
+    settings = dict(model=args.model, adapter="full", image_size=size, overfit=images, epochs=epochs,
+                    eval_every=max(1, epochs // 6), batch_size=images, workers=0, progress=False,
+                    device=args.device, **spec["settings"])
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = dinotune.train(task=args.task, data=str(data), out=str(Path(tmp) / "run"), **settings)
+        seconds = time.perf_counter() - t0
+        history = read_metrics(Path(result["run_dir"]))
+    first, second = spec["metrics"]
+    curve = [{"step": r["epoch"], "train_loss": round(r["train/loss"], 4), first: r.get(f"val/{first}"),
+              second: r.get(f"val/{second}")} for r in history if f"val/{first}" in r]
+    machine = machine_info(args.device)
+    out = Path(args.out) if args.out else HERE / "results" / f"{args.task}-overfit"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"task": args.task, "settings": settings, "machine": machine, "seconds": round(seconds, 1),
+               "steps": epochs, "final": {k: result["metrics"].get(k) for k in spec["metrics"]}, "curve": curve}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# {spec['title']} overfit on {images} coco_tiny images ({args.model})", "",
+             f"{epochs} steps (batch = all {images} images), {size} px, full fine-tuning, "
+             f"{seconds:.0f} s on {machine['device']} ({machine['cpu_threads']} threads).", "",
+             f"| step | train loss | {first} | {second} |", "|---|---|---|---|"]
+    lines += [f"| {c['step']} | {c['train_loss']} | {c[first]:.3f} | {c[second]:.3f} |" for c in curve]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""dinotune: fine-tune DINOv2 vision transformers (LoRA, DoRA, full or frozen) from one CLI and API.
+
+    import dinotune
+    result = dinotune.train(task="classify", data="hymenoptera/", model="facebook/dinov2-small",
+                            adapter="lora", epochs=5, out="runs/ants")
+    run = dinotune.load(result["run_dir"])
+    run.predict("photos/", top_k=3)
+"""
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["LoadedRun", "build_config", "evaluate", "load", "predict", "train", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing transformers and peft takes seconds; `import dinotune.config` should not.
+    if name in ("LoadedRun", "evaluate", "load", "predict", "train"):
+        from dinotune import api
+
+        return getattr(api, name)
+    if name == "build_config":
+        from dinotune.config import build_config
+
+        return build_config
+    raise AttributeError(f"module 'dinotune' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from dinotune.cli import main
+
+sys.exit(main())

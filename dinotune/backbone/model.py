@@ -1,0 +1,139 @@
+"""``DinoBackbone``: a DINOv2 model that returns features for heads, never logits.
+
+Features follow the official ``get_intermediate_layers(x, n, reshape, return_class_token,
+norm=True)``: intermediate layers pass through the final LayerNorm, register tokens are split
+off, and patch tokens can be read as a ``B x C x H/14 x W/14`` map. Any input whose sides are
+multiples of 14 works: transformers interpolates the position embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dinotune.backbone.loading import load_dinov2
+
+
+@dataclass
+class Features:
+    """Backbone output for a batch of ``B`` images of ``H x W`` pixels.
+
+    Attributes:
+        cls: ``B x C`` class token of the last layer (after the final norm).
+        patch_tokens: ``B x N x C`` patch tokens of the last layer, ``N = h * w``.
+        grid: ``(h, w) = (H / 14, W / 14)``.
+        layers_cls: class tokens of the requested layers, each ``B x C``, shallow to deep.
+        layers_patch: patch tokens of the requested layers, each ``B x N x C``.
+    """
+
+    cls: Tensor
+    patch_tokens: Tensor
+    grid: tuple[int, int]
+    layers_cls: list[Tensor]
+    layers_patch: list[Tensor]
+
+    @property
+    def patch_mean(self) -> Tensor:
+        """``B x C`` mean of the last layer's patch tokens."""
+        return self.patch_tokens.mean(dim=1)
+
+    @property
+    def patch_map(self) -> Tensor:
+        """``B x C x h x w`` last-layer patch tokens as a feature map."""
+        return to_map(self.patch_tokens, self.grid)
+
+    def layer_maps(self) -> list[Tensor]:
+        """The requested layers' patch tokens as ``B x C x h x w`` maps."""
+        return [to_map(t, self.grid) for t in self.layers_patch]
+
+
+def to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``B x N x C`` tokens -> ``B x C x h x w``."""
+    b, n, c = tokens.shape
+    h, w = grid
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class DinoBackbone(nn.Module):
+    """Wraps a transformers DINOv2 model (possibly inside a PEFT wrapper) as ``self.model``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        cfg = self.config
+        self.embed_dim: int = cfg.hidden_size
+        self.patch_size: int = cfg.patch_size
+        self.num_layers: int = cfg.num_hidden_layers
+        self.num_register_tokens: int = getattr(cfg, "num_register_tokens", 0) or 0
+
+    @classmethod
+    def from_spec(cls, spec: str, init_seed: int = 0) -> "DinoBackbone":
+        return cls(load_dinov2(spec, init_seed=init_seed))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def hf_model(self) -> nn.Module:
+        """The underlying transformers model, unwrapped from PEFT if adapted."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def resolve_layers(self, layers: int | Sequence[int]) -> list[int]:
+        """``int n`` -> the last n block indices; a sequence -> those (0-based, negatives allowed)."""
+        if isinstance(layers, int):
+            if not 1 <= layers <= self.num_layers:
+                raise ValueError(f"asked for the last {layers} layers of a {self.num_layers}-layer model")
+            return list(range(self.num_layers - layers, self.num_layers))
+        if any(not -self.num_layers <= i < self.num_layers for i in layers):
+            raise ValueError(f"layer indices {list(layers)} outside 0..{self.num_layers - 1}")
+        return [i % self.num_layers for i in layers]
+
+    def forward(self, pixel_values: Tensor, layers: int | Sequence[int] = 1) -> Features:
+        """Args:
+            pixel_values: ``B x 3 x H x W`` normalised images, ``H`` and ``W`` multiples of 14.
+            layers: the last ``n`` blocks, or explicit 0-based block indices, to return.
+        """
+        h, w = pixel_values.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
+            )
+        idx = self.resolve_layers(layers)
+        # intermediate hidden states cost memory; ask for them only when a head needs them
+        need_hidden = idx != [self.num_layers - 1]
+        out = self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+        # hidden_states[0] is the embedding output, hidden_states[i + 1] block i's (pre-norm).
+        norm = self.hf_model().layernorm
+        first = 1 + self.num_register_tokens
+        layer_tokens = [
+            out.last_hidden_state if i == self.num_layers - 1 else norm(out.hidden_states[i + 1])
+            for i in idx
+        ]
+        last = out.last_hidden_state
+        return Features(
+            cls=last[:, 0],
+            patch_tokens=last[:, first:],
+            grid=(h // self.patch_size, w // self.patch_size),
+            layers_cls=[t[:, 0] for t in layer_tokens],
+            layers_patch=[t[:, first:] for t in layer_tokens],
+        )
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A short hash of the base weights, to notice when a run is loaded onto other weights."""
+        import hashlib
+
+        hasher = hashlib.sha1()
+        for name, p in sorted(self.hf_model().state_dict().items()):
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer", "")
+            flat = p.detach().float().flatten()
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            hasher.update(name.encode())
+            hasher.update(sample.cpu().numpy().tobytes())
+        return hasher.hexdigest()[:16]

@@ -1,0 +1,410 @@
+"""The ``dinotune`` command: subcommands -> config -> Python API. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from dinotune.config import TASK_CONFIGS, ConfigError, flag_map, leaf_fields
+
+EXAMPLES = """examples:
+  dinotune demo                                    # offline demo on scikit-learn's digits
+  dinotune train classify --data hymenoptera/ --model facebook/dinov2-small --adapter lora --out runs/ants
+  dinotune train classify --data train.csv --val-data val.csv --adapter none --cache-features
+  dinotune train --resume runs/ants                # continue exactly where it stopped
+  dinotune eval runs/ants --data hymenoptera/      # metrics JSON on the val split
+  dinotune predict runs/ants photos/ --top-k 3 --format csv
+  dinotune train detect --data coco/ --model facebook/dinov2-small --lightweight --subset 1000 --out runs/det
+  dinotune predict runs/det test2017/ --out results.json --draw drawn/
+  dinotune compare --data coco/ --runs runs/det --yolo yolov8n.pt --out runs/compare
+"""
+
+
+TASK_HELP = {
+    "classify": "Train an image classifier (class folders, CSV, or Hugging Face datasets)",
+    "detect": "Train an object detector (COCO or YOLO data): DETR-style, or the seeds' simple / improved",
+    "segment": "Train a semantic segmenter (VOC, ADE20K, image/mask folders, COCO masks): linear or FPN decoder",
+}
+CONFIG_NOTE = ("Every option below is a key of the saved config.yaml; flags override --config FILE.yaml, "
+               "which overrides the defaults shown.")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from dinotune.backbone.convert import CheckpointFormatError
+    from dinotune.backbone.loading import BackboneLoadError
+    from dinotune.data.images import ImageReadError
+    from dinotune.engine.checkpoint import CheckpointError
+    from dinotune.engine.trainer import NonFiniteLossError
+    from dinotune.tasks.classify.data import DataError
+
+    return (ConfigError, BackboneLoadError, CheckpointFormatError, CheckpointError, DataError,
+            ImageReadError, NonFiniteLossError, FileNotFoundError)
+
+
+# ------------------------------------------------------------------------------- config flags
+def _metavar(key: str, tp: Any) -> str:
+    if get_origin(tp) is list:
+        return {int: "N", float: "X"}.get(get_args(tp)[0], "NAME")
+    return {int: "N", float: "X"}.get(tp) or key.rsplit(".", 1)[-1].upper()
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field, with its help text and default; unset flags are not overrides."""
+    defaults = cls()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    flags = {v: k for k, v in flag_map(cls).items()}
+    hints = {key: (f, tp) for key, f, tp in leaf_fields(cls)}
+    for key, flag in flags.items():
+        f, tp = hints[key]
+        section = key.split(".")[0]
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        default = defaults
+        for part in key.split("."):
+            default = getattr(default, part)
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if get_origin(tp) is Literal:
+            kw["choices"] = list(get_args(tp))
+        elif get_origin(tp) is list:
+            kw["nargs"] = "+"
+        kw["metavar"] = None if "choices" in kw else _metavar(key, tp)
+        group.add_argument(*names, **kw)
+
+
+def _parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    keys = set(flag_map(cls).values())
+    out = {k: v for k, v in vars(ns).items() if k in keys}
+    return {**_parse_set(getattr(ns, "set", None) or []), **out}
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_train(ns: argparse.Namespace) -> int:
+    from dinotune import api
+    from dinotune.config import apply_overrides, apply_presets, build_config
+
+    if ns.resume:
+        result = api.train(resume=ns.resume)
+    else:
+        if not ns.task:
+            raise ConfigError("name a task (dinotune train classify ...) or pass --resume RUN")
+        cfg = build_config(ns.task, ns.config)
+        overrides = _overrides(ns, TASK_CONFIGS[ns.task])
+        apply_presets(apply_overrides(cfg, overrides), overrides)
+        result = api.train(cfg)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    from dinotune.tasks.classify.metrics import format_per_class_table
+
+    best = result.get("best") or {}
+    metrics = result.get("metrics") or {}
+    print(f"\nrun folder: {result['run_dir']}")
+    if best:
+        shown = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, float)}
+        print(f"best epoch {best.get('epoch')}: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in shown.items()))
+    if "per_class" in metrics:
+        print(format_per_class_table(metrics))
+    if "per_class_IoU" in metrics:
+        from dinotune.tasks.segment.metrics import format_iou_table
+
+        print(format_iou_table(metrics))
+    for f in result.get("files", []):
+        print(f"  wrote {f}")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from dinotune import api
+    from dinotune.utils import write_json
+
+    loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
+    options: dict[str, Any] = {"batch_size": ns.batch_size}
+    if ns.images:
+        options["images"] = ns.images
+    if ns.subset:
+        if loaded.cfg.task == "classify":
+            raise ConfigError("--subset applies to detection and segmentation runs")
+        options.update(subset=ns.subset, subset_seed=ns.subset_seed)
+    if ns.corruptions:
+        from dinotune.robustness import evaluate_corruptions
+
+        out_dir = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"corruptions-{Path(ns.data).name or 'data'}"
+        evaluate_corruptions(loaded, ns.data, split=ns.split, names=ns.corruption_names, severities=ns.severities,
+                             seed=ns.corruption_seed, out_dir=out_dir, **options)
+        print((out_dir / "corruptions.md").read_text())
+        print(f"wrote {out_dir / 'corruptions.json'} and {out_dir / 'corruptions.png'}", file=sys.stderr)
+        return 0
+    metrics = loaded.evaluate(ns.data, split=ns.split, **options)
+    out = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"{Path(ns.data).name or 'data'}-{ns.split}.json"
+    write_json(out, metrics)
+    files = loaded.task.report(out.parent, metrics, loaded.meta)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    print(f"full metrics: {out}", file=sys.stderr)
+    for f in files:
+        print(f"wrote {f}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
+    options: dict[str, Any] = {"batch_size": ns.batch_size}
+    if ns.top_k:
+        options["top_k"] = ns.top_k
+    task = loaded.cfg.task
+    if task == "detect":
+        options["score_threshold"] = ns.score_threshold
+        if ns.image_info:
+            info = json.loads(Path(ns.image_info).read_text())
+            options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
+    elif task == "segment":
+        options.update(out_dir=ns.masks, draw=ns.draw)
+    if ns.draw and task == "classify":
+        raise ConfigError("--draw applies to detection and segmentation runs")
+    if ns.image_info and task != "detect":
+        raise ConfigError("--image-info applies to detection runs")
+    if ns.masks and task != "segment":
+        raise ConfigError("--masks applies to segmentation runs")
+    results = loaded.predict(ns.images, **options)
+    fmt = ns.format or (Path(ns.out).suffix.lstrip(".") if ns.out else "json")
+    if fmt not in ("json", "csv"):
+        raise ConfigError(f"--format must be json or csv, got {fmt!r}")
+    text = loaded.task.format_predictions(results, fmt)
+    if ns.out:
+        from dinotune.utils import atomic_write_text
+
+        atomic_write_text(Path(ns.out), text)
+        print(f"wrote predictions for {len(results)} images to {ns.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if ns.draw and task == "detect":
+        from dinotune.tasks.detect.analysis import prediction_charts
+
+        files = prediction_charts(results, Path(ns.draw), loaded.meta["class_names"], samples=len(results),
+                                  score_threshold=max(ns.score_threshold, ns.draw_threshold))
+        print(f"drew {len(files) - 1} images into {Path(ns.draw) / 'samples'}", file=sys.stderr)
+    return 0
+
+
+def cmd_analyze(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    files = api.analyze(ns.run, data=ns.data, split=ns.split, out=ns.out, samples=ns.samples,
+                        device=ns.device, model=ns.model)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_pca(ns: argparse.Namespace) -> int:
+    from dinotune.viz.pca import pca_for
+
+    path = pca_for(ns.model, [Path(p) for p in ns.images], Path(ns.out), image_size=ns.image_size,
+                   foreground_threshold=ns.foreground_threshold, device=ns.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from dinotune.tasks.detect.compare import run_compare
+
+    table = run_compare(data=ns.data, split=ns.split, runs=ns.runs or [], yolo=ns.yolo or [], out=Path(ns.out),
+                        images=ns.images, subset=ns.subset, subset_seed=ns.subset_seed, device=ns.device,
+                        yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size)
+    print(table)
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from dinotune.demo import run_demo
+
+    run_demo(out=ns.out, epochs=ns.epochs, model=ns.model, device=ns.device)
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from dinotune.backbone.registry import ARCHS, HUB_IDS, RANDOM_SPECS
+
+    print("hub ids (need network or a local cache):")
+    for h in HUB_IDS:
+        print(f"  {h}")
+    print("random-weight architectures (tests, demos):")
+    for s in RANDOM_SPECS:
+        a = ARCHS[s.split(":")[1].split("-")[0]]
+        print(f"  {s:22s} width {a.hidden_size}, {a.num_layers} blocks, {a.num_heads} heads")
+    print("also: a local Hugging Face folder, or an official .pth (dinov2_vits14_pretrain.pth ...)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinotune", description="Fine-tune DINOv2 (LoRA, DoRA, full or frozen) for vision tasks.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser("train", help="train a model and write a run folder",
+                             description="Train a model. Flags override --config FILE.yaml, which overrides defaults.",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_train.add_argument("--resume", metavar="RUN", help="continue RUN exactly where it stopped")
+    tasks = p_train.add_subparsers(dest="task", metavar="TASK")
+    for name, cls in TASK_CONFIGS.items():
+        p = tasks.add_parser(name, help=TASK_HELP[name][0].lower() + TASK_HELP[name][1:], description=TASK_HELP[name] + ". " + CONFIG_NOTE)
+        p.add_argument("--config", metavar="FILE.yaml", help="start from this config (e.g. a run's config.yaml)")
+        p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                       help="override any config key, e.g. --set optim.min_lr_ratio=0.01")
+        add_config_flags(p, cls)
+        p.set_defaults(func=cmd_train)
+    p_train.set_defaults(func=cmd_train, task=None)
+
+    def add_load_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+        p.add_argument("--model", help="where the base backbone weights are, if not where training found them")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+        p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+
+    p_eval = sub.add_parser("eval", help="evaluate a run on a dataset (metrics JSON)",
+                            description="Metrics of a run on a dataset: classification top-1/top-5/F1/... with "
+                                        "a confusion matrix; detection COCO AP/AR with per-class AP and a PR curve.")
+    p_eval.add_argument("run", help="run folder (or a checkpoint folder)")
+    p_eval.add_argument("--data", required=True,
+                        help="as for training: class folders / CSV / dataset, or COCO / YOLO detection data")
+    p_eval.add_argument("--split", choices=["val", "train"], default="val",
+                        help="split folder to use when --data has train/ and val/ (default: val)")
+    p_eval.add_argument("--out", help="metrics JSON path (default: RUN/eval/<data>-<split>.json)")
+    p_eval.add_argument("--images", default="", help="detection: COCO image folder, if not found next to the JSON")
+    p_eval.add_argument("--subset", type=int, default=0,
+                        help="detection / segmentation: evaluate on a reproducible random subset of N images")
+    p_eval.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
+    p_eval.add_argument("--corruptions", action="store_true",
+                        help="robustness: evaluate under the 15 ImageNet-C corruptions at each severity and write "
+                             "a table and a chart (segmentation and classification runs); --out is then a folder")
+    p_eval.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="corruption severities (default: 1 2 3 4 5)")
+    p_eval.add_argument("--corruption-names", nargs="+", metavar="NAME",
+                        help="only these corruptions (default: all 15)")
+    p_eval.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (default: 0)")
+    add_load_flags(p_eval)
+    p_eval.set_defaults(func=cmd_eval)
+
+    p_pred = sub.add_parser("predict", help="predict images or folders (classes or boxes, JSON or CSV)",
+                            description="Classification: top-k classes per image. Detection: COCO results "
+                                        "JSON (test-dev style) or CSV, optionally drawn images.")
+    p_pred.add_argument("run", help="run folder (or a checkpoint folder)")
+    p_pred.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p_pred.add_argument("--top-k", type=int, default=None,
+                        help="classes per image (classification, default 5) or detections per image (default 100)")
+    p_pred.add_argument("--format", choices=["json", "csv"], help="output format (default: from --out, else json)")
+    p_pred.add_argument("--out", help="write to this file instead of stdout")
+    p_pred.add_argument("--score-threshold", type=float, default=0.0,
+                        help="detection: drop detections scoring below this (default: 0, as COCO AP wants)")
+    p_pred.add_argument("--draw", metavar="DIR",
+                        help="detection: write each image with its boxes into DIR/samples; segmentation: colour "
+                             "overlays into DIR")
+    p_pred.add_argument("--masks", metavar="DIR",
+                        help="segmentation: write each label map as a palette PNG (pixel values = class indices)")
+    p_pred.add_argument("--draw-threshold", type=float, default=0.3,
+                        help="detection: only draw boxes scoring at least this (default: 0.3)")
+    p_pred.add_argument("--image-info", metavar="JSON",
+                        help="detection: COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids")
+    add_load_flags(p_pred)
+    p_pred.set_defaults(func=cmd_predict)
+
+    p_an = sub.add_parser("analyze", help="charts and sample pictures from a run",
+                          description="Training curves, and per task: confusion matrix / per-class F1, or per-class "
+                                      "AP, precision-recall curve, confidence histogram and drawn samples.")
+    p_an.add_argument("run", help="run folder")
+    p_an.add_argument("--data", help="evaluate on this data first (default: the run's best validation metrics)")
+    p_an.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
+    p_an.add_argument("--out", help="output folder (default: RUN/analysis)")
+    p_an.add_argument("--samples", type=int, default=8, help="images to draw (default: 8)")
+    p_an.add_argument("--model", help="where the base backbone weights are, if not where training found them")
+    p_an.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p_an.set_defaults(func=cmd_analyze)
+
+    p_cmp = sub.add_parser("compare", help="compare detectors (our runs, YOLO weights) on the same images",
+                           description="Evaluate several detectors on the same images with the same metric code "
+                                       "(COCO AP suite, and the seeds' single-object metrics) and write one table "
+                                       "(JSON + Markdown) and charts.")
+    p_cmp.add_argument("--data", required=True, help="COCO folder / JSON or YOLO folder with ground truth")
+    p_cmp.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
+    p_cmp.add_argument("--images", default="", help="COCO image folder, if not found next to the JSON")
+    p_cmp.add_argument("--runs", nargs="+", metavar="RUN", help="dinotune detection runs")
+    p_cmp.add_argument("--yolo", nargs="+", metavar="WEIGHTS",
+                       help="ultralytics weights (yolov8n.pt ...) or model YAMLs; needs pip install 'dinotune[yolo]'")
+    p_cmp.add_argument("--yolo-image-size", type=int, default=640, help="YOLO inference size (default: 640)")
+    p_cmp.add_argument("--subset", type=int, default=0, help="evaluate on N random images (0 = all)")
+    p_cmp.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
+    p_cmp.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p_cmp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p_cmp.add_argument("--batch-size", type=int, default=8, help="images per batch for our runs (default: 8)")
+    p_cmp.set_defaults(func=cmd_compare)
+
+    p_demo = sub.add_parser("demo", help="offline demo: fine-tune on scikit-learn's handwritten digits")
+    p_demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p_demo.add_argument("--epochs", type=int, default=None, help="epochs (default: 20 random-init, 3 pretrained)")
+    p_demo.add_argument("--model", default="facebook/dinov2-small",
+                        help="backbone; falls back to random:tiny when the hub cannot be reached")
+    p_demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    p_demo.set_defaults(func=cmd_demo)
+
+    p_pca = sub.add_parser("pca", help="PCA of patch features as RGB pictures (any backbone or run)",
+                           description="The first three principal components of the patch features, fitted "
+                                       "jointly over the given images, shown as RGB beside each image.")
+    p_pca.add_argument("images", nargs="+", help="image files")
+    p_pca.add_argument("--model", required=True, help="a backbone (--model forms) or a dinotune run folder")
+    p_pca.add_argument("--out", default="pca.png", help="output PNG (default: pca.png)")
+    p_pca.add_argument("--image-size", type=int, default=None,
+                       help="short side in pixels (default: the run's size, else 448)")
+    p_pca.add_argument("--foreground-threshold", type=float, default=None,
+                       help="black out patches whose first component is below this (0-1), as DINOv2's demo")
+    p_pca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p_pca.set_defaults(func=cmd_pca)
+
+    p_models = sub.add_parser("models", help="list the backbones --model accepts")
+    p_models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return 2
+    from dinotune.utils import set_quiet
+
+    set_quiet(ns.quiet)
+    try:
+        return ns.func(ns)
+    except _known_errors() as exc:
+        print(f"dinotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dinotune: interrupted; resume with `dinotune train --resume RUN`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

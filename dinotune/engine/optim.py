@@ -1,0 +1,105 @@
+"""Training phases, AdamW parameter groups and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dinotune.adapters import trainable_backbone_parameters
+from dinotune.config import AdapterConfig, OptimConfig, TrainConfig
+
+# Parameters that AdamW must not decay: normalisation scales, biases, learned tokens and
+# position embeddings, layer-scale gammas, DoRA magnitudes.
+_NO_DECAY_KEYS = (
+    "norm", "cls_token", "register_tokens", "mask_token", "position_embeddings", "lambda1",
+    "lora_magnitude_vector", "query_embed", "level_embed",
+)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one optimizer: which weights train, at which learning rates."""
+
+    name: str
+    epochs: int
+    train_backbone: bool
+    lr: float
+    backbone_lr: float
+
+
+def build_phases(train: TrainConfig, optim: OptimConfig, adapter: AdapterConfig) -> list[Phase]:
+    if train.two_stage:
+        return [
+            Phase("stage1", train.stage1_epochs, False, train.stage1_lr, 0.0),
+            Phase("stage2", train.stage2_epochs, True, train.stage2_lr, train.stage2_lr),
+        ]
+    return [Phase("train", train.epochs, adapter.kind != "none", optim.lr, optim.backbone_lr)]
+
+
+def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase]:
+    """The (index, phase) that 0-based ``epoch`` belongs to."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if epoch < start + phase.epochs:
+            return i, phase
+        start += phase.epochs
+    raise IndexError(f"epoch {epoch} is past the last phase")
+
+
+def phase_start(phases: list[Phase], index: int) -> int:
+    return sum(p.epochs for p in phases[:index])
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_KEYS)
+
+
+def set_trainable(model: nn.Module, adapter: AdapterConfig, phase: Phase) -> None:
+    """Head always trains; the backbone's adapter weights train only when the phase says so."""
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    for _, p in trainable_backbone_parameters(model.backbone, adapter):
+        p.requires_grad_(phase.train_backbone)
+
+
+def build_optimizer(
+    model: nn.Module, adapter: AdapterConfig, optim: OptimConfig, phase: Phase
+) -> torch.optim.AdamW:
+    """AdamW with separate groups for head / backbone, each split into decay and no-decay."""
+    groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("head", "head_nd", "backbone", "backbone_nd")}
+    for name, p in model.head.named_parameters():
+        groups["head_nd" if _no_decay(name, p) else "head"].append(p)
+    if phase.train_backbone:
+        for name, p in trainable_backbone_parameters(model.backbone, adapter):
+            groups["backbone_nd" if _no_decay(name, p) else "backbone"].append(p)
+    param_groups = []
+    for key, params in groups.items():
+        if not params:
+            continue
+        lr = phase.backbone_lr if key.startswith("backbone") else phase.lr
+        wd = 0.0 if key.endswith("_nd") else optim.weight_decay
+        param_groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": key})
+    return torch.optim.AdamW(param_groups, lr=phase.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine / linear decay to ``min_lr_ratio`` (or constant), per step."""
+    warmup = min(int(round(optim.warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
+    floor = optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

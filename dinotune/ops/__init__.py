@@ -1,0 +1,1 @@
+"""Shared numerical operations (box maths)."""

@@ -1,0 +1,224 @@
+"""Detection data: find a split (COCO folder / JSON, YOLO folder), subsets, the torch Dataset and
+its collate. Items and batches follow the contract in ``dinotune/tasks/detect/__init__.py``.
+
+Readers live in ``coco.py`` (also the in-memory ``DetectionSource``) and ``yolo.py``; everything is
+re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from dinotune.data.images import ImageReadError, load_image, scan_images
+from dinotune.ops import box_ops
+from dinotune.tasks.detect.coco import (
+    Annotation,
+    DataError,
+    DetectionReport,
+    DetectionSource,
+    ImageRecord,
+    load_json,
+    read_coco,
+)
+from dinotune.tasks.detect.transforms import resize_pad, to_input
+from dinotune.tasks.detect.yolo import SPLIT_ALIASES, find_yaml, read_yolo
+from dinotune.utils import warn, write_json
+
+__all__ = [
+    "DataError", "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo",
+    "find_detection_data", "scan_source", "choose_subset", "restrict", "write_subset_file", "read_subset_file",
+    "DetectionDataset", "detection_collate", "describe",
+]
+
+
+# ------------------------------------------------------------------------------------ finding data
+def _coco_jsons(root: Path, split: str) -> tuple[list[Path], list[str]]:
+    """JSON files of ``split`` under a COCO-style folder, by the first pattern that matches."""
+    looked = []
+    for alias in SPLIT_ALIASES[split]:
+        for pattern in (f"annotations/instances_{alias}*.json", f"annotations/{alias}*.json",
+                        f"{alias}/_annotations.coco.json", f"{alias}/annotations.json"):
+            looked.append(pattern)
+            found = sorted(root.glob(pattern))
+            if found:
+                return found, looked
+    return [], looked
+
+
+def find_detection_data(
+    data: str | Path,
+    split: Literal["train", "val"],
+    images: str | Path = "",
+    *,
+    categories: list[dict[str, Any]] | None = None,
+    min_box_size: float = 1.0,
+) -> DetectionSource:
+    """One split of a COCO folder (``annotations/instances_<split>*.json``; val also matches valid /
+    validation), a COCO JSON file, or a YOLO folder / ``data.yaml``. ``images``: the image folder
+    of a COCO JSON (found next to it when empty). ``categories``: a checkpoint's list to map onto."""
+    if split not in SPLIT_ALIASES:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    path = Path(data).expanduser()
+    if not str(data):
+        raise DataError("no detection data given")
+    if not path.exists():
+        raise DataError(f"detection data not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            return read_coco(path, images or None, categories, min_box_size)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return read_yolo(path, split, categories, min_box_size)
+        raise DataError(f"{path}: expected a COCO instances .json, a YOLO data.yaml or a folder holding one")
+    if find_yaml(path) is not None:
+        return read_yolo(path, split, categories, min_box_size)
+    found, looked = _coco_jsons(path, split)
+    if len(found) > 1:
+        raise DataError(f"{path}: several {split} annotation files match ({', '.join(p.name for p in found)}); "
+                        "pass the JSON file itself")
+    if found:
+        return read_coco(found[0], images or None, categories, min_box_size)
+    raise DataError(
+        f"{path}: no {split} detection data found; looked for a YOLO data.yaml and COCO files "
+        f"{', '.join(looked)}"
+    )
+
+
+def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"] = "fast") -> DetectionSource:
+    """``source`` without the images that do not decode (``full``) or whose header is broken
+    (``fast``); each one is named in ``source.report.skipped``."""
+    if mode == "off":
+        return source
+    ok = scan_images([im.path for im in source.images], source.report.skipped, mode)
+    if all(ok):
+        return source
+    return source.with_images([im for im, good in zip(source.images, ok) if good])
+
+
+# ------------------------------------------------------------------------------------------ subsets
+def choose_subset(source: DetectionSource, n: int, seed: int) -> list[int]:
+    """``n`` image ids drawn reproducibly (a seeded permutation of the sorted ids; the ``n`` images
+    of a seed include those of any smaller ``n``), returned sorted. ``n`` >= the size: all ids."""
+    ids = sorted(source.image_ids)
+    if n <= 0 or n >= len(ids):
+        return ids
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(ids), generator=generator)[:n].tolist()
+    return sorted(ids[i] for i in order)
+
+
+def restrict(source: DetectionSource, ids: list[int], where: str = "") -> DetectionSource:
+    """``source`` with only the images ``ids`` (in the source's order); ids it lacks are an error
+    naming ``where`` (e.g. the subset file)."""
+    present = set(source.image_ids)
+    missing = [i for i in ids if i not in present]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise DataError(f"{where or 'subset'}: {len(missing)} image id(s) are not in {source.name}: {shown}")
+    wanted = set(ids)
+    return source.with_images([im for im in source.images if im.id in wanted])
+
+
+def write_subset_file(path: str | Path, ids: list[int], meta: dict[str, Any] | None = None) -> None:
+    """``{"image_ids": [...], **meta}`` (meta: seed, n, source) as JSON, written atomically."""
+    write_json(Path(path), {"image_ids": [int(i) for i in ids], **(meta or {})})
+
+
+def read_subset_file(path: str | Path) -> list[int]:
+    """The image ids of a subset file written by ``write_subset_file``."""
+    path = Path(path).expanduser()
+    data = load_json(path)
+    ids = data.get("image_ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"{path}: expected {{\"image_ids\": [integers], ...}} (a subset file from an earlier run)")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class DetectionDataset(Dataset):
+    """``(image, target)`` items per the detection contract. ``transform`` takes and returns
+    ``(tv_tensors.Image, {"boxes": BoundingBoxes xyxy, "labels": int64})`` (``train_transforms`` or
+    ``eval_transforms``); the resize to ``image_size`` and the pad follow. A file that fails to decode
+    at run time is reported once and replaced by the next readable image."""
+
+    def __init__(self, source: DetectionSource, transform: Callable | None, image_size: int):
+        self.image_size = int(image_size)
+        self.transform = transform
+        self.categories = list(source.categories)
+        self.name = source.name
+        self.records = list(source.images)
+        # compact per-image targets (no crowd regions); the source itself is not kept
+        self.boxes, self.labels = [], []
+        for im in self.records:
+            objs = source.targets(im.id)
+            self.boxes.append(torch.tensor([a.bbox for a in objs], dtype=torch.float32).reshape(-1, 4))
+            self.labels.append(torch.tensor([a.label for a in objs], dtype=torch.int64))
+        self._finish = to_input()
+        self._bad: set[int] = set()
+        self._resized: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.id for r in self.records]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        for offset in range(len(self.records)):
+            i = (index + offset) % len(self.records)
+            if i in self._bad:
+                continue
+            try:
+                pil = load_image(self.records[i].path)
+            except ImageReadError as exc:
+                self._bad.add(i)
+                warn(f"skipped {exc} (replaced by another image)")
+                continue
+            return self._item(i, pil)
+        raise DataError(f"{self.name}: no image in the dataset could be decoded")
+
+    def _item(self, i: int, pil: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec, size = self.records[i], self.image_size
+        if pil.size != (rec.width, rec.height):  # the annotations are in the recorded size
+            if i not in self._resized:
+                self._resized.add(i)
+                warn(f"{rec.path}: image is {pil.size[0]}x{pil.size[1]} but the annotations say "
+                     f"{rec.width}x{rec.height}; resized to match")
+            pil = pil.resize((rec.width, rec.height), Image.BILINEAR)
+        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(self.boxes[i].clone(), format="XYXY",
+                                              canvas_size=(rec.height, rec.width)),
+            "labels": self.labels[i].clone(),
+        }
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        canvas, boxes, _ = resize_pad(image, target["boxes"], size)
+        boxes = box_ops.clip(boxes, size, size)
+        keep = box_ops.valid_mask(boxes)
+        boxes, labels = boxes[keep], target["labels"][keep]
+        return self._finish(canvas.as_subclass(torch.Tensor)), {
+            "boxes": (box_ops.xyxy_to_cxcywh(boxes) / size).clamp(0, 1).reshape(-1, 4),
+            "labels": labels.to(torch.int64),
+            "image_id": int(rec.id),
+            "orig_size": torch.tensor([rec.height, rec.width], dtype=torch.int64),
+            "scale": size / max(rec.height, rec.width),
+        }
+
+
+def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:
+    """``{"images": B x 3 x S x S, "targets": [target dict, ...]}``."""
+    return {"images": torch.stack([image for image, _ in batch]), "targets": [t for _, t in batch]}
+
+
+def describe(source: DetectionSource) -> str:
+    """One line for the log: images, boxes, classes."""
+    return (f"{source.name}: {len(source)} images, {source.num_boxes()} boxes, "
+            f"{len(source.categories)} classes")

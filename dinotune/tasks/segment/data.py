@@ -1,0 +1,173 @@
+"""Segmentation data: the torch Dataset and its collate, per the contract in
+``dinotune/tasks/segment/__init__.py``. Readers, ``SegmentationSource`` and mask loading live in
+``sources.py`` and are re-exported here.
+
+Training: random scale (short side ``0.5..2 x S``), random ``S x S`` crop (padding: image 0, mask
+``ignore_index``), horizontal flip; image and mask go through the same ``transforms.v2`` calls as
+``tv_tensors.Image`` / ``tv_tensors.Mask``, so they stay aligned and the mask is resized with nearest
+neighbour. Evaluation: the image's short side becomes ``S`` (sides rounded to multiples of 14) or
+it keeps its resolution (sliding windows); the mask stays at the original resolution. Images are
+normalised (ImageNet mean / std) after ``ToDtype(scale=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from dinotune.data.images import ImageReadError, load_image
+from dinotune.data.transforms import normalize
+from dinotune.tasks.segment.sources import (
+    ADE20K_CLASSES,
+    VOC_CLASSES,
+    CocoShapes,
+    DataError,
+    MaskReadError,
+    SegmentationSource,
+    describe,
+    find_segmentation_data,
+    load_mask,
+    rasterize_coco,
+    read_ade20k,
+    read_coco_semantic,
+    read_folders,
+    read_mask_labels,
+    read_voc,
+    scan_source,
+)
+from dinotune.utils import warn
+
+__all__ = [
+    "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "VOC_CLASSES", "ADE20K_CLASSES",
+    "read_voc", "read_ade20k", "read_folders", "read_coco_semantic", "find_segmentation_data", "load_mask",
+    "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
+    "segmentation_collate", "eval_size", "PATCH",
+]
+
+PATCH = 14
+SCALE_RANGE = (0.5, 2.0)
+
+
+def _round14(x: float) -> int:
+    return max(PATCH, int(round(x / PATCH)) * PATCH)
+
+
+def eval_size(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """``(h, w)`` of an evaluation image: short side ``image_size``, both sides rounded to
+    multiples of 14 (the short side stays ``image_size`` when that is a multiple of 14)."""
+    scale = image_size / min(height, width)
+    return _round14(height * scale), _round14(width * scale)
+
+
+def train_transforms(image_size: int, ignore_index: int, augment: bool = True) -> v2.Compose | None:
+    """Joint geometry for ``(tv_tensors.Image, tv_tensors.Mask)``. ``augment``: random scale of a
+    short side ``S`` base by 0.5..2, random ``S x S`` crop (pad image 0 / mask ignore when smaller),
+    horizontal flip. Without it: None, and the dataset resizes the whole image exactly as for
+    evaluation (short side ``S``), so what is trained on is what is evaluated (overfit checks)."""
+    s = int(image_size)
+    if not augment:
+        return None
+    return v2.Compose([
+        v2.RandomResize(max(1, round(SCALE_RANGE[0] * s)), round(SCALE_RANGE[1] * s) + 1, antialias=True),
+        v2.RandomCrop(s, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
+        v2.RandomHorizontalFlip(p=0.5),
+    ])
+
+
+class SegmentationDataset(Dataset):
+    """Items per the segmentation contract. ``train``: ``S x S`` crops with augmentation (see
+    ``train_transforms``); else evaluation items (image short side ``S`` rounded to multiples of
+    14, or untouched with ``keep_full_resolution``; mask at the original resolution). An image or
+    mask that fails to decode at run time is reported once and replaced by the next readable pair;
+    a mask that does not fit its image (size, labels) raises DataError."""
+
+    def __init__(self, source: SegmentationSource, train: bool, image_size: int, augment: bool = True,
+                 keep_full_resolution: bool = False, pre_transform: Any = None):
+        self.source = source
+        self.pre_transform = pre_transform  # PIL -> PIL before everything else (e.g. a corruption)
+        self.train = bool(train)
+        self.image_size = int(image_size)
+        self.keep_full_resolution = bool(keep_full_resolution)
+        self.class_names = list(source.class_names)
+        self.ignore_index = source.ignore_index
+        self.transform = train_transforms(self.image_size, source.ignore_index, augment) if self.train else None
+        self._finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize()])
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.source)
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._bad:
+                continue
+            try:
+                pil = load_image(self.source.pairs[i][0])
+                labels = read_mask_labels(self.source, i, pil.size)
+            except ImageReadError as exc:  # MaskReadError included
+                self._bad.add(i)
+                warn(f"skipped {exc} (replaced by another image)")
+                continue
+            if self.pre_transform is not None:
+                pil = self.pre_transform(pil)
+            return self._item(i, pil, labels)
+        raise DataError(f"{self.source.name}: no image / mask pair in the dataset could be decoded")
+
+    def _item(self, i: int, pil: Image.Image, labels: np.ndarray) -> dict[str, Any]:
+        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        if self.train:
+            mask = tv_tensors.Mask(torch.from_numpy(labels))
+            if self.transform is not None:
+                image, mask = self.transform(image, mask)
+            else:  # the whole image at the evaluation size; the collate pads the batch
+                size = list(eval_size(pil.height, pil.width, self.image_size))
+                image, mask = F.resize(image, size, antialias=True), F.resize(mask, size)
+            return {"image": self._finish(image.as_subclass(torch.Tensor)),
+                    "mask": mask.as_subclass(torch.Tensor).to(torch.int64), "index": i}
+        if not self.keep_full_resolution:
+            size = eval_size(pil.height, pil.width, self.image_size)
+            if size != (pil.height, pil.width):
+                image = F.resize(image, list(size), antialias=True)
+        return {"image": self._finish(image.as_subclass(torch.Tensor)),
+                "mask": torch.from_numpy(labels).to(torch.int64), "index": i}
+
+
+def segmentation_collate(batch: list[dict[str, Any]], train: bool | None = None,
+                         ignore_index: int = 255) -> dict[str, Any]:
+    """Training items: ``{"images": B x 3 x S x S, "masks": B x S x S int64, "index", "sizes"}``.
+    Evaluation items: images zero-padded (right / bottom) to the batch's largest height and width,
+    rounded up to multiples of 14, ``"masks"`` a list of original-resolution masks, ``"sizes"`` the
+    ``(h, w)`` of each unpadded image, ``"index"``. ``train=None`` decides by the items (all images
+    and masks the same size: training); pass ``train=False`` (``functools.partial``) for evaluation
+    loaders so a batch whose masks happen to match the resized images still comes as a list."""
+    images = [b["image"] for b in batch]
+    masks = [b["mask"] for b in batch]
+    index = torch.tensor([int(b["index"]) for b in batch], dtype=torch.int64)
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    if train is None:
+        train = all(im.shape == images[0].shape and tuple(m.shape) == sizes[0] for im, m in zip(images, masks))
+    h = math.ceil(max(s[0] for s in sizes) / PATCH) * PATCH
+    w = math.ceil(max(s[1] for s in sizes) / PATCH) * PATCH
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for k, im in enumerate(images):
+        out[k, :, : im.shape[-2], : im.shape[-1]] = im
+    if train:  # whole-image training items of different sizes: masks padded with ignore_index
+        padded = masks[0].new_full((len(masks), h, w), ignore_index)
+        for k, m in enumerate(masks):
+            padded[k, : m.shape[-2], : m.shape[-1]] = m
+        return {"images": out, "masks": padded, "sizes": sizes, "index": index}
+    return {"images": out, "masks": masks, "sizes": sizes, "index": index}

@@ -1,0 +1,100 @@
+"""Evaluation-time logits at label resolution: whole-image or sliding-window inference.
+
+Geometry follows ``align_corners=False``: a logit cell of stride ``s`` covers ``s`` input pixels,
+so cropping the unpadded region and resizing to the label size is consistent at any stride.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def crop_and_resize(logits: Tensor, input_size: tuple[int, int], valid_size: tuple[int, int],
+                    out_size: tuple[int, int]) -> Tensor:
+    """Logits of a padded ``input_size`` input -> its top-left ``valid_size`` region at ``out_size``.
+
+    The crop is taken on the logit grid when ``valid_size`` falls on cell borders (the usual case:
+    sizes are multiples of 14), else after upsampling to input pixels.
+    """
+    (ih, iw), (vh, vw) = input_size, valid_size
+    lh, lw = logits.shape[-2:]
+    ch, cw = vh * lh / ih, vw * lw / iw
+    if ch.is_integer() and cw.is_integer():
+        return _resize(logits[..., : int(ch), : int(cw)], out_size)
+    return _resize(_resize(logits, (ih, iw))[..., :vh, :vw], out_size)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows covering ``0..size``; the last one ends at the border."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    out_size: tuple[int, int],
+    mode: str = "whole",
+    window: int = 448,
+    stride: int = 0,
+    valid_size: tuple[int, int] | None = None,
+    window_batch: int = 8,
+) -> Tensor:
+    """``B x K x out_size`` logits for ``B x 3 x H x W`` images (padded region cropped off).
+
+    Args:
+        model: ``images -> B x K x h x w`` logits at any stride (a ``Segmenter``).
+        out_size: ``(H, W)`` of the labels; logits are resized to it (bilinear).
+        mode: ``"whole"``: one forward of the batch; ``"slide"``: ``window x window`` crops
+            (``window`` a multiple of 14) every ``stride`` pixels (0 = two thirds of the window,
+            rounded down to a multiple of 14), the last aligned to the border, images smaller than
+            the window zero-padded; each window's logits are upsampled to the window, summed and
+            divided by how many windows cover each pixel.
+        valid_size: ``(h, w)`` of the unpadded image inside ``images`` (default: all of it).
+        window_batch: slide mode forwards up to this many crops (of all images) at once.
+    """
+    height, width = images.shape[-2:]
+    vh, vw = valid_size if valid_size is not None else (height, width)
+    if mode == "whole":
+        return crop_and_resize(model(images).float(), (height, width), (vh, vw), out_size)
+    if mode != "slide":
+        raise ValueError(f"unknown inference mode {mode!r}: choose whole or slide")
+    if window <= 0 or window % 14:
+        raise ValueError(f"slide window {window} must be a positive multiple of 14")
+    stride = stride or max(14, window * 2 // 3 // 14 * 14)
+    if (vh, vw) == (window, window):  # one window is the whole image: skip the double resize
+        return crop_and_resize(model(images[..., :vh, :vw]).float(), (vh, vw), (vh, vw), out_size)
+    images = images[..., :vh, :vw]
+    b = images.shape[0]
+    ph, pw = max(vh, window), max(vw, window)
+    if (ph, pw) != (vh, vw):
+        images = F.pad(images, (0, pw - vw, 0, ph - vh))
+    boxes = [(y, x) for y in window_starts(ph, window, stride) for x in window_starts(pw, window, stride)]
+    total: Tensor | None = None
+    count = torch.zeros(1, 1, ph, pw, device=images.device)
+    per_chunk = max(1, window_batch // b)
+    for i in range(0, len(boxes), per_chunk):
+        chunk = boxes[i : i + per_chunk]
+        crops = torch.cat([images[..., y : y + window, x : x + window] for y, x in chunk])
+        logits = _resize(model(crops), (window, window)).float()
+        if total is None:
+            total = logits.new_zeros(b, logits.shape[1], ph, pw)
+        for j, (y, x) in enumerate(chunk):
+            total[..., y : y + window, x : x + window] += logits[j * b : (j + 1) * b]
+            count[..., y : y + window, x : x + window] += 1
+    return _resize((total / count)[..., :vh, :vw], out_size)

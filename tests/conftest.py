@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic image datasets and the location of ../shared data.
+
+Real datasets come from ``$DINOTUNE_SHARED`` (the Makefile sets it to ``../shared``); tests that
+need them skip with the reason when it is unset or missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinotune.utils import set_quiet
+
+# Tests run on 2 CPU cores: more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+set_quiet(True)
+
+
+def shared_dir() -> Path | None:
+    value = os.environ.get("DINOTUNE_SHARED")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def shared_data(name: str) -> Path:
+    """``$DINOTUNE_SHARED/data/<name>``, or skip the test saying why."""
+    root = shared_dir()
+    if root is None:
+        pytest.skip("DINOTUNE_SHARED is not set (point it at the shared/ folder with the real datasets)")
+    path = root / "data" / name
+    if not path.exists():
+        pytest.skip(f"{path} does not exist")
+    return path
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+def make_image(colour: tuple[int, int, int], size: int, seed: int, pattern: int = 0) -> Image.Image:
+    """A noisy colour field with a class-specific stripe pattern: easy to tell apart."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), dtype=np.float32)
+    img[:] = colour
+    if pattern % 2:
+        img[:, ::4] *= 0.4
+    else:
+        img[::4, :] *= 0.4
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_class_folders(root: Path, classes: list[str], n_per_class: int, size: int = 48,
+                       seed: int = 0, fmt: str = "png") -> Path:
+    """``root/<class>/<i>.<fmt>`` synthetic images."""
+    for c_index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            make_image(COLOURS[name], size, seed * 1000 + c_index * 100 + i, pattern=c_index).save(
+                folder / f"{name}_{i}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """``train/`` and ``val/`` class folders, 2 classes, 6 + 3 images each."""
+    make_class_folders(tmp_path / "data" / "train", ["red", "blue"], 6, seed=1)
+    make_class_folders(tmp_path / "data" / "val", ["red", "blue"], 3, seed=2)
+    return tmp_path / "data"
+
+
+def tiny_options(out: Path, **extra) -> dict:
+    """Keyword options for ``dinotune.train`` that keep a run to a second or two on a CPU."""
+    opts = dict(model="random:tiny", image_size=28, batch_size=4, epochs=2, workers=0,
+                progress=False, device="cpu", out=str(out), check_images="full")
+    opts.update(extra)
+    return opts
