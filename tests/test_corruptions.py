@@ -12,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from dinotune.data import corruptions as C
+from dinotune.data.corruptions import _ops as ops, blur, frost_synth, weather
 from dinotune.data.corruptions import CATEGORY, CORRUPTIONS, Corruption, corrupt
 
 NAMES = list(CORRUPTIONS)
@@ -220,8 +221,8 @@ def test_corruption_transform_picklable_and_seeded(image):
 
 def _glass_blur_reference(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """The original's sequential swap loop (make_imagenet_c.py), with our Gaussian steps."""
-    sigma, d, iterations = C._GLASS_BLUR[severity - 1]
-    x = C._to_uint8(C._gaussian(C._to_float(x), sigma))
+    sigma, d, iterations = blur._GLASS_BLUR[severity - 1]
+    x = ops.to_uint8(ops.gaussian(ops.to_float(x), sigma))
     height, width = x.shape[:2]
     for _ in range(iterations):
         for h in range(height - d, d, -1):
@@ -229,7 +230,7 @@ def _glass_blur_reference(x: np.ndarray, severity: int, rng: np.random.Generator
                 dx, dy = rng.integers(-d, d, size=2)
                 hp, wp = h + dy, w + dx
                 x[h, w], x[hp, wp] = x[hp, wp].copy(), x[h, w].copy()
-    return C._to_uint8(C._gaussian(C._to_float(x), sigma))
+    return ops.to_uint8(ops.gaussian(ops.to_float(x), sigma))
 
 
 @pytest.mark.parametrize("severity", [1, 3, 5])
@@ -248,31 +249,31 @@ def test_glass_blur_matches_original_loop(severity):
 
 
 def test_motion_kernel_is_imagemagick_trail():
-    k = C._motion_kernel(10, 3, 0.0)  # angle 0: trail to the right of the pixel
+    k = ops.motion_kernel(10, 3, 0.0)  # angle 0: trail to the right of the pixel
     assert k.shape == (41, 41) and k.sum() == pytest.approx(1.0)
     centre = k.shape[0] // 2
     row = k[centre]
     assert row.sum() == pytest.approx(1.0)
     assert np.all(row[:centre] == 0) and np.all(np.diff(row[centre:centre + 21]) < 0)
     assert row[centre] == pytest.approx(1 / np.exp(-np.arange(21) ** 2 / 18).sum())
-    k90 = C._motion_kernel(15, 5, 90.0)  # angle 90: trail downwards
+    k90 = ops.motion_kernel(15, 5, 90.0)  # angle 90: trail downwards
     assert k90[:, k90.shape[1] // 2].sum() == pytest.approx(1.0)
 
 
 def test_fft_correlation_equals_ndimage():
     """The FFT path is scipy.ndimage.correlate with edge (ImageMagick) / reflect-101 (OpenCV) borders."""
     x = np.random.default_rng(1).random((23, 31, 3))
-    k = C._motion_kernel(10, 4, 30.0)
+    k = ops.motion_kernel(10, 4, 30.0)
     expected = np.stack([ndimage.correlate(x[..., c], k, mode="nearest") for c in range(3)], -1)
-    np.testing.assert_allclose(C._correlate(x, k, "edge"), expected, atol=1e-10)
-    k = C._disk(6, 0.5)
+    np.testing.assert_allclose(ops.correlate(x, k, "edge"), expected, atol=1e-10)
+    k = ops.disk(6, 0.5)
     expected = np.stack([ndimage.correlate(x[..., c], k, mode="mirror") for c in range(3)], -1)
-    np.testing.assert_allclose(C._correlate(x, k, "reflect"), expected, atol=1e-10)
+    np.testing.assert_allclose(ops.correlate(x, k, "reflect"), expected, atol=1e-10)
 
 
 def test_disk_kernel_normalised():
-    for radius, blur in C._DEFOCUS_BLUR:
-        k = C._disk(radius, blur)
+    for radius, alias_blur in blur._DEFOCUS_BLUR:
+        k = ops.disk(radius, alias_blur)
         assert k.shape == ((17, 17) if radius <= 8 else (2 * radius + 1,) * 2)
         assert k.sum() == pytest.approx(1.0, abs=0.02)
         np.testing.assert_allclose(k, k.T)
@@ -280,9 +281,9 @@ def test_disk_kernel_normalised():
 
 def test_hsv_round_trip_and_known_values():
     rgb = np.random.default_rng(0).random((50, 60, 3))
-    np.testing.assert_allclose(C._hsv_to_rgb(C._rgb_to_hsv(rgb)), rgb, atol=1e-12)
+    np.testing.assert_allclose(ops.hsv_to_rgb(ops.rgb_to_hsv(rgb)), rgb, atol=1e-12)
     known = np.array([[[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0, 0, 0], [1, 0.5, 0]]], float)
-    hsv = C._rgb_to_hsv(known)[0]
+    hsv = ops.rgb_to_hsv(known)[0]
     np.testing.assert_allclose(hsv[:, 0], [0, 1 / 3, 2 / 3, 0, 0, 1 / 12])
     np.testing.assert_allclose(hsv[:, 1], [1, 1, 1, 0, 0, 1])
     np.testing.assert_allclose(hsv[:, 2], [1, 1, 1, 0.5, 0, 1])
@@ -290,7 +291,7 @@ def test_hsv_round_trip_and_known_values():
 
 def test_brightness_and_contrast_formulas():
     black = np.zeros((8, 8, 3), np.uint8)
-    for severity, c in enumerate(C._BRIGHTNESS, start=1):
+    for severity, c in enumerate(weather._BRIGHTNESS, start=1):
         assert np.all(corrupt(black, "brightness", severity) == int(c * 255))  # HSV value + c
     two = np.zeros((8, 8, 3), np.uint8)
     two[:, :4] = 200
@@ -300,9 +301,9 @@ def test_brightness_and_contrast_formulas():
 
 def test_plasma_fractal_and_frost_texture():
     rng = np.random.default_rng(0)
-    fractal = C._plasma_fractal(64, 2.0, rng)
+    fractal = ops.plasma_fractal(64, 2.0, rng)
     assert fractal.shape == (64, 64) and fractal.min() == 0 and fractal.max() == 1
-    texture = C._frost_texture(120, 90, rng)
+    texture = frost_synth._frost_texture(120, 90, rng)
     assert texture.shape == (120, 90, 3) and texture.min() >= 0 and texture.max() <= 255
     assert 0.25 < texture.mean() / 255 < 0.6 and texture.std() / 255 > 0.1
     assert np.all(texture[..., 2].mean() >= texture[..., 0].mean())  # blue-white

@@ -1,6 +1,6 @@
 """Segmentation data: the torch Dataset and its collate, per the contract in
-``dinotune/tasks/segment/__init__.py``. Readers, ``SegmentationSource`` and mask loading live in
-``sources.py`` and are re-exported here.
+``dinotune/tasks/segment/__init__.py``. ``SegmentationSource`` and mask loading live in
+``sources.py``, the readers in ``layouts.py`` and ``coco_masks.py``; all are re-exported here.
 
 Training: random scale (short side ``0.5..2 x S``), random ``S x S`` crop (padding: image 0, mask
 ``ignore_index``), horizontal flip; image and mask go through the same ``transforms.v2`` calls as
@@ -25,22 +25,24 @@ from torchvision.transforms.v2 import functional as F
 
 from dinotune.data.images import ImageReadError, load_image
 from dinotune.data.transforms import normalize
-from dinotune.tasks.segment.sources import (
+from dinotune.tasks.segment.coco_masks import read_coco_semantic
+from dinotune.tasks.segment.layouts import (
     ADE20K_CLASSES,
     VOC_CLASSES,
+    find_segmentation_data,
+    read_ade20k,
+    read_folders,
+    read_voc,
+)
+from dinotune.tasks.segment.sources import (
     CocoShapes,
     DataError,
     MaskReadError,
     SegmentationSource,
     describe,
-    find_segmentation_data,
     load_mask,
     rasterize_coco,
-    read_ade20k,
-    read_coco_semantic,
-    read_folders,
     read_mask_labels,
-    read_voc,
     scan_source,
 )
 from dinotune.utils import warn

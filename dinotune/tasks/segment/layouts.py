@@ -1,0 +1,239 @@
+"""Dataset layouts read into a ``SegmentationSource``: Pascal VOC (palette PNGs, 255 = boundary =
+ignore), ADE20K (0 = "other" = ignore, ``v`` -> ``v - 1``), folders of images + masks with matching
+stems; ``find_segmentation_data`` tells them (and COCO JSONs, see ``coco_masks.py``) apart.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from dinotune.data.images import SkipReport, list_image_files
+from dinotune.tasks.detect.coco import DataError
+from dinotune.tasks.segment.coco_masks import read_coco_semantic
+from dinotune.tasks.segment.sources import (
+    _SHOW,
+    MaskReadError,
+    SegmentationSource,
+    _bad_values,
+    _decode_mask,
+)
+
+__all__ = ["VOC_CLASSES", "ADE20K_CLASSES", "read_voc", "read_ade20k", "read_folders", "find_segmentation_data"]
+
+_VAL_ALIASES = ("val", "valid", "validation")
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+
+# SceneParsing objectInfo150 (the first name of each entry, as in mmsegmentation), label order.
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+]
+assert len(VOC_CLASSES) == 21 and len(ADE20K_CLASSES) == 150
+
+
+
+def _pair_by_stem(image_dir: Path, mask_dir: Path, report: SkipReport) -> list[tuple[Path, Path]]:
+    """Images and masks matched by file stem; an image without a mask or a mask without an image
+    is a DataError naming the files."""
+    images = list_image_files(image_dir, report)
+    masks = list_image_files(mask_dir, report)
+    by_stem: dict[str, Path] = {}
+    for m in masks:
+        if m.stem in by_stem:
+            raise DataError(f"{mask_dir}: two masks for the image stem {m.stem!r}: {by_stem[m.stem].name}, {m.name}")
+        by_stem[m.stem] = m
+    image_stems: dict[str, Path] = {}
+    for p in images:
+        if p.stem in image_stems:
+            raise DataError(f"{image_dir}: two images with the stem {p.stem!r}: {image_stems[p.stem].name}, {p.name}")
+        image_stems[p.stem] = p
+    no_mask = [p for p in images if p.stem not in by_stem]
+    if no_mask:
+        raise DataError(f"{len(no_mask)} of {len(images)} images have no mask in {mask_dir} (a mask has the image's "
+                        "stem, e.g. photo.jpg -> photo.png): "
+                        + ", ".join(str(p) for p in no_mask[:_SHOW]) + (" ..." if len(no_mask) > _SHOW else ""))
+    no_image = [m for m in masks if m.stem not in image_stems]
+    if no_image:
+        raise DataError(f"{len(no_image)} masks have no image in {image_dir}: "
+                        + ", ".join(str(m) for m in no_image[:_SHOW]) + (" ..." if len(no_image) > _SHOW else ""))
+    if not images:
+        raise DataError(f"{image_dir}: no images found")
+    return [(p, by_stem[p.stem]) for p in images]
+
+
+def _voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "SegmentationClass").is_dir():
+            return cand
+    return root
+
+
+def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255) -> SegmentationSource:
+    """Pascal VOC: ``ImageSets/Segmentation/<split>.txt`` lists ids; ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png`` (palette PNGs read as indices: 0 = background, 1..20 the
+    classes, 255 = object boundaries = ignore). ``root`` may also be ``VOCdevkit/``."""
+    root = _voc_root(Path(root).expanduser())
+    names = (split,) if split != "val" else _VAL_ALIASES
+    lists = [root / "ImageSets" / "Segmentation" / f"{n}.txt" for n in names]
+    list_file = next((p for p in lists if p.is_file()), None)
+    if list_file is None:
+        raise DataError(f"{root}: no VOC {split} list (looked for {', '.join(str(p) for p in lists)})")
+    ids = [line.split()[0] for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{list_file}: the list is empty")
+    pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+    for what, k in (("images", 0), ("masks", 1)):
+        missing = [p[k] for p in pairs if not p[k].is_file()]
+        if missing:
+            raise DataError(f"{list_file}: {len(missing)} of {len(pairs)} listed {what} are missing: "
+                            + ", ".join(str(p) for p in missing[:_SHOW]) + (" ..." if len(missing) > _SHOW else ""))
+    return SegmentationSource(str(root), pairs, list(VOC_CLASSES), ignore_index, "index")
+
+
+def _ade_root(root: Path) -> Path:
+    for cand in (root, root / "ADEChallengeData2016"):
+        if (cand / "images" / "training").is_dir() or (cand / "annotations" / "training").is_dir():
+            return cand
+    return root
+
+
+def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255) -> SegmentationSource:
+    """ADE20K SceneParsing (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
+    ``annotations/{training,validation}/*.png``; value 0 ("other") is ignored, ``v`` -> label ``v - 1``
+    for the 150 classes."""
+    root = _ade_root(Path(root).expanduser())
+    sub = {"train": "training", "training": "training"}.get(split, "validation")
+    image_dir, mask_dir = root / "images" / sub, root / "annotations" / sub
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"{root}: ADE20K folder {d} not found")
+    report = SkipReport()
+    pairs = _pair_by_stem(image_dir, mask_dir, report)
+    return SegmentationSource(str(root), pairs, list(ADE20K_CLASSES), ignore_index, "ade20k", report=report)
+
+
+def _folder_layouts(root: Path, split: str) -> list[tuple[Path, Path]]:
+    names = _VAL_ALIASES if split in _VAL_ALIASES else (split,)
+    return [(root / n / "images", root / n / "masks") for n in names] + [(root / "images", root / "masks")]
+
+
+def read_folders(root: str | Path, split: str = "train", num_classes: int = 0,
+                 class_names: Sequence[str] = (), ignore_index: int = 255) -> SegmentationSource:
+    """``root/<split>/images`` + ``root/<split>/masks`` (val also valid / validation), else
+    ``root/images`` + ``root/masks`` (the whole folder is the split); masks match images by stem and
+    hold class indices (``ignore_index`` = ignore). ``num_classes`` 0: ``len(class_names)`` if given,
+    else the largest label in the masks + 1 (every mask is read). Names default to ``class_<i>``."""
+    root = Path(root).expanduser()
+    layout = next(((i, m) for i, m in _folder_layouts(root, split) if i.is_dir() and m.is_dir()), None)
+    if layout is None:
+        looked = ", ".join(f"{i}/ + {m.name}/" for i, m in _folder_layouts(root, split))
+        raise DataError(f"{root}: no image / mask folders for split {split!r} (looked for {looked})")
+    report = SkipReport()
+    pairs = _pair_by_stem(layout[0], layout[1], report)
+    names = [str(n) for n in class_names]
+    if num_classes and names and len(names) != num_classes:
+        raise DataError(f"{root}: {len(names)} class names given for {num_classes} classes")
+    k = num_classes or len(names)
+    if not k:
+        k = _max_label(pairs, ignore_index) + 1
+    if not names:
+        names = [f"class_{i}" for i in range(k)]
+    return SegmentationSource(str(layout[0].parent), pairs, names, ignore_index, "index", report=report)
+
+
+def _max_label(pairs: list[tuple[Path, Path]], ignore_index: int) -> int:
+    def one(pair: tuple[Path, Path]) -> int:
+        raw = _decode_mask(pair[1], pair[0], "index")
+        values = np.unique(raw)
+        values = values[values != ignore_index]
+        if (values < 0).any():
+            raise DataError(f"{pair[1]}: negative label values {_bad_values(values[values < 0])}")
+        return int(values.max()) if len(values) else -1
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            top = max(pool.map(one, pairs))
+    except MaskReadError as exc:
+        raise DataError(f"cannot count the classes: {exc}") from None
+    if top < 0:
+        raise DataError(f"{pairs[0][1].parent}: the masks hold no labels (only the ignore index {ignore_index})")
+    return top
+
+
+
+def _coco_json(root: Path, split: str) -> tuple[Path | None, list[str]]:
+    from dinotune.tasks.detect.data import _coco_jsons
+
+    found, looked = _coco_jsons(root, "val" if split in _VAL_ALIASES else "train")
+    if len(found) > 1:
+        raise DataError(f"{root}: several {split} annotation files match ({', '.join(p.name for p in found)}); "
+                        "pass the JSON file itself")
+    return (found[0] if found else None), looked
+
+
+def find_segmentation_data(
+    data: str | Path,
+    split: Literal["train", "val"],
+    images: str | Path = "",
+    num_classes: int = 0,
+    class_names: Sequence[str] = (),
+    ignore_index: int = 255,
+    *,
+    categories: list[dict[str, Any]] | None = None,
+) -> SegmentationSource:
+    """One split of: Pascal VOC (``JPEGImages/`` + ``SegmentationClass/``), ADE20K
+    (``images/training`` or ``annotations/training``), COCO (a ``.json`` file, or a folder with
+    ``annotations/instances_<split>*.json``; ``images`` = its image folder, found when empty;
+    ``categories`` = a checkpoint's category list), else image / mask folders (``num_classes`` and
+    ``class_names`` apply to these only)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not str(data):
+        raise DataError("no segmentation data given")
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"segmentation data not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            return read_coco_semantic(path, images or None, categories, ignore_index)
+        raise DataError(f"{path}: expected a COCO instances .json or a folder (VOC, ADE20K, images/ + masks/)")
+    voc = _voc_root(path)
+    if (voc / "JPEGImages").is_dir() and (voc / "SegmentationClass").is_dir():
+        return read_voc(voc, split, ignore_index)
+    ade = _ade_root(path)
+    if (ade / "images" / "training").is_dir() or (ade / "annotations" / "training").is_dir():
+        return read_ade20k(ade, split, ignore_index)
+    json_file, looked = _coco_json(path, split)
+    if json_file is not None:
+        return read_coco_semantic(json_file, images or None, categories, ignore_index)
+    if any(i.is_dir() and m.is_dir() for i, m in _folder_layouts(path, split)):
+        return read_folders(path, split, num_classes, class_names, ignore_index)
+    folders = ", ".join(f"{i.relative_to(path)}/ + {m.relative_to(path)}/" for i, m in _folder_layouts(path, split))
+    raise DataError(
+        f"{path}: no {split} segmentation data found; looked for Pascal VOC (JPEGImages/ and SegmentationClass/), "
+        f"ADE20K (images/training/ or annotations/training/), COCO ({', '.join(looked)}) and image / mask "
+        f"folders ({folders})"
+    )
+
