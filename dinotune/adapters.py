@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -90,7 +91,11 @@ def apply_adapter(backbone: DinoBackbone, cfg: AdapterConfig) -> None:
         use_dora=cfg.kind == "dora",
         bias="none",
     )
-    backbone.model = get_peft_model(backbone.model, peft_cfg)  # freezes every base weight
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property: noise for users,
+        # nothing they can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        backbone.model = get_peft_model(backbone.model, peft_cfg)  # freezes every base weight
 
 
 def is_peft(backbone: DinoBackbone) -> bool:

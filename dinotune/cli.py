@@ -219,7 +219,7 @@ def cmd_pca(ns: argparse.Namespace) -> int:
     from dinotune.viz.pca import pca_for
 
     path = pca_for(ns.model, [Path(p) for p in ns.images], Path(ns.out), image_size=ns.image_size,
-                   foreground_threshold=ns.foreground_threshold, device=ns.device)
+                   foreground_threshold=ns.foreground_threshold, device=ns.device, max_images=ns.max_images)
     print(f"wrote {path}")
     return 0
 
@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_pred = sub.add_parser("predict", help="predict images or folders (classes or boxes, JSON or CSV)",
                             description="Classification: top-k classes per image. Detection: COCO results "
-                                        "JSON (test-dev style) or CSV, optionally drawn images.")
+                                        "JSON (test-dev style) or CSV, optionally drawn images. Segmentation: "
+                                        "per-image class pixel shares (JSON or CSV), optionally label PNGs "
+                                        "(--masks) and colour overlays (--draw).")
     p_pred.add_argument("run", help="run folder (or a checkpoint folder)")
     p_pred.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p_pred.add_argument("--top-k", type=int, default=None,
@@ -372,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_pca = sub.add_parser("pca", help="PCA of patch features as RGB pictures (any backbone or run)",
                            description="The first three principal components of the patch features, fitted "
                                        "jointly over the given images, shown as RGB beside each image.")
-    p_pca.add_argument("images", nargs="+", help="image files")
+    p_pca.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p_pca.add_argument("--max-images", type=int, default=8,
+                       help="use at most this many images, one figure row each (default: 8)")
     p_pca.add_argument("--model", required=True, help="a backbone (--model forms) or a dinotune run folder")
     p_pca.add_argument("--out", default="pca.png", help="output PNG (default: pca.png)")
     p_pca.add_argument("--image-size", type=int, default=None,

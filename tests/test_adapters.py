@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -54,6 +56,15 @@ def test_targets_and_last_n_blocks():
         resolve_targets(b, ["query"])
     with pytest.raises(ConfigError, match="last_n_blocks"):
         resolve_targets(b, ["qkv"], last_n_blocks=5)
+
+
+def test_apply_adapter_emits_no_library_deprecation_noise():
+    b = DinoBackbone.from_spec("random:tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_adapter(b, AdapterConfig(kind="lora"))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
 
 
 def test_trainable_parameters_per_kind():

@@ -191,3 +191,25 @@ def test_pca_for_spec_and_run(tiny_folder, tmp_path, monkeypatch):
     assert seen["size"] == 28  # the run's image size
     assert isinstance(seen["backbone"], DinoBackbone)
     assert not any("lora_" in n for n, _ in seen["backbone"].named_parameters())  # adapter merged
+
+
+def test_pca_for_a_folder_skips_broken_files_and_caps_images(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i, img in enumerate(_noise_images() * 2):
+        img.save(folder / ("sub" if i % 2 else ".") / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    seen = {}
+    real = pca_mod.pca_features
+
+    def spy(backbone, images, image_size, **kw):
+        seen["n"] = len(images)
+        return real(backbone, images, image_size, **kw)
+
+    monkeypatch.setattr(pca_mod, "pca_features", spy)
+    out = pca_for("random:tiny", [folder], tmp_path / "a.png", image_size=28, device="cpu", max_images=3)
+    assert _is_png(out) and seen["n"] == 3
+    printed = capsys.readouterr()
+    assert "broken.jpg" in printed.out + printed.err and "first 3 of 4" in printed.out
+    with pytest.raises(ValueError, match="max_images"):
+        pca_for("random:tiny", [folder], tmp_path / "b.png", max_images=0)

@@ -148,13 +148,22 @@ def is_run_folder(path: str | Path) -> bool:
 
 def pca_for(spec_or_run: str | Path, image_paths: Sequence[str | Path], out: str | Path,
             image_size: int | None = None, foreground_threshold: float | None = None,
-            device: str = "auto") -> Path:
+            device: str = "auto", max_images: int = 8) -> Path:
     """PCA figure of ``image_paths`` under a backbone: a ``--model`` spec (``random:tiny``, a hub id,
     a ``.pth``, a local folder) or a dinotune run folder (its backbone with the adapter merged).
+    ``image_paths`` are files and / or folders (searched recursively); unreadable files are reported
+    and skipped, and only the first ``max_images`` are used (one figure row each).
     ``image_size`` defaults to the run's ``backbone.image_size``, or 448 for a spec. ``out`` is the
     PNG path; an existing folder or a suffix-less path gets ``pca.png`` inside. Returns the PNG."""
-    from dinotune.data.images import load_image
+    from dinotune.data.images import load_image, readable_images
     from dinotune.engine.device import select_device
+
+    if max_images < 1:
+        raise ValueError(f"max_images must be at least 1, got {max_images}")
+    image_paths = readable_images(image_paths)
+    if len(image_paths) > max_images:
+        print(f"pca: using the first {max_images} of {len(image_paths)} images (raise --max-images for more)")
+        image_paths = image_paths[:max_images]
 
     if is_run_folder(spec_or_run):
         from dinotune.api import load
