@@ -1,0 +1,79 @@
+"""The classification config: data sources, head and loss options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dinotune.config.base import (
+    AdapterConfig,
+    BackboneConfig,
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    opt,
+    validate_common,
+)
+
+
+@dataclass
+class ClassifyDataConfig:
+    data: str = opt(
+        "",
+        "training data: a class-folder tree (train/<class>/*, val/<class>/*, or <class>/*), a CSV "
+        "of path,label, a save_to_disk folder or a Hugging Face dataset name (hf:NAME)",
+    )
+    val_data: str = opt("", "validation data in the same forms; empty = the val/ split of --data")
+    val_fraction: float = opt(
+        0.0, "hold out this fraction of the training data for validation when there is no val split"
+    )
+    train_split: str = opt("train", "split name for Hugging Face datasets")
+    val_split: str = opt("validation", "validation split name for Hugging Face datasets")
+    image_column: str = opt("", "image column of a CSV or dataset (auto-detected when empty)")
+    label_column: str = opt("", "label column of a CSV or dataset (auto-detected when empty)")
+    augment: bool = opt(True, "random resized crop + horizontal flip on training images")
+    check_images: Literal["full", "fast", "off"] = opt(
+        "full", "scan images before training: full decodes each (at 1/8 scale), fast reads headers"
+    )
+
+
+@dataclass
+class ClassifyHeadConfig:
+    pool: Literal["cls", "cls_mean", "last4"] = opt(
+        "cls_mean",
+        "features fed to the head: CLS token, CLS + mean patch token, or the last 4 layers' CLS + "
+        "mean patch (official DINOv2 linear evaluation)",
+    )
+    head: Literal["linear", "mlp"] = opt("linear", "linear layer, or an MLP with dropout")
+    mlp_hidden: int = opt(1024, "hidden width of the MLP head")
+    head_dropout: float = opt(0.0, "dropout before each layer of the head")
+    loss: Literal["ce", "focal"] = opt("ce", "cross-entropy, or focal loss for class imbalance")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
+    focal_gamma: float = opt(2.0, "focusing parameter of the focal loss")
+    cache_features: bool = opt(
+        False,
+        "linear-probe fast path: extract frozen-backbone features once, cache them on disk and "
+        "train the head on the cache (needs --adapter none; no training augmentation)",
+    )
+    cache_dir: str = opt("", "feature cache folder (default: RUN/cache)")
+
+
+@dataclass
+class ClassifyConfig:
+    task: Literal["classify"] = "classify"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    head: ClassifyHeadConfig = field(default_factory=ClassifyHeadConfig)
+
+    def validate(self) -> None:
+        validate_common(self)
+        if self.head.cache_features and self.adapter.kind != "none":
+            raise ConfigError(
+                "head.cache_features needs a frozen backbone (--adapter none); "
+                f"got --adapter {self.adapter.kind}"
+            )
+        if self.head.cache_features and self.train.two_stage:
+            raise ConfigError("head.cache_features cannot be combined with --two-stage")

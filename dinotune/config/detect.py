@@ -1,0 +1,129 @@
+"""The detection config (DETR-style and single-object heads) and the --lightweight preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dinotune.config.base import (
+    AdapterConfig,
+    BackboneConfig,
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    opt,
+    validate_common,
+)
+
+
+@dataclass
+class DetectDataConfig:
+    data: str = opt(
+        "",
+        "training data: a COCO folder (annotations/instances_train*.json + image folders), a COCO "
+        "instances JSON, or a YOLO folder (data.yaml, images/, labels/)",
+    )
+    val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
+    train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
+    val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
+    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all)")
+    subset_seed: int = opt(0, "seed that picks the --subset images")
+    subset_file: str = opt("", "reuse the image ids of an earlier run's subset.json")
+    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)")
+    overfit: int = opt(
+        0, "debug mode: train and evaluate on the first N training images, to prove the model can fit them"
+    )
+    augment: bool = opt(True, "box-aware horizontal flip, scale jitter and random crop on training images")
+    min_box_size: float = opt(1.0, "drop boxes narrower or lower than this many pixels (after clamping)")
+    check_images: Literal["full", "fast", "off"] = opt(
+        "fast", "scan images before training: full decodes each, fast reads headers"
+    )
+
+
+@dataclass
+class DetectModelConfig:
+    head: Literal["detr", "simple", "improved"] = opt(
+        "detr",
+        "detr = multi-scale deformable DETR decoder; simple / improved = the seeds' one-object-per-image "
+        "detectors (class + box from the CLS token; improved turns on --two-stage unless told otherwise)",
+    )
+    lightweight: bool = opt(
+        False,
+        "preset: dinov2-small, 2 decoder layers, 25 queries, width 128, 2 sampling points, LoRA on the "
+        "last 4 blocks (flags given explicitly still win)",
+    )
+    num_queries: int = opt(100, "object queries (maximum detections per image)")
+    decoder_layers: int = opt(6, "decoder layers, each with its own weights and box refinement")
+    hidden_dim: int = opt(256, "decoder width")
+    num_heads: int = opt(8, "attention heads in the decoder")
+    ffn_dim: int = opt(1024, "decoder feed-forward width")
+    sampling_points: int = opt(4, "deformable-attention sampling points per head and level")
+    pyramid_scales: list[float] = opt(
+        [2.0, 1.0, 0.5],
+        "feature-pyramid levels as scale factors of the 1/14 patch map (2 = stride 7, 0.5 = stride 28)",
+    )
+    decoder_dropout: float = opt(0.0, "dropout in the decoder")
+    topk: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)")
+    score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)")
+
+
+@dataclass
+class DetectLossConfig:
+    class_weight: float = opt(2.0, "weight of the sigmoid focal classification loss (and its matching cost)")
+    bbox_weight: float = opt(5.0, "weight of the L1 box loss (and its matching cost)")
+    giou_weight: float = opt(2.0, "weight of the GIoU box loss (and its matching cost)")
+    focal_alpha: float = opt(0.25, "focal-loss alpha")
+    focal_gamma: float = opt(2.0, "focal-loss gamma")
+    aux_loss: bool = opt(True, "losses at every decoder layer, not only the last")
+    box_loss_weight: float = opt(
+        2.0, "improved head: weight of the smooth-L1 box loss against the focal class loss (simple uses 1)"
+    )
+
+
+def _detect_optim() -> OptimConfig:
+    # DETR-family recipe: small decoder lr, smaller backbone lr, tight clipping
+    return OptimConfig(lr=2e-4, backbone_lr=2e-5, weight_decay=1e-4, grad_clip=0.1)
+
+
+def _detect_train() -> TrainConfig:
+    return TrainConfig(epochs=50, batch_size=8)
+
+
+def _detect_backbone() -> BackboneConfig:
+    return BackboneConfig(image_size=518)
+
+
+@dataclass
+class DetectConfig:
+    task: Literal["detect"] = "detect"
+    backbone: BackboneConfig = field(default_factory=_detect_backbone)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=_detect_optim)
+    train: TrainConfig = field(default_factory=_detect_train)
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    model: DetectModelConfig = field(default_factory=DetectModelConfig)
+    loss: DetectLossConfig = field(default_factory=DetectLossConfig)
+
+    def validate(self) -> None:
+        validate_common(self)
+        m = self.model
+        if m.hidden_dim % m.num_heads:
+            raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.num_heads={m.num_heads}")
+        if not m.pyramid_scales or any(s not in (4.0, 2.0, 1.0, 0.5, 0.25) for s in m.pyramid_scales):
+            raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from 4, 2, 1, 0.5, 0.25")
+        if m.num_queries < 1 or m.decoder_layers < 1:
+            raise ConfigError("model.num_queries and model.decoder_layers must be at least 1")
+
+
+# What --lightweight sets (the seeds' "lightweight" detector); explicit flags are applied after it.
+LIGHTWEIGHT_PRESET: dict[str, Any] = {
+    "backbone.model": "facebook/dinov2-small",
+    "model.decoder_layers": 2,
+    "model.num_queries": 25,
+    "model.hidden_dim": 128,
+    "model.num_heads": 4,
+    "model.ffn_dim": 512,
+    "model.sampling_points": 2,
+    "adapter.kind": "lora",
+    "adapter.last_n_blocks": 4,
+}

@@ -1,0 +1,154 @@
+"""Config trees to and from dicts, YAML files, dotted keys and command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from dinotune.config.base import ConfigError
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command line string) to the annotated type ``tp``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(known)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")
+        else:
+            kwargs[key] = coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    from dinotune.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path: str | Path, cls: type | None = None) -> Any:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if cls is None:
+        from dinotune.config import TASK_CONFIGS  # the package imports this module first
+
+        task = data.get("task", "classify")
+        if task not in TASK_CONFIGS:
+            raise ConfigError(f"{path}: unknown task {task!r}; valid: {', '.join(TASK_CONFIGS)}")
+        cls = TASK_CONFIGS[task]
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """All leaf fields of a config tree as ``(dotted.key, field, annotated type)``."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(leaf_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", f, tp))
+    return out
+
+
+def set_dotted(cfg: Any, key: str, value: Any) -> None:
+    """Set ``a.b.c`` on a config tree, coercing ``value`` to the field's type."""
+    *parents, last = key.split(".")
+    obj = cfg
+    for p in parents:
+        if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
+            raise ConfigError(f"unknown config key {key!r}")
+        obj = getattr(obj, p)
+    hints = typing.get_type_hints(type(obj))
+    if last not in hints or dataclasses.is_dataclass(hints[last]):
+        raise ConfigError(f"unknown config key {key!r}")
+    setattr(obj, last, coerce(value, hints[last], key))
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    for key, value in overrides.items():
+        set_dotted(cfg, key, value)
+    return cfg
+
+
+def flag_name(key: str, f: dataclasses.Field) -> str:
+    """The command-line flag of a leaf field: its ``metadata['flag']`` or ``--<field-name>``."""
+    return f.metadata.get("flag") or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def flag_map(cls: type) -> dict[str, str]:
+    """``{"--adapter": "adapter.kind", "--rank": "adapter.rank", ...}`` for a task config class."""
+    out: dict[str, str] = {}
+    for key, f, _ in leaf_fields(cls):
+        if key == "task":
+            continue
+        flag = flag_name(key, f)
+        if flag in out:
+            raise AssertionError(f"two config fields share the flag {flag}: {out[flag]} and {key}")
+        out[flag] = key
+    return out

@@ -1,0 +1,91 @@
+"""The segmentation config: data layouts, decoders and inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dinotune.config.base import (
+    AdapterConfig,
+    BackboneConfig,
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    opt,
+    validate_common,
+)
+
+
+@dataclass
+class SegmentDataConfig:
+    data: str = opt(
+        "",
+        "training data: Pascal VOC (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/), ADE20K "
+        "(images/training, annotations/training), folders of images/ + masks/ with matching stems (or "
+        "train/ and val/ each holding them), or a COCO instances JSON / folder rasterised to semantic masks",
+    )
+    val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
+    train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
+    val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
+    num_classes: int = opt(0, "image/mask folders: number of classes (0 = largest label in the masks + 1)")
+    class_names: list[str] = opt([], "image/mask folders: class names, in label order")
+    ignore_index: int = opt(255, "mask value excluded from the loss and the metrics")
+    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json")
+    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)")
+    subset_seed: int = opt(0, "seed that picks the subsets")
+    augment: bool = opt(True, "random scale (0.5-2x), crop and horizontal flip; masks use nearest neighbour")
+    overfit: int = opt(0, "debug mode: train and evaluate on the first N training images")
+    check_images: Literal["full", "fast", "off"] = opt(
+        "fast", "scan images before training: full decodes each, fast reads headers"
+    )
+
+
+@dataclass
+class SegmentModelConfig:
+    decoder: Literal["linear", "fpn"] = opt(
+        "linear", "linear = BatchNorm + 1x1 conv on patch tokens; fpn = multi-level features, lateral + "
+        "top-down path, fused and upsampled"
+    )
+    linear_layers: int = opt(
+        1, "linear decoder: use the last N layers' patch tokens, concatenated (4 = the official DINOv2 "
+        "linear segmentation evaluation)"
+    )
+    fpn_layers: list[int] = opt([], "fpn decoder: 0-based block indices to read (empty = 4 evenly spaced)")
+    fpn_dim: int = opt(256, "fpn decoder: channel width")
+    inference: Literal["whole", "slide"] = opt(
+        "whole", "evaluation: whole = resize the short side to --image-size; slide = windows of "
+        "--image-size over the full-resolution image, logits averaged"
+    )
+    slide_stride: int = opt(0, "sliding-window stride in pixels (0 = two thirds of --image-size)")
+
+
+@dataclass
+class SegmentLossConfig:
+    class_weights: list[float] = opt([], "per-class cross-entropy weights, in label order (empty = equal)")
+
+
+def _segment_train() -> TrainConfig:
+    return TrainConfig(epochs=50, batch_size=8)
+
+
+def _segment_backbone() -> BackboneConfig:
+    return BackboneConfig(image_size=448)
+
+
+@dataclass
+class SegmentConfig:
+    task: Literal["segment"] = "segment"
+    backbone: BackboneConfig = field(default_factory=_segment_backbone)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=_segment_train)
+    data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
+    model: SegmentModelConfig = field(default_factory=SegmentModelConfig)
+    loss: SegmentLossConfig = field(default_factory=SegmentLossConfig)
+
+    def validate(self) -> None:
+        validate_common(self)
+        if self.model.linear_layers < 1:
+            raise ConfigError("model.linear_layers must be at least 1")
+        if not 0 <= self.data.ignore_index <= 255:
+            raise ConfigError(f"data.ignore_index={self.data.ignore_index} must be in 0..255 (masks are 8-bit)")
