@@ -68,17 +68,27 @@ def _table(result: dict[str, Any], names: Sequence[str], severities: Sequence[in
     return "\n".join(lines) + "\n"
 
 
+# One colour per ImageNet-C category and a line style per member: 15 lines stay tell-apart-able.
+_CATEGORY_COLOURS = {"noise": "tab:blue", "blur": "tab:green", "weather": "tab:orange", "digital": "tab:purple"}
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def _chart(result: dict[str, Any], names: Sequence[str], severities: Sequence[int], path: Path) -> Path:
     from dinotune.viz.plots import _new_figure, _save
 
     metric = result["metric"]
-    fig = _new_figure(8.0, 5.0)
+    fig = _new_figure(9.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     xs = [0, *severities]
+    seen: dict[str, int] = {}
     for n in names:
         ys = [result["clean"]] + [next(r[metric] for r in result["rows"] if r["corruption"] == n and r["severity"] == s)
                                   for s in severities]
-        ax.plot(xs, ys, alpha=0.45, linewidth=1, label=n)
+        category = CATEGORY[n]
+        style = _LINE_STYLES[seen.get(category, 0) % len(_LINE_STYLES)]
+        seen[category] = seen.get(category, 0) + 1
+        ax.plot(xs, ys, color=_CATEGORY_COLOURS[category], linestyle=style, alpha=0.8, linewidth=1.3,
+                label=f"{n} ({category})")
     ax.plot(xs, [result["clean"]] + [result["mean_by_severity"][s] for s in severities], color="black",
             linewidth=2.5, marker="o", label="mean")
     ax.set_xlabel("severity (0 = clean)")
@@ -86,6 +96,6 @@ def _chart(result: dict[str, Any], names: Sequence[str], severities: Sequence[in
     ax.set_title(f"{metric} against corruption severity")
     ax.set_xticks(xs)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return _save(fig, path)

@@ -211,5 +211,5 @@ def test_pca_for_a_folder_skips_broken_files_and_caps_images(tmp_path, monkeypat
     assert _is_png(out) and seen["n"] == 3
     printed = capsys.readouterr()
     assert "broken.jpg" in printed.out + printed.err and "first 3 of 4" in printed.out
-    with pytest.raises(ValueError, match="max_images"):
+    with pytest.raises(ValueError, match="--max-images must be at least 1"):
         pca_for("random:tiny", [folder], tmp_path / "b.png", max_images=0)

@@ -159,7 +159,9 @@ def pca_for(spec_or_run: str | Path, image_paths: Sequence[str | Path], out: str
     from dinotune.engine.device import select_device
 
     if max_images < 1:
-        raise ValueError(f"max_images must be at least 1, got {max_images}")
+        from dinotune.config import ConfigError
+
+        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
     image_paths = readable_images(image_paths)
     if len(image_paths) > max_images:
         print(f"pca: using the first {max_images} of {len(image_paths)} images (raise --max-images for more)")
