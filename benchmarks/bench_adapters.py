@@ -3,8 +3,9 @@
 For each adapter (none, lora, dora, full) and each implementation, a fresh subprocess builds
 ``random:small`` (ViT-S/14) with a linear head on CLS + mean patch token, and runs ``--warmup`` then
 ``--steps`` optimizer steps on random 224 px images (no data loading: both sides get the same
-in-memory tensors). Reported: images/s over the timed steps and peak memory (CUDA: max allocated;
-CPU: peak resident set size of the process). The baseline is what a user would write by hand:
+in-memory tensors). Reported: images/s over the timed steps, peak memory (CUDA: max allocated;
+CPU: peak resident set size of the process) and the activation memory autograd saves for backward
+in one forward (exact and repeatable, unlike RSS). The baseline is what a user would write by hand:
 ``Dinov2Model`` + ``peft.get_peft_model`` + ``nn.Linear`` + AdamW + autocast.
 
     python benchmarks/bench_adapters.py                  # CPU, writes results/adapters-cpu.{json,md}
@@ -54,7 +55,26 @@ def _measure(step, n_warmup: int, n_steps: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_dinotune(adapter: str, args) -> float:
+def saved_activation_mb(loss_fn) -> float:
+    """Bytes autograd keeps for backward during one forward (``loss_fn()``), each storage counted
+    once: a deterministic activation-memory figure, where peak RSS on the CPU also moves with the
+    allocator and whatever else the process imported."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    if loss.requires_grad:
+        loss.backward()  # frees the graph the same way a training step does
+    return sum(storages.values()) / 2**20
+
+
+def run_dinotune(adapter: str, args) -> tuple[float, float]:
     """The dinotune engine's own training step (Trainer._train_epoch) on in-memory batches."""
     import tempfile
 
@@ -62,6 +82,7 @@ def run_dinotune(adapter: str, args) -> float:
     from torch.utils.data import DataLoader
 
     from dinotune.config import build_config
+    from dinotune.engine.device import autocast
     from dinotune.engine.optim import phase_at
     from dinotune.engine.trainer import Trainer
     from dinotune.tasks import get_task
@@ -92,10 +113,15 @@ def run_dinotune(adapter: str, args) -> float:
         trainer._train_epoch(0, phase, optimizer, scheduler, 0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        x, y = batches[0]["image"].to(device), batches[0]["label"].to(device)
+        with autocast(device, _precision(args.device)):
+            saved = saved_activation_mb(lambda: task.training_step(model, {"image": x, "label": y})["loss"])
+        optimizer.zero_grad(set_to_none=True)
+        return seconds, saved
 
 
-def run_baseline(adapter: str, args) -> float:
+def run_baseline(adapter: str, args) -> tuple[float, float]:
     """A plain loop as a user would write it with transformers + PEFT."""
     import torch
     from torch import nn
@@ -119,17 +145,20 @@ def run_baseline(adapter: str, args) -> float:
     head.to(device)
     params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    batches = iter(_synthetic_batches(args.warmup + args.steps, args.batch, args.size))
+    data = _synthetic_batches(args.warmup + args.steps, args.batch, args.size)
+    batches = iter(data)
     amp = _precision(args.device) == "bf16"
 
-    def step():
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
+    def forward(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             with torch.set_grad_enabled(adapter != "none"):
                 h = backbone(pixel_values=x).last_hidden_state
             logits = head(torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1))
-            loss = nn.functional.cross_entropy(logits.float(), y)
+            return nn.functional.cross_entropy(logits.float(), y)
+
+    def step():
+        x, y = next(batches)
+        loss = forward(x.to(device), y.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -141,18 +170,23 @@ def run_baseline(adapter: str, args) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    return _measure(step, 0, args.steps, args.device)
+    seconds = _measure(step, 0, args.steps, args.device)
+    saved = saved_activation_mb(lambda: forward(data[0][0].to(device), data[0][1].to(device)))
+    opt.zero_grad(set_to_none=True)
+    return seconds, saved
 
 
 def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
-    seconds = (run_dinotune if args.impl == "dinotune" else run_baseline)(args.adapter, args)
+    run = run_dinotune if args.impl == "dinotune" else run_baseline
+    seconds, saved = run(args.adapter, args)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"impl": args.impl, "adapter": args.adapter, "seconds": seconds,
-                      "images_per_s": args.steps * args.batch / seconds, "peak_mb": peak_mb}))
+                      "images_per_s": args.steps * args.batch / seconds, "peak_mb": peak_mb,
+                      "saved_activation_mb": saved}))
 
 
 def main() -> None:
@@ -191,17 +225,24 @@ def main() -> None:
             runs.setdefault((adapter, impl), []).append(row)
             print(f"{adapter:5s} {impl:9s} {row['images_per_s']:8.2f} img/s  peak {row['peak_mb']:8.0f} MB", flush=True)
     by = {}
-    for key, rs in runs.items():  # median throughput over repeats; memory is deterministic enough
-        rs = sorted(rs, key=lambda r: r["images_per_s"])
-        by[key] = {**rs[len(rs) // 2], "all_images_per_s": [r["images_per_s"] for r in rs]}
+    for key, rs in runs.items():  # medians over repeats: throughput and RSS both move run to run
+        speeds = sorted(r["images_per_s"] for r in rs)
+        peaks = sorted(r["peak_mb"] for r in rs)
+        by[key] = {**rs[0], "images_per_s": speeds[len(rs) // 2], "peak_mb": peaks[len(rs) // 2],
+                   "all_images_per_s": [r["images_per_s"] for r in rs], "all_peak_mb": [r["peak_mb"] for r in rs]}
+        del by[key]["seconds"]
         rows.append(by[key])
-    table = ["| adapter | baseline img/s | dinotune img/s | speed ratio | baseline peak MB | dinotune peak MB | memory ratio |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| adapter | baseline img/s | dinotune img/s | speed ratio | baseline peak MB | dinotune peak MB "
+             "| memory ratio | baseline activations MB | dinotune activations MB | activation ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for a in ADAPTERS:
         b, d = by[(a, "baseline")], by[(a, "dinotune")]
+        act = (f"{d['saved_activation_mb'] / b['saved_activation_mb']:.3f}" if b["saved_activation_mb"]
+               else "-")
         table.append(f"| {a} | {b['images_per_s']:.2f} | {d['images_per_s']:.2f} | "
                      f"{d['images_per_s'] / b['images_per_s']:.2f} | {b['peak_mb']:.0f} | {d['peak_mb']:.0f} | "
-                     f"{d['peak_mb'] / b['peak_mb']:.2f} |")
+                     f"{d['peak_mb'] / b['peak_mb']:.2f} | {b['saved_activation_mb']:.1f} | "
+                     f"{d['saved_activation_mb']:.1f} | {act} |")
     settings = {k: getattr(args, k) for k in ("device", "batch", "size", "steps", "warmup", "rank", "repeats")}
     settings["precision"] = _precision(args.device)
     result = {"settings": settings, "machine": machine_info(args.device), "rows": rows}
@@ -213,7 +254,10 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} runs in "
           f"alternating order; LoRA/DoRA rank {args.rank} on q,k,v.",
           f"Machine: {json.dumps(result['machine'])}", "",
-          "Ratios are dinotune / baseline (speed: >1 is faster; memory: <1 is smaller).", "", *table, ""]
+          "Ratios are dinotune / baseline (speed: >1 is faster; memory: <1 is smaller). Peak memory is "
+          "max allocated on CUDA and peak resident set size of the whole process on the CPU; "
+          "activations are the bytes autograd saves for backward in one forward (deterministic).",
+          "", *table, ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(table))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
