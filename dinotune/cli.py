@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
     p_eval.add_argument("--corruptions", action="store_true",
                         help="robustness: evaluate under the 15 ImageNet-C corruptions at each severity and write "
-                             "a table and a chart (segmentation and classification runs); --out is then a folder")
+                             "a table and a chart (mIoU, top-1 or COCO AP by task); --out is then a folder")
     p_eval.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                         help="corruption severities (default: 1 2 3 4 5)")
     p_eval.add_argument("--corruption-names", nargs="+", metavar="NAME",

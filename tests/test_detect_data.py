@@ -153,6 +153,24 @@ def test_dataset_items_follow_contract(val_source):
     assert [t["image_id"] for t in batch["targets"]] == val_source.image_ids[:3]
 
 
+def test_pre_transform_changes_pixels_not_targets(val_source):
+    from dinotune.data.corruptions import Corruption
+
+    seen = []
+
+    def spy(pil):
+        seen.append(pil.size)
+        return Corruption("gaussian_noise", 5, seed=0)(pil)
+
+    clean = DetectionDataset(val_source, eval_transforms(), S)
+    noisy = DetectionDataset(val_source, eval_transforms(), S, pre_transform=spy)
+    (a, ta), (b, tb) = clean[3], noisy[3]
+    rec = val_source.images[3]
+    assert seen == [(rec.width, rec.height)]  # on the decoded original, before resizing
+    assert a.shape == b.shape and (a - b).abs().mean() > 0.1
+    assert torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["labels"], tb["labels"])
+
+
 def test_flip_mirrors_x(val_source):
     plain = DetectionDataset(val_source, eval_transforms(), S)
     flipped = DetectionDataset(val_source, v2.RandomHorizontalFlip(p=1.0), S)

@@ -100,6 +100,30 @@ def test_analyze_writes_charts(coco_run, capsys):
     assert len(list((run / "analysis" / "samples").glob("*.jpg"))) == 2
 
 
+def test_corruption_robustness_for_detection(coco_run, tmp_path, capsys, monkeypatch):
+    import dinotune.robustness as robustness
+
+    coco, run = coco_run
+    made = []
+    real = robustness.Corruption
+
+    def spy(name, severity, seed, dense):
+        made.append((name, severity, dense))
+        return real(name, severity, seed, dense=dense)
+
+    monkeypatch.setattr(robustness, "Corruption", spy)
+    out = tmp_path / "robust"
+    assert main(["eval", str(run), "--data", str(coco), "--corruptions", "--corruption-names", "fog",
+                 "elastic_transform", "--severities", "2", "--out", str(out), "--device", "cpu",
+                 "--subset", "3"]) == 0
+    result = json.loads((out / "corruptions.json").read_text())
+    assert result["metric"] == "AP" and len(result["rows"]) == 2
+    assert all(0.0 <= r["AP"] <= 1.0 for r in result["rows"])
+    # boxes are tied to pixel positions: the elastic transform must be the dense (no affine) variant
+    assert made == [("fog", 2, True), ("elastic_transform", 2, True)]
+    assert "| fog | weather |" in capsys.readouterr().out
+
+
 def test_subset_file_is_reused(coco_run, tmp_path):
     coco, run = coco_run
     out = tmp_path / "again"

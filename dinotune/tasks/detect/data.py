@@ -144,12 +144,15 @@ def read_subset_file(path: str | Path) -> list[int]:
 class DetectionDataset(Dataset):
     """``(image, target)`` items per the detection contract. ``transform`` takes and returns
     ``(tv_tensors.Image, {"boxes": BoundingBoxes xyxy, "labels": int64})`` (``train_transforms`` or
-    ``eval_transforms``); the resize to ``image_size`` and the pad follow. A file that fails to decode
-    at run time is reported once and replaced by the next readable image."""
+    ``eval_transforms``); the resize to ``image_size`` and the pad follow. ``pre_transform`` (PIL ->
+    PIL of the same size, e.g. a corruption) runs on the decoded image before everything else. A file
+    that fails to decode at run time is reported once and replaced by the next readable image."""
 
-    def __init__(self, source: DetectionSource, transform: Callable | None, image_size: int):
+    def __init__(self, source: DetectionSource, transform: Callable | None, image_size: int,
+                 pre_transform: Callable | None = None):
         self.image_size = int(image_size)
         self.transform = transform
+        self.pre_transform = pre_transform
         self.categories = list(source.categories)
         self.name = source.name
         self.records = list(source.images)
@@ -181,6 +184,8 @@ class DetectionDataset(Dataset):
                 self._bad.add(i)
                 warn(f"skipped {exc} (replaced by another image)")
                 continue
+            if self.pre_transform is not None:
+                pil = self.pre_transform(pil)
             return self._item(i, pil)
         raise DataError(f"{self.name}: no image in the dataset could be decoded")
 

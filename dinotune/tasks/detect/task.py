@@ -273,9 +273,11 @@ class DetectTask(Task):
         return buf.getvalue()
 
     def evaluate_data(self, loaded, data: str, split: str = "val", batch_size: int = 8,
-                      images: str = "", subset: int = 0, subset_seed: int = 0) -> dict[str, Any]:
+                      images: str = "", subset: int = 0, subset_seed: int = 0,
+                      pre_transform=None) -> dict[str, Any]:
         """COCO metrics of ``loaded`` on a COCO / YOLO dataset (categories matched by id;
-        ``subset``: a reproducible random subset of that many images)."""
+        ``subset``: a reproducible random subset of that many images; ``pre_transform``: PIL -> PIL
+        applied to each image before preprocessing, e.g. a corruption)."""
         self.categories = loaded.meta["categories"]
         source = find_detection_data(data, "val" if split == "val" else "train", images,
                                      categories=self.categories, min_box_size=self.cfg.data.min_box_size)
@@ -283,7 +285,7 @@ class DetectTask(Task):
             source = restrict(source, choose_subset(source, subset, subset_seed))
         source = scan_source(source, self.cfg.data.check_images)
         source.report.print(split)
-        ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size)
+        ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform)
         ds.source = source
         loader = make_loader(ds, batch_size, shuffle=False, workers=self.cfg.train.workers,
                              collate_fn=detection_collate)
