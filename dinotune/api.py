@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
-from dinotune.config import build_config, load_yaml, save_yaml
-from dinotune.engine import checkpoint
+from dinotune.config import ConfigError, build_config, load_yaml, save_yaml
+from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import resolve_precision, select_device
 from dinotune.engine.logging import read_metrics
 from dinotune.engine.trainer import Trainer
 from dinotune.tasks import Task, get_task
-from dinotune.utils import info, seed_everything, warn, write_json
+from dinotune.utils import info, seed_everything, set_quiet, warn, write_json
 
 
 def _fresh_run_dir(out: str) -> Path:
@@ -63,13 +63,18 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
             task_name = config.task
         cfg = build_config(task_name, config, **options)
     cfg.validate()
+    ctx = distributed.setup(cfg.train.device)  # a no-op unless launched by torchrun
+    if ctx.enabled:
+        _check_distributed(cfg, ctx)
     if resume is None:
-        run_dir = _fresh_run_dir(cfg.train.out)
+        # process 0 picks the folder (it may add a suffix); the others use the same one
+        run_dir = distributed.broadcast_object(_fresh_run_dir(cfg.train.out) if ctx.is_main else None)
         cfg.train.out = str(run_dir)
-    save_yaml(cfg, run_dir / "config.yaml")
+    if ctx.is_main:
+        save_yaml(cfg, run_dir / "config.yaml")
 
     seed_everything(cfg.train.seed)
-    device = select_device(cfg.train.device)
+    device = distributed.device_for(ctx, select_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
     the_task = get_task(cfg)
     data = the_task.build_data(run_dir)
@@ -84,7 +89,18 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     trainer = Trainer(model=model, task=the_task, train_loader=train_loader, val_loader=val_loader,
                       cfg=cfg, run_dir=run_dir, meta=data.meta, device=device, precision=precision)
     result = trainer.fit(resume=resume is not None)
+    if not ctx.is_main:
+        return {"run_dir": str(run_dir), "best": None, "last": None, "metrics": {}, "files": []}
     return _finish(run_dir, the_task, data.meta, result)
+
+
+def _check_distributed(cfg: Any, ctx: distributed.DistContext) -> None:
+    """What does not combine with several processes, refused before any work; quiet followers."""
+    if getattr(getattr(cfg, "head", None), "cache_features", False):
+        raise ConfigError("--cache-features extracts features in one process; run it without torchrun "
+                          "(a linear probe on cached features is fast on one GPU)")
+    if not ctx.is_main:
+        set_quiet(True)
 
 
 def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

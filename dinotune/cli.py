@@ -108,7 +108,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         overrides = _overrides(ns, TASK_CONFIGS[ns.task])
         apply_presets(apply_overrides(cfg, overrides), overrides)
         result = api.train(cfg)
-    _print_result(result)
+    from dinotune.engine.distributed import current
+
+    if current().is_main:  # under torchrun, process 0 reports for all
+        _print_result(result)
     return 0
 
 
@@ -408,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinotune: interrupted; resume with `dinotune train --resume RUN`", file=sys.stderr)
         return 130
+    finally:
+        from dinotune.engine.distributed import cleanup
+
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The engine never asks which task it runs: a task gives it ``training_step(model, batch) -> dict``
 (with ``"loss"``) and ``evaluate(model, loader, ...) -> dict``; the model exposes ``.backbone``
 and ``.head``. Everything else (phases, AMP, accumulation, clipping, schedules, checkpoints,
-resume, logs) lives here.
+resume, logs) lives here. Under ``torchrun`` it trains with DistributedDataParallel (see
+``distributed.py``); process 0 alone evaluates and writes the run folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dinotune.engine import checkpoint
+from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import RunLogger, progress
 from dinotune.engine.optim import (
@@ -77,8 +78,10 @@ class Trainer:
         precision: str,
     ):
         self.model = model.to(device)
+        self.train_model = self.model  # the DDP wrapper when distributed
         self.task = task
-        self.train_loader = train_loader
+        self.dist = distributed.current()
+        self.train_loader = distributed.shard_loader(train_loader, cfg.train.seed) if self.dist.enabled else train_loader
         self.val_loader = val_loader
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -110,6 +113,9 @@ class Trainer:
         gen = getattr(self.train_loader, "generator", None)
         if gen is not None:
             gen.manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: the same shuffle on every process
+            sampler.set_epoch(epoch)
 
     # -------------------------------------------------------------------------------- main loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -125,7 +131,9 @@ class Trainer:
                 info(f"{self.run_dir}: all {self.total_epochs} epochs are done already")
             else:
                 info(f"resuming {self.run_dir} after epoch {start_epoch}/{self.total_epochs}")
-        self.logger = logger = RunLogger(self.run_dir, resume_epoch=start_epoch, resume_step=global_step)
+        main = self.dist.is_main
+        self.logger = logger = (RunLogger(self.run_dir, resume_epoch=start_epoch, resume_step=global_step) if main
+                                else _NullLogger())
         if state is not None:
             set_rng_state(state["rng"])
         self.model.to(self.device)
@@ -137,10 +145,12 @@ class Trainer:
                 if index != current:
                     optimizer, scheduler = self._start_phase(index, phase, state)
                     current, state = index, None
+                    if self.dist.enabled:  # DDP fixes its parameter set at wrap time: re-wrap per phase
+                        self.train_model = distributed.wrap(self.model, self.device)
                 self._seed_epoch(epoch)
                 t0 = time.time()
                 record, global_step = self._train_epoch(epoch, phase, optimizer, scheduler, global_step)
-                evaluated = self.val_loader is not None and (
+                evaluated = main and self.val_loader is not None and (
                     (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.total_epochs
                 )
                 details: dict[str, Any] = {}
@@ -154,21 +164,23 @@ class Trainer:
                     logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
                                     if v is not None}, global_step)
                 record["time_s"] = round(time.time() - t0, 3)
-                improved = self._improved(record, best)
-                if improved:
-                    best = {k: v for k, v in record.items()}
-                last_record = record
-                meta = {**self.meta, "epoch": epoch + 1, "metrics": record}
-                checkpoint.save(ckpt_dir / "last", self.model, self.cfg, meta, self._state(
-                    epoch + 1, index, global_step, best, optimizer, scheduler))
-                if improved:
-                    checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
-                    if details:
-                        write_json(self.run_dir / "best_metrics.json", {"epoch": epoch + 1, **details})
-                logger.epoch(record, global_step)
-                done = epoch + 1 - start_epoch
-                eta = (time.time() - t_start) / done * (self.total_epochs - epoch - 1)
-                info(self._summary(record, improved, eta))
+                if main:  # process 0 alone saves, logs and prints; the others wait below
+                    improved = self._improved(record, best)
+                    if improved:
+                        best = {k: v for k, v in record.items()}
+                    last_record = record
+                    meta = {**self.meta, "epoch": epoch + 1, "metrics": record}
+                    checkpoint.save(ckpt_dir / "last", self.model, self.cfg, meta, self._state(
+                        epoch + 1, index, global_step, best, optimizer, scheduler))
+                    if improved:
+                        checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
+                        if details:
+                            write_json(self.run_dir / "best_metrics.json", {"epoch": epoch + 1, **details})
+                    logger.epoch(record, global_step)
+                    done = epoch + 1 - start_epoch
+                    eta = (time.time() - t_start) / done * (self.total_epochs - epoch - 1)
+                    info(self._summary(record, improved, eta))
+                distributed.barrier()  # every process leaves the epoch together
                 if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch:
                     break
         finally:
@@ -184,15 +196,16 @@ class Trainer:
         n = len(self.train_loader)
         sums: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
-        bar = progress(self.train_loader, self.cfg.train.progress, total=n,
+        bar = progress(self.train_loader, self.cfg.train.progress and self.dist.is_main, total=n,
                        desc=f"epoch {epoch + 1}/{self.total_epochs} {phase.name}")
         group_loss = 0.0
         for i, batch in enumerate(bar):
             batch = to_device(batch, self.device)
             with autocast(self.device, self.precision):
-                out = self.task.training_step(model, batch)
+                out = self.task.training_step(self.train_model, batch)
             loss = out["loss"]
-            value = loss.item()
+            # the mean over processes: every process sees the same value, so all stop together
+            value = distributed.mean_over_processes(loss.item(), self.device)
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
@@ -217,8 +230,9 @@ class Trainer:
                                         global_step)
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        sums = distributed.sum_over_processes(sums, self.device)
         record: dict[str, Any] = {"epoch": epoch + 1, "phase": phase.name}
-        record.update({f"train/{k}": v / max(1, n) for k, v in sums.items()})
+        record.update({f"train/{k}": v / max(1, n * self.dist.world_size) for k, v in sums.items()})
         for g in optimizer.param_groups:
             if not g["name"].endswith("_nd"):
                 record[f"lr/{g['name']}"] = g["lr"]
@@ -277,3 +291,16 @@ class Trainer:
 
 def _is_scalar(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _NullLogger:
+    """What processes other than 0 log: nothing."""
+
+    def scalars(self, values: dict[str, Any], step: int) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
