@@ -45,27 +45,44 @@ def data(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def test_two_processes_equal_one_with_the_global_batch(data, tmp_path):
-    one = _torchrun(1, data, tmp_path / "one", 8)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, data, tmp_path / "two", 4)
-    assert two.returncode == 0, two.stderr[-3000:]
-    # one run folder, written by process 0 alone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory) -> Path:
+    """One process, batch 8: the reference every multi-process run must reproduce."""
+    out = tmp_path_factory.mktemp("single") / "one"
+    r = _torchrun(1, data, out, 8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _assert_same_training(ref: Path, run: Path) -> None:
+    a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)  # the adapter did learn
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
-    la = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    la = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 2
     for ra, rb in zip(la, lb):  # train loss averaged over both processes, evaluation by process 0
         assert ra["train/loss"] == pytest.approx(rb["train/loss"], abs=1e-5)
         assert ra["val/loss"] == pytest.approx(rb["val/loss"], abs=1e-4)
-    # the usual outputs, printed once
+
+
+def test_two_processes_equal_one_with_the_global_batch(single, data, tmp_path):
+    two = _torchrun(2, data, tmp_path / "two", 4)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same_training(single, tmp_path / "two")
+    # one run folder, written by process 0 alone; the usual outputs, printed once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
     assert (tmp_path / "two" / "results.json").is_file()
     assert two.stderr.count("trainable parameters") == 1 and two.stdout.count("run folder:") == 1
+
+
+def test_accumulation_across_processes(single, data, tmp_path):
+    # 2 processes x batch 2 x 2 micro-batches per step: gradients synchronised once per step
+    r = _torchrun(2, data, tmp_path / "accum", 2, "--accumulate", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_training(single, tmp_path / "accum")
 
 
 def test_cached_features_refused_under_torchrun(data, tmp_path):

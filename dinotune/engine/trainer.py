@@ -9,6 +9,7 @@ resume, logs) lives here. Under ``torchrun`` it trains with DistributedDataParal
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -201,25 +202,29 @@ class Trainer:
         group_loss = 0.0
         for i, batch in enumerate(bar):
             batch = to_device(batch, self.device)
-            with autocast(self.device, self.precision):
-                out = self.task.training_step(self.train_model, batch)
-            loss = out["loss"]
-            # the mean over processes: every process sees the same value, so all stop together
-            value = distributed.mean_over_processes(loss.item(), self.device)
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
-                    f"{self.run_dir / 'checkpoints' / 'last'} holds the last good epoch. Try a lower "
-                    "--lr / --backbone-lr, --precision fp32, or a smaller --grad-clip."
-                )
             group_start = i - i % accumulate
             group_size = min(accumulate, n - group_start)
-            scaled = loss / group_size
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            last_in_group = i + 1 - group_start == group_size
+            # DDP: gradients are averaged over processes once per optimizer step, not per micro-batch
+            sync = contextlib.nullcontext() if last_in_group or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    out = self.task.training_step(self.train_model, batch)
+                loss = out["loss"]
+                # the mean over processes: every process sees the same value, so all stop together
+                value = distributed.mean_over_processes(loss.item(), self.device)
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
+                        f"{self.run_dir / 'checkpoints' / 'last'} holds the last good epoch. Try a lower "
+                        "--lr / --backbone-lr, --precision fp32, or a smaller --grad-clip."
+                    )
+                scaled = loss / group_size
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             group_loss += value / group_size
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            if i + 1 - group_start == group_size:
+            if last_in_group:
                 self._step(optimizer, params)
                 scheduler.step()
                 global_step += 1
