@@ -92,3 +92,17 @@ def test_cached_features_refused_under_torchrun(data, tmp_path):
     result = dinotune.train(task="classify", data=str(data),
                             **tiny_options(tmp_path / "single", adapter="none", cache_features=True, epochs=1))
     assert Path(result["run_dir"]).is_dir()
+
+
+def test_a_stray_world_size_is_not_a_launch(monkeypatch):
+    from dinotune.engine import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert not distributed.launched()
+    ctx = distributed.setup("cpu")
+    assert not ctx.enabled and ctx.world_size == 1 and ctx.is_main
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.launched()

@@ -45,8 +45,9 @@ class DistContext:
 
 
 def launched() -> bool:
-    """True when this process was started by ``torchrun`` (or another launcher setting its env)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    """True when this process was started by ``torchrun`` (or another launcher setting its env:
+    a stray ``WORLD_SIZE`` from a job scheduler alone does not count)."""
+    return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def setup(device_spec: str = "auto") -> DistContext:
