@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 # rank 0 evaluates and writes checkpoints while the others wait in a collective; a large
 # validation set can take longer than the default timeout
@@ -99,11 +99,8 @@ def barrier() -> None:
 def mean_over_processes(value: float, device: torch.device) -> float:
     """The mean of a per-process scalar over all processes (the loss of a step, for logs and the
     non-finite check, so every process stops together)."""
-    if not current().enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    ctx = current()
+    return sum_over_processes({"value": value}, device)["value"] / ctx.world_size if ctx.enabled else value
 
 
 def sum_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -135,7 +132,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def shard_loader(loader: DataLoader, seed: int) -> DataLoader:
     """``loader`` with a ``DistributedSampler``: each process gets its own ``1 / world_size`` of
     every epoch, shuffled by ``seed + epoch`` when ``loader`` shuffled (``set_epoch`` each epoch)."""
-    shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
+    shuffle = not isinstance(loader.sampler, SequentialSampler)
     sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinotune.config import ConfigError
 from dinotune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinotune.viz.plots import _new_figure, _save
 
@@ -159,8 +160,6 @@ def pca_for(spec_or_run: str | Path, image_paths: Sequence[str | Path], out: str
     from dinotune.engine.device import select_device
 
     if max_images < 1:
-        from dinotune.config import ConfigError
-
         raise ConfigError(f"--max-images must be at least 1, got {max_images}")
     image_paths = readable_images(image_paths)
     if len(image_paths) > max_images:
