@@ -75,7 +75,7 @@ def saved_activation_mb(loss_fn) -> float:
 
 
 def run_dinotune(adapter: str, args) -> tuple[float, float]:
-    """The dinotune engine's own training step (Trainer._train_epoch) on in-memory batches."""
+    """The dinotune engine's own training step (Trainer.train_epoch) on in-memory batches."""
     import tempfile
 
     import torch
@@ -85,7 +85,7 @@ def run_dinotune(adapter: str, args) -> tuple[float, float]:
     from dinotune.engine.device import autocast
     from dinotune.engine.optim import phase_at
     from dinotune.engine.trainer import Trainer
-    from dinotune.tasks import get_task
+    from dinotune.tasks import build_backbone, get_task
     from dinotune.utils import set_quiet
 
     set_quiet(True)
@@ -94,29 +94,30 @@ def run_dinotune(adapter: str, args) -> tuple[float, float]:
                        device=args.device, progress=False, rank=args.rank, alpha=2 * args.rank,
                        targets=["qkv"], pool="cls_mean")
     task = get_task(cfg)
-    model = task.build_model({"class_names": [str(i) for i in range(10)], "num_classes": 10})
+    backbone, _ = build_backbone(cfg)
+    bundle = task.build_model({"class_names": [str(i) for i in range(10)], "num_classes": 10}, backbone)
+    model = bundle.model
     batches = [{"image": x, "label": y} for x, y in _synthetic_batches(args.warmup + args.steps, args.batch, args.size)]
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, task=task, train_loader=DataLoader(batches[: args.warmup], batch_size=None),
+        trainer = Trainer(bundle=bundle, task=task, train_loader=DataLoader(batches[: args.warmup], batch_size=None),
                           val_loader=None, cfg=cfg, run_dir=Path(tmp), meta={}, device=device,
                           precision=_precision(args.device))
-        trainer.logger = type("NoLog", (), {"scalars": lambda *a, **k: None})()
         index, phase = phase_at(trainer.phases, 0)
-        optimizer, scheduler = trainer._start_phase(index, phase, None)
-        trainer._train_epoch(0, phase, optimizer, scheduler, 0)  # warm-up
+        optimizer, scheduler = trainer.start_phase(index, phase, None)
+        trainer.train_epoch(0, phase, optimizer, scheduler, 0)  # warm-up
         trainer.train_loader = DataLoader(batches[args.warmup:], batch_size=None)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        trainer._train_epoch(0, phase, optimizer, scheduler, 0)
+        trainer.train_epoch(0, phase, optimizer, scheduler, 0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         x, y = batches[0]["image"].to(device), batches[0]["label"].to(device)
         with autocast(device, _precision(args.device)):
-            saved = saved_activation_mb(lambda: task.training_step(model, {"image": x, "label": y})["loss"])
+            saved = saved_activation_mb(lambda: task.training_step(bundle, model, {"image": x, "label": y})["loss"])
         optimizer.zero_grad(set_to_none=True)
         return seconds, saved
 

@@ -1,7 +1,9 @@
-"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``. The CLI is a thin layer on it."""
+"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``pca``.
+The CLI is a thin layer on it; everything below it (tasks, engine, models, data) never imports it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +13,15 @@ import torch
 from torch import nn
 
 from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
-from dinotune.config import ConfigError, build_config, load_yaml, save_yaml
+from dinotune.config import ConfigError, build_config, load_yaml, save_yaml, validate_inference
+from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import resolve_precision, select_device
 from dinotune.engine.logging import read_metrics
 from dinotune.engine.trainer import Trainer
-from dinotune.tasks import Task, get_task
+from dinotune.errors import CheckpointError
+from dinotune.models.bundle import ModelBundle
+from dinotune.tasks import Task, build_backbone, get_task
 from dinotune.utils import info, seed_everything, set_quiet, warn, write_json
 
 
@@ -33,6 +38,24 @@ def _fresh_run_dir(out: str) -> Path:
     return path
 
 
+def _train_config(config: Any, task: str, resume: str | Path | None, options: dict[str, Any]) -> Any:
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml) to resume")
+        checkpoint.resolve(run_dir / "checkpoints" / "last")
+        return build_config(load_yaml(run_dir / "config.yaml").task, run_dir / "config.yaml", **options)
+    if config is None:
+        task_name = task
+    elif isinstance(config, (str, Path)):
+        task_name = load_yaml(config).task
+    elif isinstance(config, dict):
+        task_name = config.get("task", task)
+    else:
+        task_name = config.task
+    return build_config(task_name, config, **options)
+
+
 def train(config: Any = None, *, task: str = "classify", resume: str | Path | None = None,
           **options: Any) -> dict[str, Any]:
     """Train a model and write a run folder.
@@ -46,47 +69,37 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     Returns:
         ``{"run_dir", "best", "last", "metrics", "files"}``.
     """
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml) to resume")
-        cfg = build_config(load_yaml(run_dir / "config.yaml").task, run_dir / "config.yaml", **options)
-        checkpoint.resolve(run_dir / "checkpoints" / "last")
-    else:
-        if config is None:
-            task_name = task
-        elif isinstance(config, (str, Path)):
-            task_name = load_yaml(config).task
-        elif isinstance(config, dict):
-            task_name = config.get("task", task)
-        else:
-            task_name = config.task
-        cfg = build_config(task_name, config, **options)
+    cfg = _train_config(config, task, resume, options)
     cfg.validate()
     ctx = distributed.setup(cfg.train.device)  # a no-op unless launched by torchrun
     if ctx.enabled:
         _check_distributed(cfg, ctx)
-    if resume is None:
+    seed_everything(cfg.train.seed)
+    device = distributed.device_for(ctx, select_device(cfg.train.device))
+    precision = resolve_precision(cfg.train.precision, device)
+    the_task = get_task(cfg)
+    # the backbone first, before any folder is made: it refuses a bad --model or an image size
+    # that is not a multiple of its patch size, and the patch size shapes the data
+    backbone, fingerprint = build_backbone(cfg)
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+    else:
         # process 0 picks the folder (it may add a suffix); the others use the same one
         run_dir = distributed.broadcast_object(_fresh_run_dir(cfg.train.out) if ctx.is_main else None)
         cfg.train.out = str(run_dir)
     if ctx.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
-
-    seed_everything(cfg.train.seed)
-    device = distributed.device_for(ctx, select_device(cfg.train.device))
-    precision = resolve_precision(cfg.train.precision, device)
-    the_task = get_task(cfg)
-    data = the_task.build_data(run_dir)
+    data = the_task.build_data(run_dir, backbone.patch_size)
+    data.meta["backbone_fingerprint"] = fingerprint
     if resume is not None:
         checkpoint.check_compatible(run_dir / "checkpoints" / "last", data.meta)
-    model = the_task.build_model(data.meta)
-    info(f"backbone {cfg.backbone.model} ({model.backbone.num_layers} blocks, width "
-         f"{model.backbone.embed_dim}), adapter {cfg.adapter.kind}; device {device}, precision {precision}")
-    info(format_parameter_count(count_parameters(model)))
-    data = the_task.prepare(model, data, run_dir, device, precision)
+    bundle = the_task.build_model(data.meta, backbone)
+    info(f"backbone {cfg.backbone.model} ({backbone.num_layers} blocks, width {backbone.embed_dim}, "
+         f"patch {backbone.patch_size}), adapter {cfg.adapter.kind}; device {device}, precision {precision}")
+    info(format_parameter_count(count_parameters(bundle.model)))
+    data = the_task.prepare(bundle, data, run_dir, device, precision)
     train_loader, val_loader = the_task.loaders(data)
-    trainer = Trainer(model=model, task=the_task, train_loader=train_loader, val_loader=val_loader,
+    trainer = Trainer(bundle=bundle, task=the_task, train_loader=train_loader, val_loader=val_loader,
                       cfg=cfg, run_dir=run_dir, meta=data.meta, device=device, precision=precision)
     result = trainer.fit(resume=resume is not None)
     if not ctx.is_main:
@@ -114,7 +127,7 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
     if best_path.is_file():
         best_metrics = json.loads(best_path.read_text())
         files += task.report(run_dir, best_metrics, meta)
-    summary = {"run_dir": str(run_dir), "best": result["best"], "last": result["last"],
+    summary = {"run_dir": str(run_dir), "task": task.name, "best": result["best"], "last": result["last"],
                "metrics": best_metrics, "files": [str(f) for f in files]}
     write_json(run_dir / "results.json", summary)
     return summary
@@ -123,24 +136,52 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
 # --------------------------------------------------------------------------------- loading runs
 @dataclass
 class LoadedRun:
-    """A trained model ready for inference: ``model`` on ``device``, plus its config and task."""
+    """A trained model ready for inference: ``bundle`` (model on ``device``, post-processing,
+    class names), plus its config, checkpoint metadata and task."""
 
     run_dir: Path
     cfg: Any
     meta: dict[str, Any]
     task: Task
-    model: nn.Module
+    bundle: ModelBundle
     device: torch.device
     precision: str
 
-    def predict(self, images: str | Path | Sequence[str | Path], **options: Any) -> list[dict[str, Any]]:
-        """Task outputs per image (classification: top-k classes; detection: boxes). Options:
-        ``top_k``, ``batch_size``, and for detection ``score_threshold``, ``image_ids``."""
-        return self.task.predict_images(self, images, **options)
+    @property
+    def model(self) -> nn.Module:
+        return self.bundle.model
 
-    def evaluate(self, data: str, split: str = "val", **options: Any) -> dict[str, Any]:
-        """Metrics on ``data`` (classification: folder / CSV / dataset; detection: COCO / YOLO)."""
-        return self.task.evaluate_data(self, data, split=split, **options)
+    def settings(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+        """The run's inference section with ``overrides`` of its fields applied, and the overrides
+        that are not its fields (task options such as ``draw``), checked by name."""
+        fields = {f.name for f in dataclasses.fields(self.cfg.inference)}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        settings = dataclasses.replace(self.cfg.inference, **{k: v for k, v in given.items() if k in fields})
+        validate_inference(settings)
+        return settings, {k: v for k, v in given.items() if k not in fields}
+
+    def predict(self, images: str | Path | Sequence[str | Path], **options: Any) -> list[dict[str, Any]]:
+        """Task outputs per image (classification: top-k classes; detection: boxes; segmentation:
+        class shares and label maps). Options: the fields of the config's ``inference`` section
+        (``batch_size``, ``top_k``, ``score_threshold``, ...) and the task's ``predict_options``
+        (detection: ``image_ids``, ``draw``; segmentation: ``masks``, ``draw``)."""
+        settings, extra = self.settings(**options)
+        unknown = sorted(set(extra) - self.task.predict_options)
+        if unknown:
+            valid = sorted({f.name for f in dataclasses.fields(settings)} | self.task.predict_options)
+            raise ConfigError(f"{', '.join(unknown)}: not an option of {self.task.name} predictions "
+                              f"(valid: {', '.join(valid)})")
+        return self.task.predict(self, images, settings, **extra)
+
+    def evaluate(self, data: str, split: str = "val", *, batch_size: int | None = None, images: str = "",
+                 subset: int = 0, subset_seed: int = 0, pre_transform: Any = None) -> dict[str, Any]:
+        """Metrics on ``data`` in any layout the task reads; ``subset``: a reproducible random
+        subset of that many images (detection and segmentation)."""
+        if subset and not self.task.supports_subset:
+            raise ConfigError(f"--subset does not apply to {self.task.name} runs")
+        settings, _ = self.settings(batch_size=batch_size)
+        return self.task.evaluate_data(self, data, split, settings, images=images, subset=subset,
+                                       subset_seed=subset_seed, pre_transform=pre_transform)
 
 
 def _checkpoint_dir(run: Path, which: str) -> Path:
@@ -150,12 +191,12 @@ def _checkpoint_dir(run: Path, which: str) -> Path:
     folder = run / "checkpoints" / which
     try:
         return checkpoint.resolve(folder)
-    except checkpoint.CheckpointError:
+    except CheckpointError:
         other = "last" if which == "best" else "best"
         try:
             found = checkpoint.resolve(run / "checkpoints" / other)
-        except checkpoint.CheckpointError:
-            raise checkpoint.CheckpointError(f"{run}: no checkpoints (expected {folder})") from None
+        except CheckpointError:
+            raise CheckpointError(f"{run}: no checkpoints (expected {folder})") from None
         warn(f"{folder} is missing; using {found}")
         return found
 
@@ -174,18 +215,18 @@ def load(run: str | Path, *, checkpoint_name: str = "best", device: str = "auto"
     cfg = load_yaml(folder / "config.yaml")
     meta = checkpoint.read_meta(folder)
     task = get_task(cfg)
-    built = dict(meta)
-    net = task.build_model(built, model_override=model)
-    if meta.get("backbone_fingerprint") and built["loaded_fingerprint"] != meta["backbone_fingerprint"]:
+    backbone, fingerprint = build_backbone(cfg, model_override=model)
+    if meta.get("backbone_fingerprint") and fingerprint != meta["backbone_fingerprint"]:
         warn(f"the base backbone weights ({model or cfg.backbone.model}) differ from the ones this run "
              "was trained on; predictions will not match the training results")
-    checkpoint.load_weights(folder, net, cfg.adapter)
+    bundle = task.build_model(meta, backbone)
+    checkpoint.load_weights(folder, bundle.model, cfg.adapter)
     if merge:
-        merge_adapter(net.backbone)
+        merge_adapter(bundle.model.backbone)
     dev = select_device(device)
-    net.to(dev).eval()
+    bundle.model.to(dev).eval()
     return LoadedRun(folder.parent.parent if folder.parent.name == "checkpoints" else folder, cfg, meta,
-                     task, net, dev, resolve_precision(precision, dev))
+                     task, bundle, dev, resolve_precision(precision, dev))
 
 
 def evaluate(run: str | Path | LoadedRun, data: str, *, split: str = "val", **load_options: Any) -> dict[str, Any]:
@@ -198,7 +239,7 @@ def predict(run: str | Path | LoadedRun, images: str | Path | Sequence[str | Pat
             top_k: int | None = None, **load_options: Any) -> list[dict[str, Any]]:
     """Predictions per image for a file, a folder (searched recursively) or a list of files."""
     loaded = run if isinstance(run, LoadedRun) else load(run, **load_options)
-    return loaded.predict(images, **({"top_k": top_k} if top_k else {}))
+    return loaded.predict(images, top_k=top_k)
 
 
 def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out: str | Path | None = None,
@@ -227,3 +268,58 @@ def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out
     if samples and sample_data:
         files += loaded.task.sample_charts(loaded, sample_data, split, out_dir, samples)
     return files
+
+
+def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] = (), out: str | Path,
+            split: str = "val", images: str = "", subset: int = 0, subset_seed: int = 0, device: str = "auto",
+            batch_size: int | None = None, yolo_image_size: int | None = None) -> str:
+    """Detection runs and YOLO baselines scored on the same images by the same metric code;
+    writes ``compare.json``, ``compare.md`` and charts into ``out``, returns the Markdown table.
+    ``batch_size`` / ``yolo_image_size`` default to the inference section of the (first) run's
+    config, else the detection config's defaults."""
+    from dinotune.config import DetectConfig
+    from dinotune.tasks.detect.compare import run_compare
+
+    loaded = [load(r, device=device) for r in runs]
+    defaults = loaded[0].cfg if loaded else DetectConfig()
+    return run_compare(data=data, split=split, runs=loaded, run_names=[Path(r).name for r in runs], yolo=yolo,
+                       out=Path(out), images=images, subset=subset, subset_seed=subset_seed, device=device,
+                       yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
+                       batch_size=batch_size, min_box_size=defaults.data.min_box_size)
+
+
+def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,
+        image_size: int | None = None, foreground_threshold: float | None = None, device: str = "auto",
+        max_images: int | None = None) -> Path:
+    """The PCA picture of patch features (``dinotune pca``) for ``images`` under a backbone: a
+    ``--model`` spec (``random:tiny``, a hub id, a ``.pth``, a local folder) or a dinotune run
+    folder (its backbone with the adapter merged). Files and / or folders (searched recursively);
+    unreadable files are reported and skipped, and only the first ``max_images`` are used.
+    ``image_size`` defaults to the run's ``backbone.image_size``, else ``PcaConfig.image_size``.
+    ``out`` is the PNG path; an existing folder or a suffix-less path gets ``pca.png`` inside."""
+    from dinotune.backbone.model import DinoBackbone
+    from dinotune.data.images import load_image, readable_images
+    from dinotune.viz.pca import pca_features, pca_figure
+
+    defaults = PcaConfig()
+    max_images = defaults.max_images if max_images is None else max_images
+    if max_images < 1:
+        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
+    paths = readable_images(images)
+    if len(paths) > max_images:
+        warn(f"pca: using the first {max_images} of {len(paths)} images (raise --max-images for more)")
+        paths = paths[:max_images]
+    spec = Path(model).expanduser()
+    if (spec / "config.yaml").is_file() and (spec / "checkpoints").is_dir():
+        loaded = load(spec, device=device)
+        backbone = loaded.model.backbone
+        image_size = image_size or loaded.cfg.backbone.image_size
+    else:
+        backbone = DinoBackbone.from_spec(str(model)).to(select_device(device))
+        image_size = image_size or defaults.image_size
+    pictures = [load_image(p) for p in paths]
+    maps = pca_features(backbone, pictures, image_size, foreground_threshold=foreground_threshold)
+    out = Path(out).expanduser()
+    if out.is_dir() or not out.suffix:
+        out = out / "pca.png"
+    return pca_figure(pictures, maps, out, titles=[Path(p).name for p in paths])

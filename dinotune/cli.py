@@ -1,4 +1,7 @@
-"""The ``dinotune`` command: subcommands -> config -> Python API. No logic of its own."""
+"""The ``dinotune`` command: parses flags into a config or API options and calls the Python API.
+
+Its own logic is limited to the command line: flag parsing, refusing flags that do not apply to a
+run's task (asked of the task, not decided by its name), and printing results."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from dinotune.config import TASK_CONFIGS, ConfigError, flag_map, leaf_fields
+from dinotune.config import TASK_CONFIGS, ConfigError, DetectConfig, flag_map, leaf_fields
+from dinotune.config.tools import PcaConfig
 
 EXAMPLES = """examples:
   dinotune demo                                    # offline demo on scikit-learn's digits
@@ -25,7 +29,7 @@ EXAMPLES = """examples:
 
 TASK_HELP = {
     "classify": "Train an image classifier (class folders, CSV, or Hugging Face datasets)",
-    "detect": "Train an object detector (COCO or YOLO data): DETR-style, or the seeds' simple / improved",
+    "detect": "Train an object detector (COCO or YOLO data): DETR-style, or single-object simple / improved",
     "segment": "Train a semantic segmenter (VOC, ADE20K, image/mask folders, COCO masks): linear or FPN decoder",
 }
 CONFIG_NOTE = ("Every option below is a key of the saved config.yaml; flags override --config FILE.yaml, "
@@ -33,15 +37,9 @@ CONFIG_NOTE = ("Every option below is a key of the saved config.yaml; flags over
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from dinotune.backbone.convert import CheckpointFormatError
-    from dinotune.backbone.loading import BackboneLoadError
-    from dinotune.data.images import ImageReadError
-    from dinotune.engine.checkpoint import CheckpointError
-    from dinotune.engine.trainer import NonFiniteLossError
-    from dinotune.tasks.classify.data import DataError
+    from dinotune.errors import DinotuneError
 
-    return (ConfigError, BackboneLoadError, CheckpointFormatError, CheckpointError, DataError,
-            ImageReadError, NonFiniteLossError, FileNotFoundError)
+    return (DinotuneError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------- config flags
@@ -116,7 +114,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    from dinotune.tasks.classify.metrics import format_per_class_table
+    from dinotune.config import build_config
+    from dinotune.tasks import get_task
 
     best = result.get("best") or {}
     metrics = result.get("metrics") or {}
@@ -124,14 +123,19 @@ def _print_result(result: dict[str, Any]) -> None:
     if best:
         shown = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, float)}
         print(f"best epoch {best.get('epoch')}: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in shown.items()))
-    if "per_class" in metrics:
-        print(format_per_class_table(metrics))
-    if "per_class_IoU" in metrics:
-        from dinotune.tasks.segment.metrics import format_iou_table
-
-        print(format_iou_table(metrics))
+    table = get_task(build_config(result["task"])).summary_table(metrics) if metrics else None
+    if table:
+        print(table)
     for f in result.get("files", []):
         print(f"  wrote {f}")
+
+
+def _refuse_inapplicable(given: dict[str, str], accepted: set[str], task: str) -> None:
+    """``given``: option name -> the flag that set it. A flag the run's task has no use for is an
+    error naming it, never silently ignored."""
+    wrong = [flag for name, flag in given.items() if name not in accepted]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to {task} runs")
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -139,12 +143,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from dinotune.utils import write_json
 
     loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
-    options: dict[str, Any] = {"batch_size": ns.batch_size}
-    if ns.images:
-        options["images"] = ns.images
+    options: dict[str, Any] = {"batch_size": ns.batch_size, "images": ns.images}
     if ns.subset:
-        if loaded.cfg.task == "classify":
-            raise ConfigError("--subset applies to detection and segmentation runs")
         options.update(subset=ns.subset, subset_seed=ns.subset_seed)
     if ns.corruptions:
         from dinotune.robustness import evaluate_corruptions
@@ -167,27 +167,22 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
+    import dataclasses
+
     from dinotune import api
 
     loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
-    options: dict[str, Any] = {"batch_size": ns.batch_size}
-    if ns.top_k:
-        options["top_k"] = ns.top_k
-    task = loaded.cfg.task
-    if task == "detect":
-        options["score_threshold"] = ns.score_threshold
-        if ns.image_info:
-            info = json.loads(Path(ns.image_info).read_text())
-            options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
-    elif task == "segment":
-        options.update(out_dir=ns.masks, draw=ns.draw)
-    if ns.draw and task == "classify":
-        raise ConfigError("--draw applies to detection and segmentation runs")
-    if ns.image_info and task != "detect":
-        raise ConfigError("--image-info applies to detection runs")
-    if ns.masks and task != "segment":
-        raise ConfigError("--masks applies to segmentation runs")
-    results = loaded.predict(ns.images, **options)
+    options: dict[str, Any] = {"batch_size": ns.batch_size, "top_k": ns.top_k, "score_threshold": ns.score_threshold,
+                               "draw_threshold": ns.draw_threshold, "draw": ns.draw, "masks": ns.masks}
+    if ns.image_info:
+        info = json.loads(Path(ns.image_info).read_text())
+        options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
+    flags = {"top_k": "--top-k", "score_threshold": "--score-threshold", "draw_threshold": "--draw-threshold",
+             "draw": "--draw", "masks": "--masks", "image_ids": "--image-info"}
+    accepted = {f.name for f in dataclasses.fields(loaded.cfg.inference)} | set(loaded.task.predict_options)
+    _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags}, accepted,
+                         loaded.task.name)
+    results = loaded.predict(ns.images, **{k: v for k, v in options.items() if v is not None})
     fmt = ns.format or (Path(ns.out).suffix.lstrip(".") if ns.out else "json")
     if fmt not in ("json", "csv"):
         raise ConfigError(f"--format must be json or csv, got {fmt!r}")
@@ -199,12 +194,6 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         print(f"wrote predictions for {len(results)} images to {ns.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    if ns.draw and task == "detect":
-        from dinotune.tasks.detect.analysis import prediction_charts
-
-        files = prediction_charts(results, Path(ns.draw), loaded.meta["class_names"], samples=len(results),
-                                  score_threshold=max(ns.score_threshold, ns.draw_threshold))
-        print(f"drew {len(files) - 1} images into {Path(ns.draw) / 'samples'}", file=sys.stderr)
     return 0
 
 
@@ -219,18 +208,18 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
 
 
 def cmd_pca(ns: argparse.Namespace) -> int:
-    from dinotune.viz.pca import pca_for
+    from dinotune import api
 
-    path = pca_for(ns.model, [Path(p) for p in ns.images], Path(ns.out), image_size=ns.image_size,
+    path = api.pca(ns.model, [Path(p) for p in ns.images], Path(ns.out), image_size=ns.image_size,
                    foreground_threshold=ns.foreground_threshold, device=ns.device, max_images=ns.max_images)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from dinotune.tasks.detect.compare import run_compare
+    from dinotune import api
 
-    table = run_compare(data=ns.data, split=ns.split, runs=ns.runs or [], yolo=ns.yolo or [], out=Path(ns.out),
+    table = api.compare(data=ns.data, split=ns.split, runs=ns.runs or [], yolo=ns.yolo or [], out=Path(ns.out),
                         images=ns.images, subset=ns.subset, subset_seed=ns.subset_seed, device=ns.device,
                         yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size)
     print(table)
@@ -285,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
         p.add_argument("--model", help="where the base backbone weights are, if not where training found them")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-        p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="images per batch (default: the run's inference.batch_size)")
 
     p_eval = sub.add_parser("eval", help="evaluate a run on a dataset (metrics JSON)",
                             description="Metrics of a run on a dataset: classification top-1/top-5/F1/... with "
@@ -319,18 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_pred.add_argument("run", help="run folder (or a checkpoint folder)")
     p_pred.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p_pred.add_argument("--top-k", type=int, default=None,
-                        help="classes per image (classification, default 5) or detections per image (default 100)")
+                        help="classes (classification) or detections (detection) per image (default: the run's "
+                             "inference.top_k)")
     p_pred.add_argument("--format", choices=["json", "csv"], help="output format (default: from --out, else json)")
     p_pred.add_argument("--out", help="write to this file instead of stdout")
-    p_pred.add_argument("--score-threshold", type=float, default=0.0,
-                        help="detection: drop detections scoring below this (default: 0, as COCO AP wants)")
+    p_pred.add_argument("--score-threshold", type=float, default=None,
+                        help="detection: drop detections scoring below this (default: the run's "
+                             "inference.score_threshold, 0 unless set at training)")
     p_pred.add_argument("--draw", metavar="DIR",
                         help="detection: write each image with its boxes into DIR/samples; segmentation: colour "
                              "overlays into DIR")
     p_pred.add_argument("--masks", metavar="DIR",
                         help="segmentation: write each label map as a palette PNG (pixel values = class indices)")
-    p_pred.add_argument("--draw-threshold", type=float, default=0.3,
-                        help="detection: only draw boxes scoring at least this (default: 0.3)")
+    p_pred.add_argument("--draw-threshold", type=float, default=None,
+                        help="detection: only draw boxes scoring at least this (default: the run's "
+                             "inference.draw_threshold)")
     p_pred.add_argument("--image-info", metavar="JSON",
                         help="detection: COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids")
     add_load_flags(p_pred)
@@ -350,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_cmp = sub.add_parser("compare", help="compare detectors (our runs, YOLO weights) on the same images",
                            description="Evaluate several detectors on the same images with the same metric code "
-                                       "(COCO AP suite, and the seeds' single-object metrics) and write one table "
+                                       "(COCO AP suite, and the single-object metrics) and write one table "
                                        "(JSON + Markdown) and charts.")
     p_cmp.add_argument("--data", required=True, help="COCO folder / JSON or YOLO folder with ground truth")
     p_cmp.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
@@ -358,12 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--runs", nargs="+", metavar="RUN", help="dinotune detection runs")
     p_cmp.add_argument("--yolo", nargs="+", metavar="WEIGHTS",
                        help="ultralytics weights (yolov8n.pt ...) or model YAMLs; needs pip install 'dinotune[yolo]'")
-    p_cmp.add_argument("--yolo-image-size", type=int, default=640, help="YOLO inference size (default: 640)")
+    p_cmp.add_argument("--yolo-image-size", type=int, default=None,
+                       help="YOLO inference size (default: inference.compare_image_size of the first run, else "
+                            f"{DetectConfig().inference.compare_image_size})")
     p_cmp.add_argument("--subset", type=int, default=0, help="evaluate on N random images (0 = all)")
     p_cmp.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
     p_cmp.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p_cmp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-    p_cmp.add_argument("--batch-size", type=int, default=8, help="images per batch for our runs (default: 8)")
+    p_cmp.add_argument("--batch-size", type=int, default=None,
+                       help="images per batch for our runs (default: each run's inference.batch_size)")
     p_cmp.set_defaults(func=cmd_compare)
 
     p_demo = sub.add_parser("demo", help="offline demo: fine-tune on scikit-learn's handwritten digits")
@@ -378,12 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="The first three principal components of the patch features, fitted "
                                        "jointly over the given images, shown as RGB beside each image.")
     p_pca.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p_pca.add_argument("--max-images", type=int, default=8,
-                       help="use at most this many images, one figure row each (default: 8)")
+    p_pca.add_argument("--max-images", type=int, default=PcaConfig().max_images,
+                       help=f"use at most this many images, one figure row each (default: {PcaConfig().max_images})")
     p_pca.add_argument("--model", required=True, help="a backbone (--model forms) or a dinotune run folder")
     p_pca.add_argument("--out", default="pca.png", help="output PNG (default: pca.png)")
     p_pca.add_argument("--image-size", type=int, default=None,
-                       help="short side in pixels (default: the run's size, else 448)")
+                       help=f"short side in pixels (default: the run's size, else {PcaConfig().image_size})")
     p_pca.add_argument("--foreground-threshold", type=float, default=None,
                        help="black out patches whose first component is below this (0-1), as DINOv2's demo")
     p_pca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")

@@ -1,9 +1,10 @@
 """Robustness under the 15 ImageNet-C corruptions at severities 1-5 (``dinotune eval --corruptions``).
 
 The corruption is applied to each evaluation image before the usual preprocessing; labels are
-untouched. The task's own metric (mIoU for segmentation, top-1 for classification, COCO AP for
-detection) is reported per corruption and severity, with the clean value and the mean over
-corruptions per severity, as a JSON file, a Markdown table and a chart of the metric against severity.
+untouched. The metric the run's task monitors (mIoU for segmentation, top-1 for classification,
+COCO AP for DETR-style detection) is reported per corruption and severity, with the clean value
+and the mean over corruptions per severity, as a JSON file, a Markdown table and a chart of the
+metric against severity.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ from typing import Any, Sequence
 from dinotune.data.corruptions import CATEGORY, CORRUPTIONS, Corruption
 from dinotune.utils import info, write_json
 
-METRIC = {"segment": "mIoU", "classify": "top1", "detect": "AP"}
-# Tasks whose labels are tied to pixel positions: ImageNet-C's elastic transform starts with a large
-# affine warp that would move content away from its masks / boxes, so they get the dense variant.
-_DENSE_TASKS = ("segment", "detect")
 
 
 def evaluate_corruptions(loaded: Any, data: str, *, split: str = "val", names: Sequence[str] | None = None,
                          severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, out_dir: Path,
                          **eval_options: Any) -> dict[str, Any]:
-    """Evaluate ``loaded`` clean and under each corruption / severity; write the table and chart."""
-    task = loaded.cfg.task
-    if task not in METRIC:
-        raise ValueError(f"--corruptions supports {', '.join(METRIC)} runs, not {task}")
-    metric = METRIC[task]
+    """Evaluate ``loaded`` (a ``LoadedRun``) clean and under each corruption / severity; write the
+    table and chart."""
+    metric = loaded.task.monitor
+    # ImageNet-C's elastic transform starts with a large affine warp that would move content away
+    # from masks / boxes: tasks whose labels are tied to pixel positions get the dense variant
+    dense = loaded.task.pixel_aligned_labels
     names = list(names or CORRUPTIONS)
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown:
@@ -40,7 +38,7 @@ def evaluate_corruptions(loaded: Any, data: str, *, split: str = "val", names: S
     rows = []
     for name in names:
         for severity in severities:
-            corruption = Corruption(name, severity, seed, dense=task in _DENSE_TASKS)
+            corruption = Corruption(name, severity, seed, dense=dense)
             m = loaded.evaluate(data, split=split, pre_transform=corruption, **eval_options)
             rows.append({"corruption": name, "category": CATEGORY[name], "severity": severity, metric: m[metric]})
             info(f"{name} severity {severity}: {metric} {m[metric]:.4f}")

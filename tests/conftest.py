@@ -79,3 +79,21 @@ def tiny_options(out: Path, **extra) -> dict:
                 progress=False, device="cpu", out=str(out), check_images="full")
     opts.update(extra)
     return opts
+
+
+def make_trainer(cfg, run_dir: Path):
+    """The pieces ``dinotune.train`` assembles, so tests can drive the Trainer directly (and keep
+    its in-memory model): seed, backbone, data, bundle, loaders."""
+    from dinotune.engine import Trainer
+    from dinotune.tasks import build_backbone, get_task
+    from dinotune.utils import seed_everything
+
+    seed_everything(cfg.train.seed)
+    task = get_task(cfg)
+    backbone, _ = build_backbone(cfg)
+    data = task.build_data(run_dir, backbone.patch_size)
+    bundle = task.build_model(data.meta, backbone)
+    train_loader, val_loader = task.loaders(data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(bundle=bundle, task=task, train_loader=train_loader, val_loader=val_loader, cfg=cfg,
+                   run_dir=run_dir, meta=data.meta, device=torch.device("cpu"), precision="fp32")

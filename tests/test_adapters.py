@@ -17,7 +17,7 @@ from dinotune.adapters import (
 )
 from dinotune.backbone import DinoBackbone
 from dinotune.config import AdapterConfig, ConfigError
-from tests.conftest import tiny_options
+from tests.conftest import make_trainer, tiny_options
 
 
 def _base_weights(backbone: DinoBackbone) -> dict[str, torch.Tensor]:
@@ -106,12 +106,20 @@ def test_merged_equals_unmerged(kind):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
 
 
+def _train_in_memory(kind: str, data, run_dir):
+    """Train through the engine and keep the trained model in memory (as it is after the last
+    epoch), so the test can compare it with what a reload of the run folder rebuilds."""
+    cfg = dinotune.build_config("classify", data=str(data), **tiny_options(
+        run_dir, adapter=kind, epochs=1, backbone_lr=1e-2, pool="last4", head="mlp", mlp_hidden=16))
+    trainer = make_trainer(cfg, run_dir)
+    trainer.fit()
+    return trainer.model.eval()
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "full", "none"])
-def test_save_load_identical_logits(kind, tiny_folder, tmp_path):
-    result = dinotune.train(task="classify", data=str(tiny_folder),
-                            **tiny_options(tmp_path / "run", adapter=kind, epochs=1, backbone_lr=1e-2,
-                                           pool="last4", head="mlp", mlp_hidden=16))
-    ckpt = tmp_path / "run" / "checkpoints" / "best"
+def test_save_load_gives_the_trained_models_logits(kind, tiny_folder, tmp_path):
+    trained = _train_in_memory(kind, tiny_folder, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last"
     names = {p.name for p in ckpt.iterdir()}
     assert "head.safetensors" in names
     assert ("adapter_model.safetensors" in names) == (kind in ("lora", "dora"))
@@ -121,29 +129,37 @@ def test_save_load_identical_logits(kind, tiny_folder, tmp_path):
         backbone_params = sum(p.numel() for p in DinoBackbone.from_spec("random:tiny").parameters())
         assert adapter_bytes < backbone_params * 4 / 5
 
-    # the model as it was at the end of training, rebuilt from nothing but the run folder
-    loaded = dinotune.load(result["run_dir"], merge=False)
-    again = dinotune.load(result["run_dir"], merge=False)
     x = torch.randn(4, 3, 28, 28)
     with torch.no_grad():
-        a, b = loaded.model(images=x), again.model(images=x)
-    assert torch.equal(a, b)
-    # and the loaded weights are the trained ones, not a fresh init
-    fresh = dinotune.build_config("classify", **tiny_options(tmp_path / "x", adapter=kind, pool="last4",
-                                                              head="mlp", mlp_hidden=16))
-    from dinotune.tasks import get_task
+        expected = trained(images=x)
+        # the backbone's weights changed in training for every kind that trains it
+        fresh = DinoBackbone.from_spec("random:tiny").eval()
+        moved = (trained.backbone(x).cls - fresh(x).cls).abs().max()
+        assert (moved > 1e-4) == (kind != "none")
+        # rebuilt from nothing but the run folder: the same logits, unmerged bit for bit, merged to 1e-5
+        unmerged = dinotune.load(tmp_path / "run", checkpoint_name="last", merge=False).model(images=x)
+        merged = dinotune.load(tmp_path / "run", checkpoint_name="last", merge=True).model(images=x)
+    torch.testing.assert_close(unmerged, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
 
-    untrained = get_task(fresh).build_model({"class_names": ["a", "b"], "num_classes": 2}).eval()
-    with torch.no_grad():
-        assert not torch.allclose(untrained(images=x), a)
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_plain_peft_reads_the_saved_adapter(kind, tiny_folder, tmp_path):
+    """The README's promise: ``PeftModel.from_pretrained`` on a checkpoint folder, over the same
+    base weights, gives the backbone outputs dinotune's loaded run gives."""
+    from peft import PeftModel
 
-def test_full_checkpoint_loads_with_merge_flag(tiny_folder, tmp_path):
-    """merge=True is a no-op for full / none, and gives the same logits for LoRA."""
-    result = dinotune.train(task="classify", data=str(tiny_folder),
-                            **tiny_options(tmp_path / "run", adapter="lora", epochs=1, backbone_lr=5e-2))
+    from dinotune.backbone.loading import load_dinov2
+
+    _train_in_memory(kind, tiny_folder, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last"
+    plain = PeftModel.from_pretrained(load_dinov2("random:tiny"), str(ckpt)).eval()
+    ours = dinotune.load(tmp_path / "run", checkpoint_name="last", merge=False).model.backbone
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        merged = dinotune.load(result["run_dir"], merge=True).model(images=x)
-        unmerged = dinotune.load(result["run_dir"], merge=False).model(images=x)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+        expected = ours(x, layers=1)
+        got = plain(pixel_values=x).last_hidden_state
+        untouched = load_dinov2("random:tiny").eval()(pixel_values=x).last_hidden_state
+    assert (got - untouched).abs().max() > 1e-4  # the adapter was read and does something
+    torch.testing.assert_close(got[:, 0], expected.cls, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[:, 1:], expected.patch_tokens, atol=1e-6, rtol=0)

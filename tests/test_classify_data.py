@@ -15,7 +15,7 @@ from PIL import Image
 
 import dinotune
 import dinotune.utils as dutils
-from dinotune.backbone import loading
+from dinotune.backbone import DinoBackbone, loading
 from dinotune.backbone.loading import BackboneLoadError, hub_reachable, load_dinov2
 from dinotune.cli import main
 from dinotune.config import ConfigError, build_config
@@ -417,11 +417,11 @@ def test_unknown_adapter_config_lists_choices():
 
 
 def test_image_size_not_multiple_of_patch(tmp_path):
-    cfg = build_config("classify", image_size=225)
+    # the patch size is the backbone's own: checked when it is built, before any folder is made
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        DinoBackbone.from_spec("random:tiny").check_image_size(225, "backbone.image_size")
     msg = str(e.value)
-    assert "225" in msg and "224" in msg and "238" in msg
+    assert "backbone.image_size=225" in msg and "patch size 14" in msg and "224" in msg and "238" in msg
     with pytest.raises(ConfigError, match="224 or 238"):
         dinotune.train(task="classify", **tiny_options(tmp_path / "run", image_size=225, data="unused"))
     assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from dinotune.config import DetectDataConfig
 from dinotune.data.transforms import denormalize
 from dinotune.ops import box_ops
 from dinotune.tasks.detect.data import (
@@ -31,6 +32,8 @@ from dinotune.tasks.detect.data import (
 from dinotune.tasks.detect.transforms import eval_transforms, train_transforms
 from tests.conftest import shared_data
 
+MIN = DetectDataConfig().min_box_size
+
 S = 112
 
 
@@ -46,7 +49,7 @@ def val_json(coco_root) -> dict:
 
 @pytest.fixture(scope="module")
 def val_source(coco_root):
-    return find_detection_data(coco_root, "val")
+    return find_detection_data(coco_root, "val", min_box_size=MIN)
 
 
 def _write(path: Path, obj) -> Path:
@@ -110,7 +113,7 @@ def test_degenerate_boxes_and_empty_images(tmp_path, coco_root, val_json):
                  "iscrowd": 1})
     data["annotations"] = anns
     path = _write(tmp_path / "small.json", data)
-    src = read_coco(path, coco_root / "val2017")
+    src = read_coco(path, coco_root / "val2017", None, MIN)
     r = src.report
     assert (r.clamped, r.dropped, r.crowd, r.empty_images) == (2, 4, 1, 1)
     assert src.image_ids == [im0["id"], im1["id"]]  # the image without annotations is kept
@@ -200,7 +203,7 @@ def test_augmentation_keeps_boxes_valid_and_labels_aligned(tmp_path):
         bw, bh = [(10, 40), (24, 24), (40, 10)][cls]
         lines.append(f"{cls} {(x + bw / 2) / 300} {(y + bh / 2) / 200} {bw / 300} {bh / 200}")
     (tmp_path / "labels" / "train" / "a.txt").write_text("\n".join(lines) + "\n")
-    src = read_yolo(tmp_path, "train")
+    src = read_yolo(tmp_path, "train", None, MIN)
     ds = DetectionDataset(src, train_transforms(S), S)
     torch.manual_seed(0)
     counts = []
@@ -224,11 +227,11 @@ def test_checkpoint_categories(tmp_path, coco_root, val_json):
     ])
     path = _write(tmp_path / "a.json", data)
     ckpt = [{"id": 90, "name": "toothbrush"}, {"id": 5, "name": "airplane"}, {"id": 1, "name": "person"}]
-    src = read_coco(path, coco_root / "val2017", categories=ckpt)
+    src = read_coco(path, coco_root / "val2017", ckpt, MIN)
     assert src.categories == ckpt
     assert [(a.label, a.category_id) for a in src.targets(val_json["images"][0]["id"])] == [(0, 90), (2, 1)]
     with pytest.raises(DataError) as e:
-        read_coco(path, coco_root / "val2017", categories=[{"id": 1, "name": "person"}])
+        read_coco(path, coco_root / "val2017", [{"id": 1, "name": "person"}], MIN)
     assert str(path) in str(e.value) and "annotations[0] (id 1)" in str(e.value) and "90" in str(e.value)
 
 
@@ -249,7 +252,7 @@ def _yolo_folder(root: Path) -> Path:
 
 def test_yolo_folder(tmp_path):
     root = _yolo_folder(tmp_path / "yolo")
-    src = find_detection_data(root, "train")
+    src = find_detection_data(root, "train", min_box_size=MIN)
     assert src.categories == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
     assert [im.path.name for im in src.images] == ["a.jpg", "b.png", "c.jpg"]
     assert src.image_ids == [1, 2, 3]
@@ -268,7 +271,7 @@ def test_yolo_folder(tmp_path):
     assert torch.allclose(t["boxes"], torch.tensor([[0.5, 0.25, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]), atol=1e-5)
     _, t = ds[2]
     assert t["boxes"].shape == (0, 4)
-    val = find_detection_data(root, "val")
+    val = find_detection_data(root, "val", min_box_size=MIN)
     assert [im.path.name for im in val.images] == ["d.jpg"]
 
 
@@ -283,7 +286,7 @@ def test_yolo_bad_label_lines(tmp_path, line, expect):
     label = root / "labels" / "train" / "b.txt"
     label.write_text("1 0.5 0.25 1.0 0.5\n" + line + "\n")
     with pytest.raises(DataError) as e:
-        read_yolo(root, "train")
+        read_yolo(root, "train", None, MIN)
     assert f"{label}, line 2" in str(e.value) and expect in str(e.value)
 
 
@@ -316,7 +319,7 @@ def test_truncated_json(tmp_path, coco_root):
     path.parent.mkdir()
     path.write_text(text[: len(text) // 2])
     with pytest.raises(DataError) as e:
-        read_coco(path, coco_root / "val2017")
+        read_coco(path, coco_root / "val2017", None, MIN)
     assert str(path) in str(e.value) and re.search(r"line \d+ column \d+", str(e.value)) and "truncated" in str(e.value)
 
 
@@ -325,7 +328,7 @@ def test_missing_image_file(tmp_path, coco_root, val_json):
     data["images"][1]["file_name"] = "nope.jpg"
     path = _write(tmp_path / "x.json", data)
     with pytest.raises(DataError) as e:
-        read_coco(path, coco_root / "val2017")
+        read_coco(path, coco_root / "val2017", None, MIN)
     msg = str(e.value)
     assert str(path) in msg and f"images[1] (id {data['images'][1]['id']})" in msg
     assert str(coco_root / "val2017" / "nope.jpg") in msg and "1 of 3" in msg
@@ -343,26 +346,26 @@ def test_bad_annotation_named(tmp_path, coco_root, val_json, change, expect):
     anns[2].update(change)
     path = _write(tmp_path / "bad.json", _small_coco(val_json, annotations=anns))
     with pytest.raises(DataError) as e:
-        read_coco(path, coco_root / "val2017")
+        read_coco(path, coco_root / "val2017", None, MIN)
     assert str(path) in str(e.value) and "annotations[2] (id 12)" in str(e.value) and expect in str(e.value)
 
 
 def test_find_detection_data(tmp_path, coco_root):
-    src = find_detection_data(coco_root, "train")
+    src = find_detection_data(coco_root, "train", min_box_size=MIN)
     assert len(src) == 80 and src.images[0].path.parent == coco_root / "train2017"
-    json_src = find_detection_data(coco_root / "annotations" / "instances_val2017.json", "val")
+    json_src = find_detection_data(coco_root / "annotations" / "instances_val2017.json", "val", min_box_size=MIN)
     assert json_src.image_ids[:5] and len(json_src) == 80
     # 'valid' naming, images given explicitly
     text = (coco_root / "annotations" / "instances_val2017.json").read_text()
     (tmp_path / "d" / "annotations").mkdir(parents=True)
     (tmp_path / "d" / "annotations" / "instances_valid.json").write_text(text)
-    assert len(find_detection_data(tmp_path / "d", "val", images=str(coco_root / "val2017"))) == 80
+    assert len(find_detection_data(tmp_path / "d", "val", min_box_size=MIN, images=str(coco_root / "val2017"))) == 80
     with pytest.raises(DataError) as e:
-        find_detection_data(tmp_path / "d", "train")
+        find_detection_data(tmp_path / "d", "train", min_box_size=MIN)
     assert str(tmp_path / "d") in str(e.value) and "instances_train*.json" in str(e.value)
     assert "data.yaml" in str(e.value)
     with pytest.raises(DataError) as e:  # image folder not found next to the JSON
-        find_detection_data(tmp_path / "d", "val")
+        find_detection_data(tmp_path / "d", "val", min_box_size=MIN)
     assert "image folder" in str(e.value) and "--val-images" in str(e.value)
 
 
@@ -375,7 +378,7 @@ def test_bad_images_scanned_and_replaced(tmp_path, coco_root, val_json, capsys):
     bad = folder / data["images"][1]["file_name"]
     bad.write_bytes(bad.read_bytes()[:2000])  # truncated download
     path = _write(tmp_path / "x.json", data)
-    src = read_coco(path, folder)
+    src = read_coco(path, folder, None, MIN)
     ds = DetectionDataset(src, eval_transforms(), S)
     _, t = ds[1]  # decode fails at run time: the next image instead, with a warning naming the file
     assert t["image_id"] == data["images"][2]["id"] and str(bad) in capsys.readouterr().err

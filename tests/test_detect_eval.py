@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from dinotune.ops.box_ops import cxcywh_to_xyxy
-from dinotune.tasks.detect.coco_eval import STAT_NAMES, CocoEvaluator, coco_evaluate
+from dinotune.tasks.detect.coco_eval import STAT_NAMES, coco_evaluate
 from dinotune.tasks.detect.postprocess import PostProcess, to_coco_results
 from dinotune.tasks.detect.single_metrics import single_object_metrics
 
@@ -206,17 +206,18 @@ def test_postprocess_boxes_back_to_original_pixels():
     boxes = torch.tensor([[[0.5, 0.25, 0.2, 0.1],  # canvas (44.8, 22.4, 67.2, 33.6) -> (80, 40, 120, 60)
                            [0.9, 0.45, 0.4, 0.2]]])  # -> (140, 70, 220, 110), clipped to (140, 70, 200, 100)
     logits = torch.tensor([[[_logit(0.9), -20.0], [-20.0, _logit(0.8)]]])
-    pp = PostProcess(topk=2, canvas_size=112)
+    pp = PostProcess(topk=2, score_threshold=0.0, canvas_size=112)
     (out,) = pp({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([0.56]), torch.tensor([[100, 200]]))
     assert out["labels"].dtype == torch.int64 and out["labels"].tolist() == [0, 1]
     assert out["scores"] == pytest.approx(torch.tensor([0.9, 0.8]), abs=1e-6)
     torch.testing.assert_close(out["boxes"], torch.tensor([[80.0, 40.0, 120.0, 60.0], [140.0, 70.0, 200.0, 100.0]]),
                                rtol=0, atol=1e-4)
     # canvas_size given to forward instead
-    (again,) = PostProcess(topk=2)({"pred_logits": logits, "pred_boxes": boxes}, [0.56], [[100, 200]], canvas_size=112)
+    (again,) = PostProcess(topk=2, score_threshold=0.0)({"pred_logits": logits, "pred_boxes": boxes}, [0.56],
+                                                         [[100, 200]], canvas_size=112)
     torch.testing.assert_close(again["boxes"], out["boxes"])
     with pytest.raises(ValueError, match="canvas_size"):
-        PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, [0.56], [[100, 200]])
+        PostProcess(topk=2, score_threshold=0.0)({"pred_logits": logits, "pred_boxes": boxes}, [0.56], [[100, 200]])
 
 
 def test_postprocess_topk_over_queries_and_classes_and_threshold():
@@ -227,7 +228,7 @@ def test_postprocess_topk_over_queries_and_classes_and_threshold():
     boxes = torch.cat([torch.rand(2, 3, 2, generator=g) * 0.4 + 0.3, torch.rand(2, 3, 2, generator=g) * 0.2 + 0.05], -1)
     outputs = {"pred_logits": logits, "pred_boxes": boxes}
     scales, sizes = torch.tensor([1.0, 1.0]), torch.tensor([[100, 100], [100, 100]])
-    first, second = PostProcess(topk=4, canvas_size=100)(outputs, scales, sizes)
+    first, second = PostProcess(topk=4, score_threshold=0.0, canvas_size=100)(outputs, scales, sizes)
     assert first["scores"] == pytest.approx(torch.tensor([0.95, 0.80, 0.70, 0.60]), abs=1e-6)
     assert first["labels"].tolist() == [0, 2, 1, 2]
     expected_queries = [1, 2, 0, 1]  # inside the image: no clipping
@@ -236,7 +237,7 @@ def test_postprocess_topk_over_queries_and_classes_and_threshold():
     first, second = PostProcess(topk=4, score_threshold=0.65, canvas_size=100)(outputs, scales, sizes)
     assert first["labels"].tolist() == [0, 2, 1]
     assert len(second["scores"]) == 0 and second["boxes"].shape == (0, 4)
-    (every,) = PostProcess(topk=100, canvas_size=100)({"pred_logits": logits[:1], "pred_boxes": boxes[:1]},
+    (every,) = PostProcess(topk=100, score_threshold=0.0, canvas_size=100)({"pred_logits": logits[:1], "pred_boxes": boxes[:1]},
                                                       scales[:1], sizes[:1])
     assert len(every["scores"]) == 9  # topk clamped to Q x K
     assert torch.all(every["scores"][:-1] >= every["scores"][1:])
@@ -258,7 +259,7 @@ def test_to_coco_results_writes_xywh_and_original_category_ids():
                         [1], CATS)
 
 
-def test_coco_evaluator_end_to_end():
+def test_postprocessed_results_score_perfectly_end_to_end():
     # two images of 200 x 100 and 80 x 160 on a 112 canvas; the model outputs the targets exactly
     size = 112
     targets, logits, boxes = [], torch.full((2, 5, 3), -12.0), torch.rand(2, 5, 4) * 0.2 + 0.1
@@ -279,20 +280,16 @@ def test_coco_evaluator_end_to_end():
     gt = make_gt(gt_anns, [(11, 200, 100), (12, 80, 160), (13, 50, 50)])
     gt["annotations"].append({"id": 99, "image_id": 13, "category_id": 1, "bbox": [0, 0, 9, 9],
                               "area": 81.0, "iscrowd": 0})  # an image never fed: not evaluated
-    pp = PostProcess(topk=10, canvas_size=size)
+    pp = PostProcess(topk=10, score_threshold=0.0, canvas_size=size)
     scales = torch.tensor([t["scale"] for t in targets])
     sizes = torch.stack([t["orig_size"] for t in targets])
     outs = pp({"pred_logits": logits, "pred_boxes": boxes}, scales, sizes)
-    for evaluator in (CocoEvaluator(gt, CATS), CocoEvaluator(None, CATS, canvas_size=size)):
-        with pytest.raises(RuntimeError):
-            evaluator.compute()
-        evaluator.update(outs[:1], targets[:1])
-        evaluator.update(outs[1:], targets[1:])
-        evaluator.update(outs[1:], targets[1:])  # repeated image: counted once
-        result = evaluator.compute()
-        assert result["AP"] == pytest.approx(1.0)
-        assert result["per_class_AP"] == pytest.approx({"cat": 1.0, "dog": 1.0, "fox": 1.0})
-        assert sorted(evaluator.img_ids) == [11, 12]
+    results = to_coco_results(outs, [t["image_id"] for t in targets], CATS)
+    result = coco_evaluate(gt, results, img_ids=[11, 12])
+    assert result["AP"] == pytest.approx(1.0)
+    assert result["per_class_AP"] == pytest.approx({"cat": 1.0, "dog": 1.0, "fox": 1.0})
+    # image 13's object, never predicted, counts once it is evaluated
+    assert coco_evaluate(gt, results)["AP"] < 1.0
 
 
 # ---------------------------------------------------------------- single-object metrics

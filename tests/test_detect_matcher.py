@@ -9,12 +9,20 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
+from dinotune.config import DetectLossConfig
 from dinotune.ops import box_ops
 from dinotune.tasks.detect.criterion import LOSSES, SetCriterion, base_name
-from dinotune.tasks.detect.matcher import HungarianMatcher
+from dinotune.tasks.detect.matcher import HungarianMatcher as _Matcher
 
 K = 4
-WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+LOSS = DetectLossConfig()  # the configured defaults (Deformable DETR's costs and focal parameters)
+WEIGHTS = {"loss_ce": LOSS.class_weight, "loss_bbox": LOSS.bbox_weight, "loss_giou": LOSS.giou_weight}
+
+
+def HungarianMatcher(**kw) -> _Matcher:  # noqa: N802 - the matcher with the config's costs unless given
+    costs = dict(cost_class=LOSS.class_weight, cost_bbox=LOSS.bbox_weight, cost_giou=LOSS.giou_weight,
+                 focal_alpha=LOSS.focal_alpha, focal_gamma=LOSS.focal_gamma)
+    return _Matcher(**{**costs, **kw})
 
 
 def random_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,7 +42,7 @@ def random_batch(counts: list[int], q: int = 6, seed: int = 0, requires_grad: bo
 
 
 def criterion(aux_loss: bool = True, **matcher_kw) -> SetCriterion:
-    return SetCriterion(K, HungarianMatcher(**matcher_kw), WEIGHTS, aux_loss=aux_loss)
+    return SetCriterion(K, HungarianMatcher(**matcher_kw), WEIGHTS, LOSS.focal_alpha, LOSS.focal_gamma, aux_loss)
 
 
 def perfect_outputs(targets: list[dict], q: int, perms: list[list[int]]):
@@ -207,9 +215,9 @@ def test_unknown_loss_names_fail_loudly():
     with pytest.raises(KeyError, match="loss_mask"):
         crit.total({"loss_ce": torch.tensor(1.0), "loss_mask_0": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="loss_dice"):
-        SetCriterion(K, HungarianMatcher(), {**WEIGHTS, "loss_dice": 1.0})
+        SetCriterion(K, HungarianMatcher(), {**WEIGHTS, "loss_dice": 1.0}, 0.25, 2.0, True)
     with pytest.raises(ValueError, match="loss_giou"):
-        SetCriterion(K, HungarianMatcher(), {"loss_ce": 1.0, "loss_bbox": 1.0})
+        SetCriterion(K, HungarianMatcher(), {"loss_ce": 1.0, "loss_bbox": 1.0}, 0.25, 2.0, True)
 
 
 def test_criterion_rejects_bad_labels_and_class_counts():
@@ -218,7 +226,7 @@ def test_criterion_rejects_bad_labels_and_class_counts():
     with pytest.raises(ValueError, match="labels"):
         criterion()(outputs, targets)
     with pytest.raises(ValueError, match="classes"):
-        SetCriterion(K + 1, HungarianMatcher(), WEIGHTS)(outputs, targets)
+        SetCriterion(K + 1, HungarianMatcher(), WEIGHTS, 0.25, 2.0, True)(outputs, targets)
 
 
 def test_losses_are_float32_under_bf16_autocast():

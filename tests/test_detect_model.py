@@ -10,11 +10,12 @@ import torch
 from dinotune.backbone import DinoBackbone
 from dinotune.tasks.detect.decoder import DeformableDecoder, position_encoding
 from dinotune.tasks.detect.deformable import MSDeformAttn, level_start_index, multi_scale_deformable_attn
+from dinotune.config import DetectModelConfig
+from dinotune.models.pyramid import SimpleFeaturePyramid
 from dinotune.tasks.detect.detr import DinoDetr, build_detr
-from dinotune.tasks.detect.pyramid import SimpleFeaturePyramid
 
 SMALL = dict(num_queries=5, decoder_layers=2, hidden_dim=32, num_heads=2, ffn_dim=64, sampling_points=2,
-             pyramid_scales=[2.0, 1.0, 0.5], dropout=0.0)
+             pyramid_scales=[2.0, 1.0, 0.5], decoder_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def backbone():
 
 def make_detr(backbone, num_classes=3, seed=0, **overrides) -> DinoDetr:
     torch.manual_seed(seed)
-    return build_detr(backbone, num_classes, **{**SMALL, **overrides})
+    return build_detr(backbone, num_classes, DetectModelConfig(**{**SMALL, **overrides}))
 
 
 # --- deformable attention core -------------------------------------------------------------------
@@ -120,17 +121,17 @@ def test_msdeformattn_init_directions():
 
 @pytest.mark.parametrize("size,expected", [(6, [12, 6, 3]), (5, [10, 5, 3])])
 def test_pyramid_sizes(size, expected):
-    pyramid = SimpleFeaturePyramid(64, 32, [0.5, 2.0, 1.0])  # given unsorted: output fine to coarse
+    pyramid = SimpleFeaturePyramid(64, 32, [0.5, 2.0, 1.0], patch_size=14)  # given unsorted: output fine to coarse
     levels = pyramid(torch.randn(2, 64, size, size))
     assert [tuple(f.shape) for f in levels] == [(2, 32, s, s) for s in expected]
     assert pyramid.strides == [7.0, 14.0, 28.0]
 
 
 def test_pyramid_extreme_scales():
-    pyramid = SimpleFeaturePyramid(64, 32, [4, 0.25])
+    pyramid = SimpleFeaturePyramid(64, 32, [4, 0.25], patch_size=14)
     assert [f.shape[-2:] for f in pyramid(torch.randn(1, 64, 5, 7))] == [(20, 28), (2, 2)]
     with pytest.raises(ValueError, match="scale 3"):
-        SimpleFeaturePyramid(64, 32, [3])
+        SimpleFeaturePyramid(64, 32, [3], patch_size=14)
 
 
 def test_position_encoding():
@@ -172,7 +173,7 @@ def test_box_refinement(backbone):
             box.layers[-1].bias.normal_(0, 0.1)
     images = torch.randn(2, 3, 56, 56)
     head = model.head
-    patch_map = model.features(images)
+    patch_map = model.backbone_features(images).patch_map
     memory, shapes = head.memory(patch_map)
     query_pos, tgt = head.query_embed.weight.split(head.hidden_dim, dim=1)
     query_pos, tgt = query_pos[None].expand(2, -1, -1), tgt[None].expand(2, -1, -1)
@@ -218,7 +219,7 @@ def test_detr_output_contract(backbone, size):
     # class prior: every score starts near 0.01
     assert out["pred_logits"].sigmoid().mean().item() == pytest.approx(0.01, abs=0.01)
     grid = size // 14
-    levels = model.head.pyramid(model.features(torch.randn(1, 3, size, size)))
+    levels = model.head.pyramid(model.backbone_features(torch.randn(1, 3, size, size)).patch_map)
     assert [f.shape[-1] for f in levels] == [2 * grid, grid, math.ceil(grid / 2)]
 
 
@@ -227,7 +228,7 @@ def test_frozen_backbone_gets_no_graph(backbone):
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     try:
-        assert not model.features(torch.randn(1, 3, 56, 56)).requires_grad
+        assert not model.backbone_features(torch.randn(1, 3, 56, 56)).patch_map.requires_grad
         out = model(torch.randn(1, 3, 56, 56))
         out["pred_boxes"].sum().backward()
         assert model.head.pyramid.stages[0][1].weight.grad is not None
@@ -248,7 +249,7 @@ def test_overfit_boxes(backbone):
         targets = torch.tensor([[[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]],
                                 [[0.6, 0.3, 0.4, 0.2], [0.2, 0.7, 0.1, 0.4]]])
         with torch.no_grad():
-            patch_map = model.features(images)  # frozen backbone: compute once
+            patch_map = model.backbone_features(images).patch_map  # frozen backbone: compute once
         opt = torch.optim.Adam(model.head.parameters(), lr=1e-3)
         losses = []
         for _ in range(100):

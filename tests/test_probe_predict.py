@@ -9,7 +9,7 @@ import torch
 
 import dinotune
 from dinotune.engine.logging import read_metrics
-from dinotune.tasks.classify.losses import FocalLoss
+from dinotune.models.losses import FocalLoss
 from tests.conftest import tiny_options
 
 

@@ -261,7 +261,7 @@ def test_coco_overlap_rule_small_on_top_and_crowd_only_background(tmp_path):
 def test_training_items_square_and_valid(voc_root):
     torch.manual_seed(0)
     src = find_segmentation_data(voc_root, "train")
-    ds = SegmentationDataset(src, train=True, image_size=S)
+    ds = SegmentationDataset(src, train=True, image_size=S, patch_size=14)
     for k in range(8):
         item = ds[k % len(ds)]
         assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
@@ -270,18 +270,18 @@ def test_training_items_square_and_valid(voc_root):
         assert values <= {0, 1, 15, 255}, values  # nearest neighbour: no blended labels
         assert item["index"] == k % len(ds)
     assert abs(float(ds[0]["image"].mean())) < 3  # normalised, not 0..255 / 0..1
-    batch = segmentation_collate([ds[0], ds[1]])
+    batch = segmentation_collate(patch_size=14, batch=[ds[0], ds[1]])
     assert batch["images"].shape == (2, 3, S, S) and batch["masks"].shape == (2, S, S)
     # without augmentation the whole image is trained on, at the evaluation size (short side S)
-    plain = SegmentationDataset(src, train=True, image_size=S, augment=False)
-    evaluated = SegmentationDataset(src, train=False, image_size=S)[0]
+    plain = SegmentationDataset(src, train=True, image_size=S, patch_size=14, augment=False)
+    evaluated = SegmentationDataset(src, train=False, image_size=S, patch_size=14)[0]
     item = plain[0]
     assert item["image"].shape == evaluated["image"].shape and min(item["image"].shape[-2:]) == S
     assert item["mask"].shape == item["image"].shape[-2:]
     assert set(item["mask"].unique().tolist()) <= {0, 1, 15, 255}
     # items of different sizes are padded by the training collate: image 0, mask ignore
     small = {"image": torch.zeros(3, S, S), "mask": torch.zeros(S, S, dtype=torch.int64), "index": 9}
-    batch = segmentation_collate([item, small], train=True)
+    batch = segmentation_collate(patch_size=14, batch=[item, small], train=True)
     assert batch["images"].shape[-2:] == item["image"].shape[-2:]
     h, w = batch["images"].shape[-2:]
     assert (h, w) != (S, S), "the VOC fixture images are not square"
@@ -299,7 +299,7 @@ def test_flip_and_crop_keep_image_and_mask_aligned(tmp_path):
     labels[:, : w // 2] = 1
     src = read_folders(make_folders(tmp_path / "d", {"a": labels}, {"a": Image.fromarray(pixels)}), "train",
                        num_classes=3)
-    ds = SegmentationDataset(src, train=True, image_size=S)
+    ds = SegmentationDataset(src, train=True, image_size=S, patch_size=14)
     torch.manual_seed(1)
     flipped = padded = 0
     for _ in range(30):
@@ -328,7 +328,7 @@ def test_flip_and_crop_keep_image_and_mask_aligned(tmp_path):
 
 def test_eval_items_and_collate_padding(voc_root):
     src = find_segmentation_data(voc_root, "train")  # 60x80 (h x w) and 70x50
-    ds = SegmentationDataset(src, train=False, image_size=S)
+    ds = SegmentationDataset(src, train=False, image_size=S, patch_size=14)
     a, b = ds[0], ds[1]
     assert a["mask"].shape == (60, 80) and b["mask"].shape == (70, 50)  # original resolution
     assert a["mask"].dtype == torch.int64
@@ -336,7 +336,7 @@ def test_eval_items_and_collate_padding(voc_root):
         hh, ww = item["image"].shape[-2:]
         assert min(hh, ww) == S and hh % 14 == 0 and ww % 14 == 0
     assert tuple(a["image"].shape[-2:]) == (56, 70)  # 80 * 56/60 = 74.7 -> 70
-    batch = segmentation_collate([a, b], train=False)
+    batch = segmentation_collate(patch_size=14, batch=[a, b], train=False)
     assert batch["sizes"] == [(56, 70), (84, 56)]  # 70 * 56/50 = 78.4 -> 84
     assert batch["images"].shape == (2, 3, 84, 70)
     assert isinstance(batch["masks"], list) and batch["masks"][1].shape == (70, 50)
@@ -344,10 +344,10 @@ def test_eval_items_and_collate_padding(voc_root):
     assert (batch["images"][0, :, h0:] == 0).all()
     assert torch.equal(batch["images"][0, :, :h0, :w0], a["image"])
     assert batch["index"].tolist() == [0, 1]
-    assert segmentation_collate([a, b])["masks"][0].shape == (60, 80)  # auto-detected as evaluation
-    full = SegmentationDataset(src, train=False, image_size=S, keep_full_resolution=True)[1]
+    assert segmentation_collate(patch_size=14, batch=[a, b])["masks"][0].shape == (60, 80)  # auto-detected as evaluation
+    full = SegmentationDataset(src, train=False, image_size=S, patch_size=14, keep_full_resolution=True)[1]
     assert full["image"].shape == (3, 70, 50) and full["mask"].shape == (70, 50)
-    padded = segmentation_collate([full], train=False)
+    padded = segmentation_collate(patch_size=14, batch=[full], train=False)
     assert padded["images"].shape == (1, 3, 70, 56) and padded["sizes"] == [(70, 50)]
 
 
@@ -355,7 +355,7 @@ def test_unreadable_image_skipped_at_runtime_and_by_scan(voc_root):
     src = find_segmentation_data(voc_root, "train")
     bad = src.pairs[0][0]
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    ds = SegmentationDataset(src, train=False, image_size=S)
+    ds = SegmentationDataset(src, train=False, image_size=S, patch_size=14)
     assert ds[0]["index"] == 1  # replaced by the next pair
     scanned = scan_source(src, "fast")
     assert len(scanned) == 1 and str(bad) in scanned.report.skipped[0][0]
@@ -366,7 +366,7 @@ def test_mask_size_differs_from_image(tmp_path):
     root = make_folders(tmp_path / "d", {"a": np.zeros((20, 30)), "b": np.ones((20, 30))})
     Image.fromarray(np.zeros((21, 30), np.uint8)).save(root / "masks" / "b.png")
     src = read_folders(root, "train", num_classes=2)
-    for call in (lambda: load_mask(src, 1), lambda: SegmentationDataset(src, True, S)[1],
+    for call in (lambda: load_mask(src, 1), lambda: SegmentationDataset(src, True, S, 14)[1],
                  lambda: scan_source(src, "fast")):
         with pytest.raises(DataError, match=r"masks/b\.png.*30x21.*images/b\.png.*30x20"):
             call()
@@ -382,7 +382,7 @@ def test_label_out_of_range_named(tmp_path):
     with pytest.raises(DataError, match=r"b\.png.*7"):
         scan_source(src, "full")
     with pytest.raises(DataError, match=r"b\.png.*7"):
-        SegmentationDataset(src, False, S)[1]
+        SegmentationDataset(src, False, S, 14)[1]
 
 
 def test_missing_mask_file_named(tmp_path):
@@ -392,7 +392,7 @@ def test_missing_mask_file_named(tmp_path):
     with pytest.raises(DataError, match=r"masks/b\.png: mask file not found"):
         load_mask(src, 1)
     with pytest.raises(DataError, match=r"masks/b\.png"):
-        SegmentationDataset(src, True, S)[1]
+        SegmentationDataset(src, True, S, 14)[1]
 
 
 def test_rgb_mask_refused(tmp_path):

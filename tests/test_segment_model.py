@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from dinotune.adapters import apply_adapter
 from dinotune.backbone import DinoBackbone
 from dinotune.config import AdapterConfig
+from dinotune.config import SegmentModelConfig
 from dinotune.tasks.segment.decoders import (
     FPNDecoder,
     LinearDecoder,
@@ -173,10 +174,10 @@ def images(b=2, h=56, w=84, seed=0):
 
 def test_linear_decoder_shapes_and_layers(backbone):
     x = images()
-    seg = build_segmenter(backbone, 3, "linear", linear_layers=1)
+    seg = build_segmenter(backbone, 3, SegmentModelConfig(decoder="linear", linear_layers=1))
     assert seg.layers == [3] and isinstance(seg.head, LinearDecoder)
     assert seg(x).shape == (2, 3, 4, 6) and seg.output_stride == 14
-    seg4 = build_segmenter(backbone, 3, "linear", linear_layers=4)
+    seg4 = build_segmenter(backbone, 3, SegmentModelConfig(decoder="linear", linear_layers=4))
     assert seg4.layers == [0, 1, 2, 3] and seg4.head.bn.num_features == 64 * 4
     assert seg4.head.classifier.in_channels == 256
     assert seg4(x).shape == (2, 3, 4, 6)
@@ -186,14 +187,14 @@ def test_fpn_decoder_shapes_and_layers(backbone):
     assert default_fpn_layers(12) == [2, 5, 8, 11]
     assert default_fpn_layers(4) == [0, 1, 2, 3]
     assert default_fpn_layers(24) == [5, 11, 17, 23]
-    seg = build_segmenter(backbone, 3, "fpn", fpn_dim=32)
+    seg = build_segmenter(backbone, 3, SegmentModelConfig(decoder="fpn", fpn_dim=32))
     assert seg.layers == [0, 1, 2, 3] and isinstance(seg.head, FPNDecoder)
     assert seg.head.scales == [4, 2, 1, 0.5] and seg.output_stride == 3.5
     assert seg(images()).shape == (2, 3, 16, 24)
     assert seg(images(1, 70, 98)).shape == (1, 3, 20, 28)  # odd 5 x 7 grid
 
     seen = []
-    seg2 = build_segmenter(backbone, 3, "fpn", fpn_layers=[3, 1], fpn_dim=32)
+    seg2 = build_segmenter(backbone, 3, SegmentModelConfig(decoder="fpn", fpn_layers=[3, 1], fpn_dim=32))
     handle = seg2.backbone.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["layers"]), with_kwargs=True
     )
@@ -204,16 +205,16 @@ def test_fpn_decoder_shapes_and_layers(backbone):
     assert seen == [[1, 3]] and seg2.layers == [1, 3] and seg2.head.num_levels == 2
     assert out.shape == (2, 3, 16, 24)
     with pytest.raises(ValueError):
-        build_segmenter(backbone, 3, "fpn", fpn_layers=[1, -3])
+        build_segmenter(backbone, 3, SegmentModelConfig(decoder="fpn", fpn_layers=[1, -3]))
     with pytest.raises(ValueError):
-        build_segmenter(backbone, 3, "unet")
+        build_segmenter(backbone, 3, SegmentModelConfig(decoder="unet"))
 
 
 @pytest.mark.parametrize("decoder", ["linear", "fpn"])
 def test_frozen_backbone_no_graph_and_head_gradients(decoder):
     bb = DinoBackbone.from_spec("random:tiny")
     bb.requires_grad_(False)
-    seg = build_segmenter(bb, 3, decoder, linear_layers=2, fpn_dim=32).train()
+    seg = build_segmenter(bb, 3, SegmentModelConfig(decoder=decoder, linear_layers=2, fpn_dim=32)).train()
     feats = []
     handle = bb.register_forward_hook(lambda mod, args, out: feats.append(out))
     try:
@@ -261,7 +262,7 @@ class PixelModel(nn.Module):
 
 
 def test_whole_mode_size_and_crop(backbone):
-    seg = build_segmenter(backbone, 3, "linear").eval()
+    seg = build_segmenter(backbone, 3, SegmentModelConfig(decoder="linear")).eval()
     assert predict_logits(seg, images(), (100, 150)).shape == (2, 3, 100, 150)
     x = images()
     model = PatchLogits()
@@ -286,7 +287,7 @@ def test_window_starts_cover_everything():
 
 
 def test_slide_one_window_equals_whole(backbone):
-    seg = build_segmenter(backbone, 3, "fpn", fpn_dim=32).eval()
+    seg = build_segmenter(backbone, 3, SegmentModelConfig(decoder="fpn", fpn_dim=32)).eval()
     x = images(1, 56, 56)
     for size in [(56, 56), (60, 75)]:
         whole = predict_logits(seg, x, size, mode="whole")
@@ -299,14 +300,14 @@ def test_slide_one_window_equals_whole(backbone):
 
 
 def test_slide_covers_image_and_matches_equivariant_model(backbone):
-    seg = build_segmenter(backbone, 3, "linear").eval()
+    seg = build_segmenter(backbone, 3, SegmentModelConfig(decoder="linear")).eval()
     x = images(1, 98, 140)
     out = predict_logits(seg, x, (98, 140), mode="slide", window=56, stride=28)
     assert out.shape == (1, 3, 98, 140) and torch.isfinite(out).all()  # 0 / 0 would give NaN
 
     model = PatchModel()
     for window, stride in [(56, 28), (56, 42), (42, 0)]:
-        slide = predict_logits(model, x, (49, 70), mode="slide", window=window, stride=stride)
+        slide = predict_logits(model, x, (49, 70), mode="slide", window=window, stride=stride, patch_size=14)
         whole = predict_logits(model, x, (49, 70), mode="whole")
         assert torch.allclose(slide, whole, atol=1e-5)
     # any stride, a padded batch of 2, an image smaller than the window: pointwise model
@@ -314,11 +315,11 @@ def test_slide_covers_image_and_matches_equivariant_model(backbone):
     x2 = images(2, 70, 112)
     for window, stride, valid in [(56, 20, (70, 112)), (56, 33, (61, 100)), (84, 14, (42, 70))]:
         slide = predict_logits(pix, x2, (40, 50), mode="slide", window=window, stride=stride,
-                               valid_size=valid, window_batch=3)
+                               valid_size=valid, window_batch=3, patch_size=14)
         whole = predict_logits(pix, x2, (40, 50), mode="whole", valid_size=valid)
         assert torch.allclose(slide, whole, atol=1e-5)
     with pytest.raises(ValueError):
-        predict_logits(pix, x2, (40, 50), mode="slide", window=50)
+        predict_logits(pix, x2, (40, 50), mode="slide", window=50, patch_size=14)
 
 
 # --- overfit -------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_overfit_one_image_linear_lora():
     torch.manual_seed(0)
     bb = DinoBackbone.from_spec("random:tiny")
     apply_adapter(bb, AdapterConfig(kind="lora", rank=4, alpha=8))
-    seg = build_segmenter(bb, 2, "linear")
+    seg = build_segmenter(bb, 2, SegmentModelConfig(decoder="linear"))
     mask = torch.zeros(1, 56, 56, dtype=torch.long)
     mask[:, 14:42, 14:42] = 1  # a 2 x 2-patch square
     mask[:, 0:14, 42:56] = 1

@@ -13,25 +13,13 @@ import torch
 import dinotune
 from dinotune.config import build_config
 from dinotune.data.loader import make_loader
-from dinotune.engine import NonFiniteLossError, Trainer, checkpoint
+from dinotune.engine import NonFiniteLossError, checkpoint
 from dinotune.engine.logging import read_metrics
 from dinotune.engine.optim import build_phases
-from dinotune.tasks import get_task
-from tests.conftest import make_class_folders, tiny_options
+from tests.conftest import make_class_folders, make_trainer, tiny_options
 
 
-def _setup(cfg, run_dir: Path):
-    """The pieces api.train assembles, so tests can drive the Trainer directly."""
-    from dinotune.utils import seed_everything
-
-    seed_everything(cfg.train.seed)
-    task = get_task(cfg)
-    data = task.build_data(run_dir)
-    model = task.build_model(data.meta)
-    train_loader, val_loader = task.loaders(data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(model=model, task=task, train_loader=train_loader, val_loader=val_loader, cfg=cfg,
-                   run_dir=run_dir, meta=data.meta, device=torch.device("cpu"), precision="fp32")
+_setup = make_trainer
 
 
 def test_overfits_tiny_set(tmp_path):
@@ -136,8 +124,8 @@ class _NanAfter:
         self.monitor, self.monitor_mode = task.monitor, task.monitor_mode
         self.calls = 0
 
-    def training_step(self, model, batch):
-        out = self.task.training_step(model, batch)
+    def training_step(self, bundle, model, batch):
+        out = self.task.training_step(bundle, model, batch)
         self.calls += 1
         if self.calls > self.epoch * len(self.ref[0].train_loader):
             out["loss"] = out["loss"] * float("nan")

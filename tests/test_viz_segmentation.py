@@ -13,7 +13,8 @@ from PIL import Image
 import dinotune
 from dinotune.backbone.model import DinoBackbone
 from dinotune.viz import pca as pca_mod
-from dinotune.viz.pca import _fit_pca, pca_features, pca_figure, pca_for
+from dinotune.api import pca as pca_for
+from dinotune.viz.pca import _fit_pca, pca_features, pca_figure
 from dinotune.viz.segmentation import (
     IGNORE_COLOUR, colorize, comparison_figure, overlay, palette, save_mask_png,
 )
@@ -210,6 +211,6 @@ def test_pca_for_a_folder_skips_broken_files_and_caps_images(tmp_path, monkeypat
     out = pca_for("random:tiny", [folder], tmp_path / "a.png", image_size=28, device="cpu", max_images=3)
     assert _is_png(out) and seen["n"] == 3
     printed = capsys.readouterr()
-    assert "broken.jpg" in printed.out + printed.err and "first 3 of 4" in printed.out
+    assert "broken.jpg" in printed.err and "first 3 of 4" in printed.err
     with pytest.raises(ValueError, match="--max-images must be at least 1"):
         pca_for("random:tiny", [folder], tmp_path / "b.png", max_images=0)

@@ -17,12 +17,10 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from dinotune.backbone.registry import make_config
+from dinotune.errors import CheckpointFormatError
 
 HEAD_DIM = 64  # every released DINOv2 uses 64-dim attention heads (6/12/16/24 heads)
 
-
-class CheckpointFormatError(ValueError):
-    """The file is not an official DINOv2 checkpoint; the message names the file and the problem."""
 
 
 def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:

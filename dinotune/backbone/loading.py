@@ -23,11 +23,9 @@ from dinotune.backbone.registry import (
     arch_config,
     model_choices_text,
 )
+from dinotune.errors import BackboneLoadError
 from dinotune.utils import warn
 
-
-class BackboneLoadError(RuntimeError):
-    """The backbone could not be loaded; the message says why and what to try instead."""
 
 
 def load_dinov2(spec: str, init_seed: int = 0) -> PreTrainedModel:

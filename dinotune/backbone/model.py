@@ -2,8 +2,9 @@
 
 Features follow the official ``get_intermediate_layers(x, n, reshape, return_class_token,
 norm=True)``: intermediate layers pass through the final LayerNorm, register tokens are split
-off, and patch tokens can be read as a ``B x C x H/14 x W/14`` map. Any input whose sides are
-multiples of 14 works: transformers interpolates the position embeddings.
+off, and patch tokens can be read as a ``B x C x H/p x W/p`` map (``p`` = ``patch_size``, read
+from the model's config). Any input whose sides are multiples of ``p`` works: transformers
+interpolates the position embeddings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from dinotune.backbone.loading import load_dinov2
+from dinotune.errors import ConfigError
+
+# Learned tokens and position embeddings: parameters, but not weights AdamW should shrink.
+_NO_DECAY = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 
 @dataclass
@@ -24,7 +29,7 @@ class Features:
     Attributes:
         cls: ``B x C`` class token of the last layer (after the final norm).
         patch_tokens: ``B x N x C`` patch tokens of the last layer, ``N = h * w``.
-        grid: ``(h, w) = (H / 14, W / 14)``.
+        grid: ``(h, w) = (H / p, W / p)`` for patch size ``p``.
         layers_cls: class tokens of the requested layers, each ``B x C``, shallow to deep.
         layers_patch: patch tokens of the requested layers, each ``B x N x C``.
     """
@@ -82,6 +87,20 @@ class DinoBackbone(nn.Module):
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
+    def check_image_size(self, size: int, key: str = "image size") -> None:
+        """Raise ConfigError unless ``size`` is a positive multiple of the patch size (naming
+        ``key`` and the two nearest valid sizes)."""
+        p = self.patch_size
+        if size <= 0 or size % p:
+            lower = max(p, size // p * p)
+            raise ConfigError(f"{key}={size} is not a multiple of the patch size {p}; try {lower} or {lower + p}")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (within this module) of the learned tokens and position embeddings; AdamW's
+        weight decay would pull them towards zero. 1-d parameters (norms, biases, LayerScale,
+        DoRA magnitudes) are exempt anyway."""
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in _NO_DECAY}
+
     def resolve_layers(self, layers: int | Sequence[int]) -> list[int]:
         """``int n`` -> the last n block indices; a sequence -> those (0-based, negatives allowed)."""
         if isinstance(layers, int):
@@ -94,7 +113,8 @@ class DinoBackbone(nn.Module):
 
     def forward(self, pixel_values: Tensor, layers: int | Sequence[int] = 1) -> Features:
         """Args:
-            pixel_values: ``B x 3 x H x W`` normalised images, ``H`` and ``W`` multiples of 14.
+            pixel_values: ``B x 3 x H x W`` normalised images, ``H`` and ``W`` multiples of the
+                patch size.
             layers: the last ``n`` blocks, or explicit 0-based block indices, to return.
         """
         h, w = pixel_values.shape[-2:]

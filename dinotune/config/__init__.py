@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from dinotune.config.base import (
-    PATCH_SIZE,
+    PYRAMID_SCALES,
     AdapterConfig,
     AdapterKind,
     BackboneConfig,
@@ -23,12 +23,19 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
+    validate_inference,
 )
-from dinotune.config.classify import ClassifyConfig, ClassifyDataConfig, ClassifyHeadConfig
+from dinotune.config.classify import (
+    ClassifyConfig,
+    ClassifyDataConfig,
+    ClassifyHeadConfig,
+    ClassifyInferenceConfig,
+)
 from dinotune.config.detect import (
     LIGHTWEIGHT_PRESET,
     DetectConfig,
     DetectDataConfig,
+    DetectInferenceConfig,
     DetectLossConfig,
     DetectModelConfig,
 )
@@ -44,14 +51,21 @@ from dinotune.config.io import (
     set_dotted,
     to_dict,
 )
-from dinotune.config.segment import SegmentConfig, SegmentDataConfig, SegmentLossConfig, SegmentModelConfig
+from dinotune.config.segment import (
+    SegmentConfig,
+    SegmentDataConfig,
+    SegmentInferenceConfig,
+    SegmentLossConfig,
+    SegmentModelConfig,
+)
 
 __all__ = [
-    "PATCH_SIZE", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common",
+    "PYRAMID_SCALES", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common", "validate_inference",
     "BackboneConfig", "AdapterConfig", "OptimConfig", "TrainConfig",
-    "ClassifyConfig", "ClassifyDataConfig", "ClassifyHeadConfig",
-    "DetectConfig", "DetectDataConfig", "DetectModelConfig", "DetectLossConfig", "LIGHTWEIGHT_PRESET",
-    "SegmentConfig", "SegmentDataConfig", "SegmentModelConfig", "SegmentLossConfig",
+    "ClassifyConfig", "ClassifyDataConfig", "ClassifyHeadConfig", "ClassifyInferenceConfig",
+    "DetectConfig", "DetectDataConfig", "DetectModelConfig", "DetectLossConfig", "DetectInferenceConfig",
+    "LIGHTWEIGHT_PRESET",
+    "SegmentConfig", "SegmentDataConfig", "SegmentModelConfig", "SegmentLossConfig", "SegmentInferenceConfig",
     "TASK_CONFIGS", "apply_presets", "build_config",
     "to_dict", "from_dict", "coerce", "save_yaml", "load_yaml", "leaf_fields", "set_dotted", "apply_overrides",
     "flag_name", "flag_map",

@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-PATCH_SIZE = 14
+from dinotune.errors import ConfigError
+
+# Scale factors a feature-pyramid level can apply to the patch map (detection pyramid, FPN decoder).
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 AdapterKind = Literal["none", "lora", "dora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the valid choices."""
 
 
 def opt(default: Any, help: str, flag: str | None = None, short: str | None = None) -> Any:
@@ -33,7 +33,8 @@ class BackboneConfig:
         "facebook/dinov2-with-registers-*), a local Hugging Face folder, an official DINOv2 .pth "
         "checkpoint, or random:{tiny,small,base,large,giant}[-reg4] for random weights",
     )
-    image_size: int = opt(224, "input side in pixels; must be a multiple of 14")
+    image_size: int = opt(224, "input side in pixels; must be a multiple of the backbone's patch size "
+                          "(14 for DINOv2)")
     init_seed: int = opt(0, "seed of the random initialisation used by random:* models")
 
 
@@ -89,13 +90,10 @@ class TrainConfig:
 
 def validate_common(cfg: Any) -> None:
     """Checks shared by every task config; raises ConfigError naming the key."""
-    size = cfg.backbone.image_size
-    if size <= 0 or size % PATCH_SIZE:
-        lower = max(PATCH_SIZE, size // PATCH_SIZE * PATCH_SIZE)
-        raise ConfigError(
-            f"backbone.image_size={size} is not a multiple of the patch size {PATCH_SIZE}; "
-            f"try {lower} or {lower + PATCH_SIZE}"
-        )
+    # that the size is a multiple of the patch size is checked when the backbone is built: the
+    # patch size is the model's (DINOv2 14, other families differ)
+    if cfg.backbone.image_size <= 0:
+        raise ConfigError(f"backbone.image_size={cfg.backbone.image_size} must be positive")
     if cfg.train.two_stage and cfg.adapter.kind == "none":
         raise ConfigError(
             "--two-stage unfreezes the adapters in stage 2, so it needs --adapter lora, dora or full"
@@ -107,3 +105,13 @@ def validate_common(cfg: Any) -> None:
         raise ConfigError("optim.accumulate must be at least 1")
     if cfg.adapter.kind in ("lora", "dora") and cfg.adapter.rank < 1:
         raise ConfigError("adapter.rank must be at least 1")
+
+
+def validate_inference(inference: Any) -> None:
+    """Checks of an inference section (every task has one; fields differ)."""
+    for name in ("batch_size", "top_k", "window_batch", "compare_image_size"):
+        if hasattr(inference, name) and getattr(inference, name) < 1:
+            raise ConfigError(f"inference.{name} must be at least 1, got {getattr(inference, name)}")
+    for name in ("score_threshold", "draw_threshold"):
+        if hasattr(inference, name) and not 0.0 <= getattr(inference, name) <= 1.0:
+            raise ConfigError(f"inference.{name} must be in 0..1, got {getattr(inference, name)}")

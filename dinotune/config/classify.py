@@ -13,6 +13,7 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
+    validate_inference,
 )
 
 
@@ -59,6 +60,15 @@ class ClassifyHeadConfig:
 
 
 @dataclass
+class ClassifyInferenceConfig:
+    """Defaults of eval / predict / analyze on a trained run (their flags override them)."""
+
+    batch_size: int = opt(32, "images per batch when evaluating or predicting a trained run",
+                          flag="--eval-batch-size")
+    top_k: int = opt(5, "classes listed per image by predict")
+
+
+@dataclass
 class ClassifyConfig:
     task: Literal["classify"] = "classify"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -67,9 +77,11 @@ class ClassifyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     head: ClassifyHeadConfig = field(default_factory=ClassifyHeadConfig)
+    inference: ClassifyInferenceConfig = field(default_factory=ClassifyInferenceConfig)
 
     def validate(self) -> None:
         validate_common(self)
+        validate_inference(self.inference)
         if self.head.cache_features and self.adapter.kind != "none":
             raise ConfigError(
                 "head.cache_features needs a frozen backbone (--adapter none); "

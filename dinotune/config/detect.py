@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dinotune.config.base import (
+    PYRAMID_SCALES,
     AdapterConfig,
     BackboneConfig,
     ConfigError,
@@ -13,6 +14,7 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
+    validate_inference,
 )
 
 
@@ -44,8 +46,8 @@ class DetectDataConfig:
 class DetectModelConfig:
     head: Literal["detr", "simple", "improved"] = opt(
         "detr",
-        "detr = multi-scale deformable DETR decoder; simple / improved = the seeds' one-object-per-image "
-        "detectors (class + box from the CLS token; improved turns on --two-stage unless told otherwise)",
+        "detr = multi-scale deformable DETR decoder; simple / improved = single-object detectors, one "
+        "class and one box per image from the CLS token (improved turns on --two-stage unless told otherwise)",
     )
     lightweight: bool = opt(
         False,
@@ -60,11 +62,12 @@ class DetectModelConfig:
     sampling_points: int = opt(4, "deformable-attention sampling points per head and level")
     pyramid_scales: list[float] = opt(
         [2.0, 1.0, 0.5],
-        "feature-pyramid levels as scale factors of the 1/14 patch map (2 = stride 7, 0.5 = stride 28)",
+        "feature-pyramid levels as scale factors of the patch map (with 14-pixel patches: 2 = stride 7, "
+        "0.5 = stride 28)",
     )
     decoder_dropout: float = opt(0.0, "dropout in the decoder")
-    topk: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)")
-    score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)")
+    single_hidden: int = opt(256, "improved single-object head: hidden width of its MLPs")
+    single_dropout: float = opt(0.3, "improved single-object head: dropout inside its MLPs")
 
 
 @dataclass
@@ -78,6 +81,18 @@ class DetectLossConfig:
     box_loss_weight: float = opt(
         2.0, "improved head: weight of the smooth-L1 box loss against the focal class loss (simple uses 1)"
     )
+
+
+@dataclass
+class DetectInferenceConfig:
+    """Post-processing, and the defaults of eval / predict / analyze / compare on a trained run."""
+
+    batch_size: int = opt(8, "images per batch when evaluating or predicting a trained run",
+                          flag="--eval-batch-size")
+    top_k: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)")
+    score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)")
+    draw_threshold: float = opt(0.3, "predict --draw / analyze: only draw boxes scoring at least this")
+    compare_image_size: int = opt(640, "compare: inference size of the YOLO baselines")
 
 
 def _detect_optim() -> OptimConfig:
@@ -103,14 +118,16 @@ class DetectConfig:
     data: DetectDataConfig = field(default_factory=DetectDataConfig)
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     loss: DetectLossConfig = field(default_factory=DetectLossConfig)
+    inference: DetectInferenceConfig = field(default_factory=DetectInferenceConfig)
 
     def validate(self) -> None:
         validate_common(self)
+        validate_inference(self.inference)
         m = self.model
         if m.hidden_dim % m.num_heads:
             raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.num_heads={m.num_heads}")
-        if not m.pyramid_scales or any(s not in (4.0, 2.0, 1.0, 0.5, 0.25) for s in m.pyramid_scales):
-            raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from 4, 2, 1, 0.5, 0.25")
+        if not m.pyramid_scales or any(s not in PYRAMID_SCALES for s in m.pyramid_scales):
+            raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from {', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
         if m.num_queries < 1 or m.decoder_layers < 1:
             raise ConfigError("model.num_queries and model.decoder_layers must be at least 1")
 

@@ -59,10 +59,29 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that moved, ``old -> new``: run folders written before the move still load.
+MOVED_KEYS = {"model.topk": "inference.top_k", "model.score_threshold": "inference.score_threshold"}
+
+
+def _moved(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the values of moved keys under their new names (new names win)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in MOVED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        if isinstance(data.get(osec), dict) and okey in data[osec]:
+            value = data[osec].pop(okey)
+            section = data.setdefault(nsec, {})
+            if isinstance(section, dict):
+                section.setdefault(nkey, value)
+    return data
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    if not prefix:
+        data = _moved(data)
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

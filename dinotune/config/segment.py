@@ -13,6 +13,7 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
+    validate_inference,
 )
 
 
@@ -33,7 +34,9 @@ class SegmentDataConfig:
     subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json")
     val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)")
     subset_seed: int = opt(0, "seed that picks the subsets")
-    augment: bool = opt(True, "random scale (0.5-2x), crop and horizontal flip; masks use nearest neighbour")
+    augment: bool = opt(True, "random scale, crop and horizontal flip; masks use nearest neighbour")
+    scale_range: list[float] = opt([0.5, 2.0], "augmentation: random scale of the short side, as factors of "
+                                   "--image-size (min max)")
     overfit: int = opt(0, "debug mode: train and evaluate on the first N training images")
     check_images: Literal["full", "fast", "off"] = opt(
         "fast", "scan images before training: full decodes each, fast reads headers"
@@ -56,12 +59,22 @@ class SegmentModelConfig:
         "whole", "evaluation: whole = resize the short side to --image-size; slide = windows of "
         "--image-size over the full-resolution image, logits averaged"
     )
-    slide_stride: int = opt(0, "sliding-window stride in pixels (0 = two thirds of --image-size)")
+    slide_stride: int = opt(0, "sliding-window stride in pixels, a multiple of the patch size (0 = two thirds "
+                            "of --image-size, rounded down to one)")
 
 
 @dataclass
 class SegmentLossConfig:
     class_weights: list[float] = opt([], "per-class cross-entropy weights, in label order (empty = equal)")
+
+
+@dataclass
+class SegmentInferenceConfig:
+    """Defaults of eval / predict / analyze on a trained run (their flags override them)."""
+
+    batch_size: int = opt(4, "images per batch when evaluating a trained run (slide inference: 1)",
+                          flag="--eval-batch-size")
+    window_batch: int = opt(8, "slide inference: windows forwarded at once")
 
 
 def _segment_train() -> TrainConfig:
@@ -82,10 +95,15 @@ class SegmentConfig:
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
     model: SegmentModelConfig = field(default_factory=SegmentModelConfig)
     loss: SegmentLossConfig = field(default_factory=SegmentLossConfig)
+    inference: SegmentInferenceConfig = field(default_factory=SegmentInferenceConfig)
 
     def validate(self) -> None:
         validate_common(self)
+        validate_inference(self.inference)
         if self.model.linear_layers < 1:
             raise ConfigError("model.linear_layers must be at least 1")
+        lo_hi = self.data.scale_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"data.scale_range={lo_hi} must be two factors 0 < min <= max")
         if not 0 <= self.data.ignore_index <= 255:
             raise ConfigError(f"data.ignore_index={self.data.ignore_index} must be in 0..255 (masks are 8-bit)")

@@ -15,6 +15,7 @@ from typing import Iterable, Literal
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from dinotune.errors import ImageReadError
 from dinotune.utils import info, warn
 
 IMAGE_EXTENSIONS = {
@@ -26,9 +27,6 @@ _SILENT = {".ds_store", "thumbs.db", "desktop.ini"}
 # Truncated files must fail loudly, not decode into half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-
-class ImageReadError(OSError):
-    """An image could not be decoded; the message names the file."""
 
 
 def load_image(path: str | Path) -> Image.Image:

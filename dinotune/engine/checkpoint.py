@@ -25,15 +25,13 @@ from torch import nn
 
 from dinotune.adapters import load_adapter, save_adapter
 from dinotune.config import AdapterConfig, save_yaml
+from dinotune.errors import CheckpointError
 from dinotune.utils import write_json
 
 HEAD_WEIGHTS = "head.safetensors"
 META = "meta.json"
 TRAINER_STATE = "trainer_state.pt"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the model / data."""
 
 
 def save(

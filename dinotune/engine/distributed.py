@@ -5,8 +5,11 @@ dinotune does not start processes itself: launch the usual command under ``torch
 ``RANK`` and ``LOCAL_RANK``; ``setup`` then joins the process group (NCCL on CUDA, Gloo on the
 CPU), and the engine wraps the model in ``DistributedDataParallel`` and gives every process its
 shard of each epoch through a ``DistributedSampler``. ``--batch-size`` is per process, so the
-effective batch is ``batch_size x processes x accumulate``. Process 0 alone evaluates, writes the
-run folder, logs and prints; the others wait for it.
+effective batch is ``batch_size x processes x accumulate``; losses that normalise by a count
+(boxes, labelled pixels) divide by the count over all processes (``average_count``), so the
+gradient is the one a single process would compute on the whole batch. Every process evaluates
+its own shard of the validation set and the partial results are gathered (``gather_objects``);
+process 0 alone writes the run folder, logs and prints.
 
 We use ``torch.distributed`` directly rather than ``accelerate``: the engine already owns the
 pieces accelerate would wrap (AMP, accumulation, clipping, checkpoints), and DDP + a sampler is all
@@ -23,11 +26,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
-# rank 0 evaluates and writes checkpoints while the others wait in a collective; a large
-# validation set can take longer than the default timeout
-_TIMEOUT = datetime.timedelta(hours=2)
+# the longest wait in a collective is the others waiting while process 0 writes a checkpoint
+# (seconds, even for a fully fine-tuned giant backbone); evaluation is shared, not waited for
+_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,69 @@ def sum_over_processes(values: dict[str, float], device: torch.device) -> dict[s
     return dict(zip(keys, t.tolist()))
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def average_count(count: torch.Tensor) -> torch.Tensor:
+    """A loss normaliser: this process's ``count`` (a float tensor: boxes, labelled pixels)
+    summed over all processes and divided by their number, at least 1 (DETR's ``num_boxes``).
+    DDP averages gradients over processes, so dividing each process's summed loss by this gives
+    exactly the gradient of one process dividing the whole batch's sum by the whole count.
+    A collective: call it from every process (training steps), never inside evaluation."""
+    if current().enabled:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` outside ``torchrun``). Used to combine
+    the partial evaluation results of each process's shard."""
+    ctx = current()
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Process 0's buffers (e.g. BatchNorm running statistics) on every process, so that the
+    shards of a sharded evaluation are scored by one and the same model."""
+    if not current().enabled:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of a dataset: disjoint shards that together cover it
+    exactly once (``DistributedSampler`` pads with repeats, which would count images twice)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def shard_eval_loader(loader: DataLoader) -> DataLoader:
+    """``loader`` restricted to this process's shard (in order); ``loader`` itself outside
+    ``torchrun``. ``loader.dataset`` stays the whole dataset (the ground truth)."""
+    ctx = current()
+    if not ctx.enabled:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=ShardSampler(len(loader.dataset), ctx.rank, ctx.world_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
+def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` (only its trainable parameters are synchronised;
-    wrap again after changing which parameters train)."""
+    wrap again after changing which parameters train). ``find_unused_parameters``: the model
+    declares that some trainable parameters may get no gradient in a step (DDP then walks the
+    graph each step to find them; otherwise it waits for their gradients forever)."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = None
@@ -124,9 +187,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         # batch statistics over every GPU's images, not each GPU's few (segmentation decoders); in
         # place, so checkpoints keep their keys. SyncBatchNorm needs CUDA: CPU runs keep plain BN.
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # find_unused_parameters: heads may leave outputs out of the loss (e.g. auxiliary layers an
-    # option switches off); the extra graph walk is cheap next to a ViT forward
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def shard_loader(loader: DataLoader, seed: int) -> DataLoader:

@@ -10,13 +10,7 @@ from torch import nn
 
 from dinotune.adapters import trainable_backbone_parameters
 from dinotune.config import AdapterConfig, OptimConfig, TrainConfig
-
-# Parameters that AdamW must not decay: normalisation scales, biases, learned tokens and
-# position embeddings, layer-scale gammas, DoRA magnitudes.
-_NO_DECAY_KEYS = (
-    "norm", "cls_token", "register_tokens", "mask_token", "position_embeddings", "lambda1",
-    "lora_magnitude_vector", "query_embed", "level_embed",
-)
+from dinotune.models.wrapper import declared_no_weight_decay
 
 
 @dataclass(frozen=True)
@@ -49,12 +43,11 @@ def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase]:
     raise IndexError(f"epoch {epoch} is past the last phase")
 
 
-def phase_start(phases: list[Phase], index: int) -> int:
-    return sum(p.epochs for p in phases[:index])
-
-
-def _no_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_KEYS)
+def _no_decay(name: str, p: nn.Parameter, declared: set[str]) -> bool:
+    """AdamW must not decay 1-d parameters (biases, norm scales, LayerScale gammas, DoRA
+    magnitudes: timm's rule) nor what the module declares in ``no_weight_decay()`` (learned
+    tokens, position and query embeddings)."""
+    return p.ndim <= 1 or name in declared
 
 
 def set_trainable(model: nn.Module, adapter: AdapterConfig, phase: Phase) -> None:
@@ -68,13 +61,16 @@ def set_trainable(model: nn.Module, adapter: AdapterConfig, phase: Phase) -> Non
 def build_optimizer(
     model: nn.Module, adapter: AdapterConfig, optim: OptimConfig, phase: Phase
 ) -> torch.optim.AdamW:
-    """AdamW with separate groups for head / backbone, each split into decay and no-decay."""
+    """AdamW with separate groups for head / backbone, each split into decay and no-decay (what
+    the head and the backbone declare in ``no_weight_decay()``, and every 1-d parameter)."""
     groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("head", "head_nd", "backbone", "backbone_nd")}
+    head_nd = declared_no_weight_decay(model.head)
     for name, p in model.head.named_parameters():
-        groups["head_nd" if _no_decay(name, p) else "head"].append(p)
+        groups["head_nd" if _no_decay(name, p, head_nd) else "head"].append(p)
     if phase.train_backbone:
+        backbone_nd = declared_no_weight_decay(model.backbone)
         for name, p in trainable_backbone_parameters(model.backbone, adapter):
-            groups["backbone_nd" if _no_decay(name, p) else "backbone"].append(p)
+            groups["backbone_nd" if _no_decay(name, p, backbone_nd) else "backbone"].append(p)
     param_groups = []
     for key, params in groups.items():
         if not params:

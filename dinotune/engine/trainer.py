@@ -1,10 +1,15 @@
 """The training engine shared by every task.
 
-The engine never asks which task it runs: a task gives it ``training_step(model, batch) -> dict``
-(with ``"loss"``) and ``evaluate(model, loader, ...) -> dict``; the model exposes ``.backbone``
-and ``.head``. Everything else (phases, AMP, accumulation, clipping, schedules, checkpoints,
-resume, logs) lives here. Under ``torchrun`` it trains with DistributedDataParallel (see
-``distributed.py``); process 0 alone evaluates and writes the run folder.
+The engine never asks which task it runs: it gets a model bundle (``.model`` with ``.backbone``
+and ``.head``), loaders, and a task that supplies ``training_step(bundle, model, batch) -> dict``
+(with ``"loss"``), ``evaluate(bundle, loader, ...) -> dict`` and the metric to monitor.
+Everything else (phases, AMP, accumulation, clipping, schedules, checkpoints, resume, logs) lives
+here. Under ``torchrun`` it trains with DistributedDataParallel (see ``distributed.py``): every
+process evaluates its shard of the validation set, process 0 alone writes the run folder.
+
+``fit`` is a loop over small steps: ``_start`` (fresh or resumed state), ``_enter_phase``
+(optimizer and schedule of a training phase), ``train_epoch``, ``_evaluate``, ``_record``
+(best-so-far, checkpoints, logs, the epoch line).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,31 +28,32 @@ from torch.utils.data import DataLoader
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import RunLogger, progress
-from dinotune.engine.optim import (
-    Phase,
-    build_optimizer,
-    build_phases,
-    build_scheduler,
-    phase_at,
-    set_trainable,
-)
+from dinotune.engine.optim import Phase, build_optimizer, build_phases, build_scheduler, phase_at, set_trainable
+from dinotune.errors import NonFiniteLossError
+from dinotune.models.bundle import ModelBundle
 from dinotune.utils import get_rng_state, info, set_rng_state, write_json
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without overwriting good checkpoints."""
 
 
 class TrainableTask(Protocol):
     monitor: str
     monitor_mode: str
 
-    def training_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
+    def training_step(self, bundle: ModelBundle, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
 
-    def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device, precision: str,
-        show_progress: bool = False,
-    ) -> dict[str, Any]: ...
+    def evaluate(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
+                 show_progress: bool = False) -> dict[str, Any]: ...
+
+
+@dataclass
+class _FitState:
+    """What carries from epoch to epoch (and through a checkpoint to a resumed run)."""
+
+    epoch: int = 0  # epochs done
+    global_step: int = 0  # optimizer steps done
+    best: dict[str, Any] | None = None  # the record of the best epoch so far
+    last: dict[str, Any] = field(default_factory=dict)  # the record of the last epoch
+    saved: dict[str, Any] | None = None  # trainer state of a resumed checkpoint, until its phase starts
+    phase: int | None = None  # index of the phase whose optimizer is live
 
 
 def _fmt_time(seconds: float) -> str:
@@ -55,10 +62,11 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Trainer:
-    """Fits ``model`` for the epochs of ``cfg.train`` and writes the run folder.
+    """Fits ``bundle.model`` for the epochs of ``cfg.train`` and writes the run folder.
 
     Args:
-        model: module with ``.backbone`` (adapted already) and ``.head``.
+        bundle: the task's model bundle; ``bundle.model`` has ``.backbone`` (adapted already)
+            and ``.head``.
         task: supplies ``training_step`` / ``evaluate`` and the metric to monitor.
         cfg: the task config; ``cfg.adapter``, ``cfg.optim`` and ``cfg.train`` drive the engine,
             the whole config is saved with every checkpoint.
@@ -68,7 +76,7 @@ class Trainer:
     def __init__(
         self,
         *,
-        model: nn.Module,
+        bundle: ModelBundle,
         task: TrainableTask,
         train_loader: DataLoader,
         val_loader: DataLoader | None,
@@ -78,12 +86,13 @@ class Trainer:
         device: torch.device,
         precision: str,
     ):
-        self.model = model.to(device)
+        self.bundle = bundle
+        self.model = bundle.model.to(device)
         self.train_model = self.model  # the DDP wrapper when distributed
         self.task = task
         self.dist = distributed.current()
         self.train_loader = distributed.shard_loader(train_loader, cfg.train.seed) if self.dist.enabled else train_loader
-        self.val_loader = val_loader
+        self.val_loader = distributed.shard_eval_loader(val_loader) if val_loader is not None else None
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.meta = meta
@@ -92,20 +101,75 @@ class Trainer:
         self.phases: list[Phase] = build_phases(cfg.train, cfg.optim, cfg.adapter)
         self.total_epochs = sum(p.epochs for p in self.phases)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.logger: Any = _NullLogger()
         self.step_losses: list[float] = []  # every optimizer-step loss of this process, for tests
         self.stop_after_epoch: int | None = None  # test hook: simulate an interruption
 
-    # ------------------------------------------------------------------------------------ setup
-    def _start_phase(self, index: int, phase: Phase, state: dict[str, Any] | None):
+    # -------------------------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        state = self._start(resume)
+        first = state.epoch
+        self.logger = (RunLogger(self.run_dir, resume_epoch=state.epoch, resume_step=state.global_step)
+                       if self.dist.is_main else _NullLogger())
+        t_start = time.time()
+        optimizer = scheduler = None
+        try:
+            for epoch in range(first, self.total_epochs):
+                index, phase = phase_at(self.phases, epoch)
+                if index != state.phase:
+                    optimizer, scheduler = self._enter_phase(index, phase, state)
+                t0 = time.time()
+                record, state.global_step = self.train_epoch(epoch, phase, optimizer, scheduler, state.global_step)
+                details = self._evaluate(epoch)
+                record.update({f"val/{k}": v for k, v in details.items() if _is_scalar(v)})
+                record["time_s"] = round(time.time() - t0, 3)
+                if self.dist.is_main:  # process 0 alone saves, logs and prints
+                    eta = (time.time() - t_start) / (epoch + 1 - first) * (self.total_epochs - epoch - 1)
+                    self._record(record, details, state, optimizer, scheduler, eta)
+                distributed.barrier()  # every process leaves the epoch together
+                if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch:
+                    break
+        finally:
+            self.logger.close()
+        return {"best": state.best, "last": state.last, "run_dir": str(self.run_dir)}
+
+    # ------------------------------------------------------------------------------ the steps
+    def _start(self, resume: bool) -> _FitState:
+        """A fresh state, or the one ``checkpoints/last`` saved (weights and RNG restored)."""
+        if not resume:
+            return _FitState()
+        last = self.run_dir / "checkpoints" / "last"
+        saved = checkpoint.load_trainer_state(last)
+        checkpoint.load_weights(last, self.model, self.cfg.adapter)
+        set_rng_state(saved["rng"])
+        state = _FitState(saved["epoch"], saved["global_step"], saved["best"],
+                          checkpoint.read_meta(last).get("metrics", {}), saved)
+        if state.epoch >= self.total_epochs:
+            info(f"{self.run_dir}: all {self.total_epochs} epochs are done already")
+        else:
+            info(f"resuming {self.run_dir} after epoch {state.epoch}/{self.total_epochs}")
+        return state
+
+    def _enter_phase(self, index: int, phase: Phase, state: _FitState):
+        """Optimizer and schedule of phase ``index`` (restored when a resumed run stopped inside it)."""
+        optimizer, scheduler = self.start_phase(index, phase, state.saved)
+        state.phase, state.saved = index, None
+        if self.dist.enabled:  # DDP fixes its parameter set at wrap time: re-wrap per phase
+            self.train_model = distributed.wrap(self.model, self.device, self.bundle.find_unused_parameters)
+        return optimizer, scheduler
+
+    def start_phase(self, index: int, phase: Phase, saved: dict[str, Any] | None):
+        """Set which weights train in ``phase`` and build its optimizer and per-step schedule;
+        ``saved``: a trainer state to restore them from (when it was saved in this phase)."""
         set_trainable(self.model, self.cfg.adapter, phase)
         optimizer = build_optimizer(self.model, self.cfg.adapter, self.cfg.optim, phase)
         per_epoch = math.ceil(len(self.train_loader) / self.cfg.optim.accumulate)
         scheduler = build_scheduler(optimizer, self.cfg.optim, phase.epochs * per_epoch, per_epoch)
-        if state is not None and state["phase"] == index:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+        if saved is not None and saved["phase"] == index:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if self.scaler is not None and saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
         return optimizer, scheduler
 
     def _seed_epoch(self, epoch: int) -> None:
@@ -118,77 +182,10 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: the same shuffle on every process
             sampler.set_epoch(epoch)
 
-    # -------------------------------------------------------------------------------- main loop
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        ckpt_dir = self.run_dir / "checkpoints"
-        start_epoch, global_step, best, state = 0, 0, None, None
-        last_record: dict[str, Any] = {}
-        if resume:
-            state = checkpoint.load_trainer_state(ckpt_dir / "last")
-            checkpoint.load_weights(ckpt_dir / "last", self.model, self.cfg.adapter)
-            start_epoch, global_step, best = state["epoch"], state["global_step"], state["best"]
-            last_record = checkpoint.read_meta(ckpt_dir / "last").get("metrics", {})
-            if start_epoch >= self.total_epochs:
-                info(f"{self.run_dir}: all {self.total_epochs} epochs are done already")
-            else:
-                info(f"resuming {self.run_dir} after epoch {start_epoch}/{self.total_epochs}")
-        main = self.dist.is_main
-        self.logger = logger = (RunLogger(self.run_dir, resume_epoch=start_epoch, resume_step=global_step) if main
-                                else _NullLogger())
-        if state is not None:
-            set_rng_state(state["rng"])
-        self.model.to(self.device)
-        current, optimizer, scheduler = None, None, None
-        t_start = time.time()
-        try:
-            for epoch in range(start_epoch, self.total_epochs):
-                index, phase = phase_at(self.phases, epoch)
-                if index != current:
-                    optimizer, scheduler = self._start_phase(index, phase, state)
-                    current, state = index, None
-                    if self.dist.enabled:  # DDP fixes its parameter set at wrap time: re-wrap per phase
-                        self.train_model = distributed.wrap(self.model, self.device)
-                self._seed_epoch(epoch)
-                t0 = time.time()
-                record, global_step = self._train_epoch(epoch, phase, optimizer, scheduler, global_step)
-                evaluated = main and self.val_loader is not None and (
-                    (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.total_epochs
-                )
-                details: dict[str, Any] = {}
-                if evaluated:
-                    details = self.task.evaluate(self.model, self.val_loader, self.device, self.precision,
-                                                 show_progress=self.cfg.train.progress)
-                    record.update({f"val/{k}": v for k, v in details.items() if _is_scalar(v)})
-                    # per-class tables (e.g. AP per category) go to TensorBoard only
-                    tables = {k: t for k, t in details.items() if isinstance(t, dict)
-                              and all(v is None or _is_scalar(v) for v in t.values())}
-                    logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
-                                    if v is not None}, global_step)
-                record["time_s"] = round(time.time() - t0, 3)
-                if main:  # process 0 alone saves, logs and prints; the others wait below
-                    improved = self._improved(record, best)
-                    if improved:
-                        best = {k: v for k, v in record.items()}
-                    last_record = record
-                    meta = {**self.meta, "epoch": epoch + 1, "metrics": record}
-                    checkpoint.save(ckpt_dir / "last", self.model, self.cfg, meta, self._state(
-                        epoch + 1, index, global_step, best, optimizer, scheduler))
-                    if improved:
-                        checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
-                        if details:
-                            write_json(self.run_dir / "best_metrics.json", {"epoch": epoch + 1, **details})
-                    logger.epoch(record, global_step)
-                    done = epoch + 1 - start_epoch
-                    eta = (time.time() - t_start) / done * (self.total_epochs - epoch - 1)
-                    info(self._summary(record, improved, eta))
-                distributed.barrier()  # every process leaves the epoch together
-                if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch:
-                    break
-        finally:
-            logger.close()
-        return {"best": best, "last": last_record, "run_dir": str(self.run_dir)}
-
-    def _train_epoch(self, epoch, phase, optimizer, scheduler, global_step):
+    def train_epoch(self, epoch: int, phase: Phase, optimizer, scheduler, global_step: int):
+        """One pass over the training data; returns the epoch's record (mean losses over every
+        process, learning rates) and the new optimizer-step count."""
+        self._seed_epoch(epoch)
         model, accumulate = self.model, self.cfg.optim.accumulate
         model.train()
         if not phase.train_backbone:
@@ -201,26 +198,10 @@ class Trainer:
                        desc=f"epoch {epoch + 1}/{self.total_epochs} {phase.name}")
         group_loss = 0.0
         for i, batch in enumerate(bar):
-            batch = to_device(batch, self.device)
             group_start = i - i % accumulate
             group_size = min(accumulate, n - group_start)
             last_in_group = i + 1 - group_start == group_size
-            # DDP: gradients are averaged over processes once per optimizer step, not per micro-batch
-            sync = contextlib.nullcontext() if last_in_group or not self.dist.enabled else self.train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.precision):
-                    out = self.task.training_step(self.train_model, batch)
-                loss = out["loss"]
-                # the mean over processes: every process sees the same value, so all stop together
-                value = distributed.mean_over_processes(loss.item(), self.device)
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
-                        f"{self.run_dir / 'checkpoints' / 'last'} holds the last good epoch. Try a lower "
-                        "--lr / --backbone-lr, --precision fp32, or a smaller --grad-clip."
-                    )
-                scaled = loss / group_size
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            out, value = self._backward(to_device(batch, self.device), group_size, last_in_group, epoch, i)
             group_loss += value / group_size
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
@@ -229,10 +210,10 @@ class Trainer:
                 scheduler.step()
                 global_step += 1
                 self.step_losses.append(group_loss)
-                group_loss = 0.0
                 if global_step % 10 == 0:  # per-step scalars go to TensorBoard only
-                    self.logger.scalars({"step/loss": value, "step/lr": optimizer.param_groups[0]["lr"]},
+                    self.logger.scalars({"step/loss": group_loss, "step/lr": optimizer.param_groups[0]["lr"]},
                                         global_step)
+                group_loss = 0.0
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         sums = distributed.sum_over_processes(sums, self.device)
@@ -243,7 +224,29 @@ class Trainer:
                 record[f"lr/{g['name']}"] = g["lr"]
         return record, global_step
 
+    def _backward(self, batch: Any, group_size: int, last_in_group: bool, epoch: int, i: int):
+        """The losses of one micro-batch, back-propagated (scaled to its share of the optimizer
+        step), and their value averaged over processes (the same on every process, so a
+        non-finite loss stops all of them together)."""
+        # DDP: gradients are averaged over processes once per optimizer step, not per micro-batch
+        sync = contextlib.nullcontext() if last_in_group or not self.dist.enabled else self.train_model.no_sync()
+        with sync:
+            with autocast(self.device, self.precision):
+                out = self.task.training_step(self.bundle, self.train_model, batch)
+            loss = out["loss"]
+            value = distributed.mean_over_processes(loss.item(), self.device)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
+                    f"{self.run_dir / 'checkpoints' / 'last'} holds the last good epoch. Try a lower "
+                    "--lr / --backbone-lr, --precision fp32, or a smaller --grad-clip."
+                )
+            scaled = loss / group_size
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return out, value
+
     def _step(self, optimizer, params) -> None:
+        """Clip, step, and clear the gradients for the next optimizer step."""
         clip = self.cfg.optim.grad_clip
         if self.scaler is not None:
             if clip:
@@ -257,14 +260,46 @@ class Trainer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def _evaluate(self, epoch: int) -> dict[str, Any]:
+        """Validation metrics when due (every ``eval_every`` epochs and after the last), else ``{}``.
+        Every process evaluates its shard with process 0's buffers; all get the whole set's metrics."""
+        due = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.total_epochs
+        if self.val_loader is None or not due:
+            return {}
+        distributed.broadcast_buffers(self.model)
+        return self.task.evaluate(self.bundle, self.val_loader, self.device, self.precision,
+                                  show_progress=self.cfg.train.progress and self.dist.is_main)
+
+    def _record(self, record: dict[str, Any], details: dict[str, Any], state: _FitState, optimizer, scheduler,
+                eta: float) -> None:
+        """Best-so-far, ``checkpoints/last`` (and ``best`` when improved), the logs, the epoch line."""
+        epoch = record["epoch"]
+        improved = self._improved(record, state.best)
+        if improved:
+            state.best = dict(record)
+        state.last, state.epoch = record, epoch
+        ckpt_dir = self.run_dir / "checkpoints"
+        checkpoint.save(ckpt_dir / "last", self.model, self.cfg, {**self.meta, "epoch": epoch, "metrics": record},
+                        self._trainer_state(state, optimizer, scheduler))
+        if improved:
+            checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
+            if details:
+                write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **details})
+        # per-class tables (e.g. AP per category) go to TensorBoard only
+        tables = {k: t for k, t in details.items() if isinstance(t, dict)
+                  and all(v is None or _is_scalar(v) for v in t.values())}
+        self.logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
+                             if v is not None}, state.global_step)
+        self.logger.epoch(record, state.global_step)
+        info(self._summary(record, improved, eta))
 
     # -------------------------------------------------------------------------------- helpers
-    def _state(self, epoch, phase_index, global_step, best, optimizer, scheduler) -> dict[str, Any]:
+    def _trainer_state(self, state: _FitState, optimizer, scheduler) -> dict[str, Any]:
         return {
-            "epoch": epoch,
-            "phase": phase_index,
-            "global_step": global_step,
-            "best": best,
+            "epoch": state.epoch,
+            "phase": state.phase,
+            "global_step": state.global_step,
+            "best": state.best,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,

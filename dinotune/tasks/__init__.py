@@ -1,11 +1,14 @@
-"""Tasks: each supplies data, head, loss and evaluator; everything else is shared."""
+"""Tasks: each supplies data, head, loss and evaluator; everything else is shared.
+
+The registry below is the one place that maps a task name to its class; callers ask a task what
+it is and does (``tasks/base.py``), never which one it is."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from dinotune.tasks.base import Task, TaskData
+from dinotune.tasks.base import Task, TaskData, build_backbone
 
 _TASKS = {
     "classify": "dinotune.tasks.classify.task:ClassifyTask",
@@ -26,4 +29,4 @@ def get_task(cfg: Any) -> Task:
     return getattr(importlib.import_module(module), cls)(cfg)
 
 
-__all__ = ["Task", "TaskData", "get_task", "task_names"]
+__all__ = ["Task", "TaskData", "build_backbone", "get_task", "task_names"]

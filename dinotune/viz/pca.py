@@ -1,6 +1,7 @@
 """The DINOv2 paper's picture of patch features: one PCA fitted jointly over the last-layer patch
 tokens of several images, its first three components shown as RGB. Parts that match across the
-images (heads, wheels, sky) get the same colour.
+images (heads, wheels, sky) get the same colour. ``dinotune.api.pca`` puts a run or a backbone spec
+and image files together with these two functions.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinotune.config import ConfigError
 from dinotune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinotune.viz.plots import _new_figure, _save
 
-__all__ = ["pca_features", "pca_figure", "pca_for"]
+__all__ = ["pca_features", "pca_figure"]
 
 
 def _resize(image: Image.Image, image_size: int | None, patch: int) -> Image.Image:
@@ -140,46 +140,3 @@ def pca_figure(images: Sequence[Image.Image], maps: Sequence[np.ndarray], path: 
             ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
-
-
-def is_run_folder(path: str | Path) -> bool:
-    p = Path(path).expanduser()
-    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
-
-
-def pca_for(spec_or_run: str | Path, image_paths: Sequence[str | Path], out: str | Path,
-            image_size: int | None = None, foreground_threshold: float | None = None,
-            device: str = "auto", max_images: int = 8) -> Path:
-    """PCA figure of ``image_paths`` under a backbone: a ``--model`` spec (``random:tiny``, a hub id,
-    a ``.pth``, a local folder) or a dinotune run folder (its backbone with the adapter merged).
-    ``image_paths`` are files and / or folders (searched recursively); unreadable files are reported
-    and skipped, and only the first ``max_images`` are used (one figure row each).
-    ``image_size`` defaults to the run's ``backbone.image_size``, or 448 for a spec. ``out`` is the
-    PNG path; an existing folder or a suffix-less path gets ``pca.png`` inside. Returns the PNG."""
-    from dinotune.data.images import load_image, readable_images
-    from dinotune.engine.device import select_device
-
-    if max_images < 1:
-        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
-    image_paths = readable_images(image_paths)
-    if len(image_paths) > max_images:
-        print(f"pca: using the first {max_images} of {len(image_paths)} images (raise --max-images for more)")
-        image_paths = image_paths[:max_images]
-
-    if is_run_folder(spec_or_run):
-        from dinotune.api import load
-
-        loaded = load(spec_or_run, device=device)
-        backbone = loaded.model.backbone
-        image_size = image_size or loaded.cfg.backbone.image_size
-    else:
-        from dinotune.backbone.model import DinoBackbone
-
-        backbone = DinoBackbone.from_spec(str(spec_or_run)).to(select_device(device))
-        image_size = image_size or 448
-    images = [load_image(p) for p in image_paths]
-    maps = pca_features(backbone, images, image_size, foreground_threshold=foreground_threshold)
-    out = Path(out).expanduser()
-    if out.is_dir() or not out.suffix:
-        out = out / "pca.png"
-    return pca_figure(images, maps, out, titles=[Path(p).name for p in image_paths])

@@ -109,7 +109,7 @@ def plot_confusion_matrix(
     im = ax.imshow(colours, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
 
-    label_size = float(np.clip(14 - 0.1 * k, 5, 10))
+    label_size = float(np.clip(10 - 0.1 * (k - 40), 5, 10))  # 10 pt up to 40 classes, then smaller
     step = max(1, math.ceil(k / 100))  # beyond ~100 labels, show every n-th
     ticks = np.arange(0, k, step)
     ax.set_xticks(ticks)

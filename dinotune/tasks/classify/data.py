@@ -24,15 +24,14 @@ from dinotune.data.images import (
     scan_images,
     to_rgb,
 )
+from dinotune.data.splits import SPLIT_ALIASES
+from dinotune.errors import DataError
 from dinotune.utils import info, warn
 
-VAL_DIRS = ("val", "valid", "validation")
+VAL_DIRS = SPLIT_ALIASES["val"]
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath", "image_path")
 _LABEL_COLUMNS = ("label", "class", "category", "target", "class_name")
 
-
-class DataError(ValueError):
-    """The data cannot be used; the message names the file or folder and the problem."""
 
 
 @dataclass

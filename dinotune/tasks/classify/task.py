@@ -3,46 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from dinotune.config import ClassifyConfig
+from dinotune.backbone.model import DinoBackbone
+from dinotune.config import ClassifyConfig, ClassifyInferenceConfig
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
 from dinotune.data.transforms import classify_eval_transform, classify_train_transform
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
-from dinotune.tasks.base import Task, TaskData, build_backbone
-from dinotune.tasks.classify.data import (
-    ImageListDataset,
-    build_classification_data,
-    build_eval_dataset,
-)
+from dinotune.models.bundle import ModelBundle
+from dinotune.models.losses import build_loss
+from dinotune.tasks.base import Task, TaskData, TrainedRun
+from dinotune.tasks.classify.data import ImageListDataset, build_classification_data, build_eval_dataset
 from dinotune.tasks.classify.heads import build_head, pooled_dim
-from dinotune.tasks.classify.losses import build_loss
-from dinotune.tasks.classify.metrics import ClassificationMetrics
+from dinotune.tasks.classify.metrics import ClassificationMetrics, format_per_class_table
 from dinotune.tasks.classify.model import Classifier
 from dinotune.tasks.classify.probe import cached_features
 
 
 class ClassifyTask(Task):
     name = "classify"
-    monitor = "top1"
     monitor_mode = "max"
 
-    def __init__(self, cfg: ClassifyConfig):
-        super().__init__(cfg)
-        h = cfg.head
-        self.loss_fn = build_loss(h.loss, label_smoothing=h.label_smoothing, gamma=h.focal_gamma)
+    cfg: ClassifyConfig
+
+    @property
+    def monitor(self) -> str:
+        return "top1"
 
     # ---------------------------------------------------------------------------------- data
-    def eval_transform(self):
-        return classify_eval_transform(self.cfg.backbone.image_size)
+    def eval_transform(self, pre_transform: Callable | None = None) -> Callable:
+        """Evaluation preprocessing; ``pre_transform`` (PIL -> PIL, e.g. a corruption) runs first."""
+        transform = classify_eval_transform(self.cfg.backbone.image_size)
+        if pre_transform is None:
+            return transform
+        from torchvision.transforms import v2
 
-    def build_data(self, run_dir: Path | None) -> TaskData:
+        return v2.Compose([pre_transform, transform])
+
+    def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d, size = self.cfg.data, self.cfg.backbone.image_size
         augment = d.augment and not self.cfg.head.cache_features
         data = build_classification_data(
@@ -55,19 +58,6 @@ class ClassifyTask(Task):
                 "skipped_files": len(data.report)}
         return TaskData(data.train, data.val, meta)
 
-    def eval_dataset(self, data: str, class_names: list[str], split: str = "val", pre_transform=None):
-        """Evaluation data mapped onto ``class_names``; ``pre_transform`` (PIL -> PIL, e.g. a
-        corruption) runs before the preprocessing."""
-        d = self.cfg.data
-        transform = self.eval_transform()
-        if pre_transform is not None:
-            from torchvision.transforms import v2
-
-            transform = v2.Compose([pre_transform, transform])
-        return build_eval_dataset(data, class_names, transform, split=split,
-                                  image_column=d.image_column, label_column=d.label_column,
-                                  hf_split=d.val_split, check_images=d.check_images)
-
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
         t = self.cfg.train
         workers = 0 if self.cfg.head.cache_features else t.workers
@@ -79,19 +69,19 @@ class ClassifyTask(Task):
         return train, val
 
     # --------------------------------------------------------------------------------- model
-    def build_model(self, meta: dict[str, Any], model_override: str | None = None) -> nn.Module:
-        backbone = build_backbone(self.cfg, meta, model_override)
-        self.class_names = meta["class_names"]
+    def build_model(self, meta: dict[str, Any], backbone: DinoBackbone) -> ModelBundle:
         h = self.cfg.head
-        in_dim = pooled_dim(backbone.embed_dim, h.pool)
-        head = build_head(h.head, in_dim, meta["num_classes"], h.mlp_hidden, h.head_dropout)
-        return Classifier(backbone, head, h.pool)
+        head = build_head(h.head, pooled_dim(backbone.embed_dim, h.pool), meta["num_classes"], h.mlp_hidden,
+                          h.head_dropout)
+        criterion = build_loss(h.loss, label_smoothing=h.label_smoothing, gamma=h.focal_gamma)
+        return ModelBundle(Classifier(backbone, head, h.pool), criterion, None, list(meta["class_names"]))
 
-    def prepare(self, model, data, run_dir, device, precision) -> TaskData:
+    def prepare(self, bundle: ModelBundle, data: TaskData, run_dir: Path, device: torch.device,
+                precision: str) -> TaskData:
         if not self.cfg.head.cache_features:
             return data
         h, t = self.cfg.head, self.cfg.train
-        model.to(device)
+        model = bundle.model.to(device)
         common = dict(
             cache_dir=Path(h.cache_dir) if h.cache_dir else run_dir / "cache",
             key_parts={"fingerprint": data.meta["backbone_fingerprint"], "model": self.cfg.backbone.model,
@@ -108,50 +98,54 @@ class ClassifyTask(Task):
     def _inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"features": batch["features"]} if "features" in batch else {"images": batch["image"]}
 
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def training_step(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = model(**self._inputs(batch))
-        loss = self.loss_fn(logits.float(), batch["label"])
+        loss = bundle.criterion(logits.float(), batch["label"])
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
         return {"loss": loss, "acc": acc.detach()}
 
-    @torch.no_grad()
-    def evaluate(self, model, loader, device, precision, show_progress=False) -> dict[str, Any]:
-        logits, labels = self.predict_logits(model, loader, device, precision, show_progress)
-        names = getattr(self, "class_names", None)
-        metrics = ClassificationMetrics(logits.shape[1], names)
-        metrics.update(logits, labels)
-        out = {"loss": float(self.loss_fn(logits, labels))}
-        out.update(metrics.compute())
-        return out
-
-    @torch.no_grad()
-    def predict_logits(self, model, loader, device, precision, show_progress=False):
-        """``N x K`` float32 logits and ``N`` labels over ``loader``, in order."""
-        was_training = model.training
-        model.eval()
-        all_logits, all_labels = [], []
+    def evaluation_pass(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
+                        show_progress: bool) -> dict[str, torch.Tensor]:
+        """``{"logits": N x K float32, "labels": N, "index": N}`` of this process's images."""
+        logits, labels, index = [], [], []
         for batch in progress(loader, show_progress, desc="evaluating"):
             batch = to_device(batch, device)
             with autocast(device, precision):
-                all_logits.append(model(**self._inputs(batch)).float().cpu())
-            all_labels.append(batch["label"].cpu())
-        model.train(was_training)
-        return torch.cat(all_logits), torch.cat(all_labels)
+                logits.append(bundle.model(**self._inputs(batch)).float().cpu())
+            labels.append(batch["label"].cpu())
+            index.append(batch["index"].cpu())
+        k = len(bundle.class_names)
+        return {"logits": torch.cat(logits) if logits else torch.zeros(0, k),
+                "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+                "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)}
+
+    def compute_metrics(self, bundle: ModelBundle, parts: Sequence[dict[str, torch.Tensor]],
+                        dataset: Dataset) -> dict[str, Any]:
+        # dataset order, whichever process saw which image: the loss sums in the same order
+        index = torch.cat([p["index"] for p in parts])
+        order = index.argsort()
+        logits = torch.cat([p["logits"] for p in parts])[order]
+        labels = torch.cat([p["labels"] for p in parts])[order]
+        metrics = ClassificationMetrics(logits.shape[1], bundle.class_names)
+        metrics.update(logits, labels)
+        out = {"loss": float(bundle.criterion(logits, labels))}
+        out.update(metrics.compute())
+        return out
 
     # ------------------------------------------------------------------------------ inference
-    def predict_images(self, loaded, images, top_k: int = 5, batch_size: int = 32, **_: Any) -> list[dict[str, Any]]:
+    def predict(self, run: TrainedRun, images: Any, settings: ClassifyInferenceConfig) -> list[dict[str, Any]]:
         """Top-k classes per image: ``[{"image", "predictions": [{"class", "index", "score"}]}]``."""
         paths = readable_images(images, "full")
         ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform())
-        loader = make_loader(ds, batch_size, shuffle=False, workers=0)
-        names = loaded.meta["class_names"]
-        k = min(top_k, len(names))
+        loader = make_loader(ds, settings.batch_size, shuffle=False, workers=0)
+        names = run.bundle.class_names
+        k = min(settings.top_k, len(names))
         results: dict[int, dict[str, Any]] = {}
-        loaded.model.eval()
+        model = run.bundle.model.eval()
         with torch.no_grad():
-            for batch in progress(loader, len(paths) > batch_size, desc="predicting"):
-                with autocast(loaded.device, loaded.precision):
-                    logits = loaded.model(images=batch["image"].to(loaded.device)).float()
+            for batch in progress(loader, len(paths) > settings.batch_size, desc="predicting"):
+                with autocast(run.device, run.precision):
+                    logits = model(images=batch["image"].to(run.device)).float()
                 scores, idx = logits.softmax(-1).topk(k, dim=-1)
                 for i, s_row, c_row in zip(batch["index"].tolist(), scores.tolist(), idx.tolist()):
                     results[i] = {"image": str(paths[i]), "predictions": [
@@ -174,27 +168,35 @@ class ClassifyTask(Task):
             w.writerow([r["image"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['score']:.6f}")])
         return buf.getvalue()
 
-    def evaluate_data(self, loaded, data: str, split: str = "val", batch_size: int = 32,
-                      pre_transform=None) -> dict[str, Any]:
-        """Metrics of ``loaded`` on a dataset, classes matched to the checkpoint's by name."""
-        self.class_names = loaded.meta["class_names"]
-        ds = self.eval_dataset(data, self.class_names, split, pre_transform=pre_transform)
-        loader = make_loader(ds, batch_size, shuffle=False, workers=self.cfg.train.workers)
-        return self.evaluate(loaded.model, loader, loaded.device, loaded.precision, show_progress=True)
+    def _eval_dataset(self, data: str, class_names: list[str], split: str,
+                      pre_transform: Callable | None = None) -> Dataset:
+        d = self.cfg.data
+        return build_eval_dataset(data, class_names, self.eval_transform(pre_transform), split=split,
+                                  image_column=d.image_column, label_column=d.label_column,
+                                  hf_split=d.val_split, check_images=d.check_images)
 
-    def sample_charts(self, loaded, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
+    def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: ClassifyInferenceConfig, *,
+                      images: str = "", subset: int = 0, subset_seed: int = 0,
+                      pre_transform: Callable | None = None) -> dict[str, Any]:
+        """Metrics of ``run`` on a dataset, classes matched to the checkpoint's by name."""
+        ds = self._eval_dataset(data, run.bundle.class_names, split, pre_transform)
+        loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers)
+        return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
+
+    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
         """A grid of ``samples`` evaluation images titled predicted / true class (green right, red wrong)."""
         from dinotune.data.images import load_image
         from dinotune.viz.plots import plot_image_grid
 
-        names = loaded.meta["class_names"]
-        ds = self.eval_dataset(data, names, split)
+        names = run.bundle.class_names
+        ds = self._eval_dataset(data, names, split)
         items = getattr(ds, "items", None)
         if not items:  # Hugging Face datasets have no file paths to show
             return []
         step = max(1, len(items) // samples)
         picked = items[::step][:samples]
-        preds = self.predict_images(loaded, [p for p, _ in picked], top_k=1)
+        settings = ClassifyInferenceConfig(batch_size=self.cfg.inference.batch_size, top_k=1)
+        preds = self.predict(run, [p for p, _ in picked], settings)
         truth = {str(p): names[label] for p, label in picked}
         titles, colours = [], []
         for r in preds:
@@ -204,13 +206,16 @@ class ClassifyTask(Task):
         return [plot_image_grid([load_image(r["image"]) for r in preds], titles, Path(out_dir) / "samples.png",
                                 colours=colours)]
 
-    def report(self, run_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
+    def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
         from dinotune.viz.plots import plot_bars, plot_confusion_matrix
 
         if "confusion" not in metrics:
             return []
-        files = [plot_confusion_matrix(metrics["confusion"], meta["class_names"], run_dir / "confusion_matrix.png")]
+        files = [plot_confusion_matrix(metrics["confusion"], meta["class_names"], out_dir / "confusion_matrix.png")]
         if "per_class" in metrics and len(metrics["per_class"]) > 2:
             f1 = {row["class"]: row["f1"] for row in metrics["per_class"]}
-            files.append(plot_bars(f1, run_dir / "per_class_f1.png", "F1 per class", "F1"))
+            files.append(plot_bars(f1, out_dir / "per_class_f1.png", "F1 per class", "F1"))
         return files
+
+    def summary_table(self, metrics: dict[str, Any]) -> str | None:
+        return format_per_class_table(metrics) if "per_class" in metrics else None

@@ -26,10 +26,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dinotune.ops import box_ops
-from dinotune.tasks.detect.postprocess import to_coco_results
 
-__all__ = ["coco_evaluate", "CocoEvaluator", "STAT_NAMES"]
+__all__ = ["coco_evaluate", "STAT_NAMES"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # (is AP, IoU threshold or None for .50:.95, area range, index into maxDets)
@@ -137,61 +135,3 @@ def coco_evaluate(gt: dict, results: list[dict], iou_type: str = "bbox", per_cla
     out["precision_recall"] = {"iou": float(p.iouThrs[0]), "recall": [float(r) for r in p.recThrs],
                                "precision": [_mean_defined(row) for row in pr]}
     return out
-
-
-class CocoEvaluator:
-    """Accumulates ``PostProcess`` outputs batch by batch; ``compute()`` runs ``coco_evaluate``.
-
-    Args:
-        gt: the COCO ground-truth dict of the evaluated split (with crowd regions and exact
-            areas). If None, ground truth is rebuilt from the targets given to ``update``
-            (``boxes`` cxcywh on the canvas -> original pixels): fine for YOLO-style data, but
-            it has no crowd regions and uses box areas, so it is not the official COCO number.
-        categories: the dataset's ``[{"id", "name"}]`` in contiguous label order.
-        canvas_size: ``S``; needed only when ``gt`` is None.
-
-    Only images seen by ``update`` are evaluated; an image seen twice (e.g. padding of a
-    distributed sampler) is counted once.
-    """
-
-    def __init__(self, gt: dict | None, categories: Sequence[dict[str, Any]], iou_type: str = "bbox",
-                 per_class: bool = True, max_dets: int = 100, canvas_size: int | None = None):
-        if gt is None and canvas_size is None:
-            raise ValueError("CocoEvaluator without gt rebuilds it from targets and needs canvas_size")
-        self.gt, self.categories = gt, [dict(c) for c in categories]
-        self.iou_type, self.per_class, self.max_dets, self.canvas_size = iou_type, per_class, max_dets, canvas_size
-        self.reset()
-
-    def reset(self) -> None:
-        self.results: list[dict[str, Any]] = []
-        self.img_ids: list[int] = []
-        self._images: list[dict] = []
-        self._annotations: list[dict] = []
-
-    def update(self, outputs_postprocessed: Sequence[dict], targets: Sequence[dict]) -> None:
-        seen = set(self.img_ids)
-        keep = [i for i, t in enumerate(targets) if int(t["image_id"]) not in seen]
-        ids = [int(targets[i]["image_id"]) for i in keep]
-        self.results += to_coco_results([outputs_postprocessed[i] for i in keep], ids, self.categories)
-        self.img_ids += ids
-        if self.gt is None:
-            for i, image_id in zip(keep, ids):
-                self._add_gt(targets[i], image_id)
-
-    def _add_gt(self, target: dict, image_id: int) -> None:
-        h, w = (int(v) for v in target["orig_size"])
-        self._images.append({"id": image_id, "height": h, "width": w})
-        boxes = box_ops.cxcywh_to_xyxy(target["boxes"].detach().to("cpu").double()) * self.canvas_size
-        boxes = box_ops.xyxy_to_xywh(box_ops.clip(boxes / float(target["scale"]), w, h))
-        for box, label in zip(boxes.tolist(), target["labels"].tolist()):
-            self._annotations.append({"id": len(self._annotations) + 1, "image_id": image_id,
-                                      "category_id": self.categories[label]["id"], "bbox": box,
-                                      "area": box[2] * box[3], "iscrowd": 0})
-
-    def compute(self) -> dict[str, Any]:
-        if not self.img_ids:
-            raise RuntimeError("CocoEvaluator.compute() called before any image was added")
-        gt = self.gt if self.gt is not None else {
-            "images": self._images, "annotations": self._annotations, "categories": self.categories}
-        return coco_evaluate(gt, self.results, self.iou_type, self.per_class, self.max_dets,
-                             img_ids=self.img_ids)

@@ -1,11 +1,10 @@
 """``dinotune compare``: several detectors, the same images, the same metric code, one table.
 
 Every detector turns image paths into detections in original pixels with the dataset's own
-category ids; nothing else is detector-specific. Each is then scored by the COCO AP suite
-(pycocotools, against every ground-truth object) and by the seeds' single-object metrics (the
-top-scoring detection of an image against its largest object: accuracy, macro precision /
-recall / F1, mean IoU, mAP@0.5), so a DETR run, a single-object run and a YOLO model are
-judged identically.
+category ids; nothing else is detector-specific. Each is then scored by ``detection_metrics``
+(the COCO AP suite and the single-object metrics, as in training-time evaluation), so a DETR
+run, a single-object run and a YOLO model are judged identically. Runs arrive loaded
+(``dinotune.api.compare`` loads them).
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from dinotune.ops import box_ops
+from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.detect.coco import DetectionSource
-from dinotune.tasks.detect.coco_eval import coco_evaluate
 from dinotune.tasks.detect.data import choose_subset, find_detection_data, restrict, scan_source
-from dinotune.tasks.detect.single_metrics import single_object_metrics
+from dinotune.tasks.detect.evaluation import detection_metrics
 from dinotune.utils import info, warn, write_json
 
 SHOWN = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "accuracy", "f1", "mean_iou", "map50"]
@@ -44,15 +43,14 @@ class Detector(Protocol):
 
 
 class RunDetector:
-    """A dinotune detection run (DETR-style or single-object)."""
+    """A loaded dinotune detection run (DETR-style or single-object); ``batch_size`` None: the
+    run's own inference batch size."""
 
-    def __init__(self, run: str | Path, device: str = "auto", batch_size: int = 8):
-        from dinotune import api
-
-        self.loaded = api.load(run, device=device)
-        if self.loaded.cfg.task != "detect":
-            raise ValueError(f"{run} is a {self.loaded.cfg.task} run, not a detection run")
-        self.name = f"dinotune:{Path(run).name} ({self.loaded.cfg.model.head})"
+    def __init__(self, loaded: TrainedRun, name: str, batch_size: int | None = None):
+        if loaded.cfg.task != "detect":
+            raise ValueError(f"{name} is a {loaded.cfg.task} run, not a detection run")
+        self.loaded = loaded
+        self.name = f"dinotune:{name} ({loaded.cfg.model.head})"
         self.batch_size = batch_size
 
     def detect(self, paths: Sequence[Path]) -> list[Detections]:
@@ -73,8 +71,8 @@ class YoloDetector:
     YOLO class names are matched to the dataset's category names (COCO-trained YOLO and COCO use
     the same names); classes the dataset lacks are dropped and counted."""
 
-    def __init__(self, weights: str, categories: list[dict[str, Any]], image_size: int = 640,
-                 device: str = "auto", conf: float = 0.001):
+    def __init__(self, weights: str, categories: list[dict[str, Any]], image_size: int, device: str = "auto",
+                 conf: float = 0.001):
         try:
             from ultralytics import YOLO
         except ImportError:
@@ -117,36 +115,13 @@ def _undo_pil_patch() -> None:
 
 
 def score(source: DetectionSource, detections: Sequence[Detections]) -> dict[str, Any]:
-    """COCO AP suite and the seeds' single-object metrics of ``detections`` (one per source image)."""
+    """``detection_metrics`` of ``detections`` (one per source image, in order)."""
     results = []
     for im, det in zip(source.images, detections):
         for box, s, c in zip(box_ops.xyxy_to_xywh(det.boxes).tolist(), det.scores.tolist(), det.category_ids.tolist()):
             results.append({"image_id": im.id, "category_id": int(c), "bbox": [round(v, 2) for v in box],
                             "score": float(s)})
-    metrics = coco_evaluate(source.coco_gt(), results)
-    metrics.pop("summary", None)
-    index = source.category_index
-    pl, ps, pb, gl, gb = [], [], [], [], []
-    for im, det in zip(source.images, detections):
-        objects = source.targets(im.id)
-        if not objects:
-            continue
-        largest = max(objects, key=lambda a: (a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1]))
-        gl.append(largest.label)
-        gb.append(list(largest.bbox))
-        if len(det.scores):
-            best = int(det.scores.argmax())
-            pl.append(index[int(det.category_ids[best])])
-            ps.append(float(det.scores[best]))
-            pb.append(det.boxes[best].tolist())
-        else:  # no detection at all: the largest object is missed
-            pl.append(-1)
-            ps.append(0.0)
-            pb.append([0.0, 0.0, 0.0, 0.0])
-    if gl:
-        metrics.update(single_object_metrics(torch.tensor(pl), torch.tensor(ps), torch.tensor(pb),
-                                             torch.tensor(gl), torch.tensor(gb), len(source.categories)))
-    return metrics
+    return detection_metrics(source, results)
 
 
 def compare(detectors: Sequence[Detector], source: DetectionSource, out_dir: Path) -> dict[str, Any]:
@@ -181,29 +156,28 @@ def markdown_table(rows: dict[str, dict[str, Any]], data: str, n_images: int) ->
 
     lines = [f"# Detector comparison on {data} ({n_images} images)", "",
              "COCO metrics use every ground-truth object (pycocotools); accuracy / F1 / mean IoU / mAP@0.5 "
-             "compare each image's top detection with its largest object (the seeds' protocol).", "",
+             "compare each image's top detection with its largest object (single-object metrics).", "",
              "| detector | " + " | ".join(SHOWN) + " | images/s |", "|---" * (len(SHOWN) + 2) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(k)) for k in SHOWN) + f" | {cell(r.get('images_per_s'))} |")
     return "\n".join(lines) + "\n"
 
 
-def run_compare(*, data: str, split: str, runs: Sequence[str], yolo: Sequence[str], out: Path, images: str = "",
-                subset: int = 0, subset_seed: int = 0, device: str = "auto", yolo_image_size: int = 640,
-                batch_size: int = 8) -> str:
-    """The CLI entry: load the ground truth, build the detectors, compare, return the table."""
+def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],
+                yolo: Sequence[str], out: Path, images: str, subset: int, subset_seed: int, device: str,
+                yolo_image_size: int, batch_size: int | None, min_box_size: float) -> str:
+    """Load the ground truth, wrap the detectors, compare, return the table."""
     if not runs and not yolo:
         raise ValueError("nothing to compare: pass --runs and/or --yolo")
-    categories = None
-    detectors: list[Detector] = [RunDetector(r, device=device, batch_size=batch_size) for r in runs]
-    if detectors:
-        categories = detectors[0].loaded.meta["categories"]
-    source = find_detection_data(data, "val" if split == "val" else "train", images, categories=categories)
+    detectors: list[Detector] = [RunDetector(r, n, batch_size) for r, n in zip(runs, run_names)]
+    categories = runs[0].bundle.categories if runs else None
+    source = find_detection_data(data, "val" if split == "val" else "train", images, categories=categories,
+                                 min_box_size=min_box_size)
     source = scan_source(source, "fast")
     if subset:
         source = restrict(source, choose_subset(source, subset, subset_seed))
     for d in detectors[1:]:
-        if [c["id"] for c in d.loaded.meta["categories"]] != [c["id"] for c in source.categories]:
+        if [c["id"] for c in d.loaded.bundle.categories] != [c["id"] for c in source.categories]:
             warn(f"{d.name} was trained on other categories than {detectors[0].name}; ids are matched as-is")
     detectors += [YoloDetector(w, source.categories, yolo_image_size, device) for w in yolo]
     result = compare(detectors, source, Path(out))

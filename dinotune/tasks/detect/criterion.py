@@ -6,6 +6,7 @@ with suffixes ``_0``, ``_1``, ..., for every earlier layer in ``aux_outputs``.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, aux_loss: bool = True):
+                 focal_alpha: float, focal_gamma: float, aux_loss: bool):
         super().__init__()
         unknown = sorted(set(weight_dict) - set(LOSSES))
         if unknown:
@@ -49,18 +50,23 @@ class SetCriterion(nn.Module):
         self.weight_dict = {k: float(v) for k, v in weight_dict.items()}
         self.focal_alpha, self.focal_gamma, self.aux_loss = focal_alpha, focal_gamma, aux_loss
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]],
+                count_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """Unweighted float32 scalar losses.
 
         Args:
             outputs: ``pred_logits`` ``B x Q x K``, ``pred_boxes`` ``B x Q x 4`` (cxcywh in [0, 1]),
                 optionally ``aux_outputs``: list of dicts with the same two keys.
             targets: ``B`` dicts with ``labels`` (``N_i`` int64) and ``boxes`` (``N_i x 4`` cxcywh).
+            count_reduce: turns this batch's box count (a float tensor) into the number to divide
+                by. Under several processes this is the count summed over all of them and divided
+                by their number (DETR's ``num_boxes``), so that DDP's gradient average equals one
+                process with the whole batch; None: this batch's own count, at least 1.
 
         Returns:
             ``loss_ce``, ``loss_bbox``, ``loss_giou`` and, with ``aux_loss``, the same three
             suffixed ``_i`` for ``aux_outputs[i]``. Every loss is a sum divided by the number of
-            target boxes in the batch (at least 1), so images with many boxes weigh more.
+            target boxes, so images with many boxes weigh more.
         """
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes:
@@ -68,7 +74,8 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"].reshape(-1) for t in targets]) if targets else torch.empty(0)
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
             raise ValueError(f"target labels must lie in 0..{self.num_classes - 1}, got {labels.unique().tolist()}")
-        num_boxes = float(max(labels.numel(), 1))
+        count = torch.tensor(float(labels.numel()), device=logits.device)
+        num_boxes = count_reduce(count) if count_reduce is not None else count.clamp(min=1.0)
         # the losses run in float32 even inside a bf16 / fp16 autocast region: focal logs and
         # GIoU divisions lose too much in half precision
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -80,7 +87,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def _layer_losses(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]],
-                      num_boxes: float) -> dict[str, Tensor]:
+                      num_boxes: Tensor) -> dict[str, Tensor]:
         """The three losses of one decoder layer, matched on that layer's own predictions."""
         indices = self.matcher(outputs, targets)
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
@@ -103,6 +110,14 @@ class SetCriterion(nn.Module):
         loss_giou = generalized_box_iou_loss(box_ops.cxcywh_to_xyxy(src_boxes), box_ops.cxcywh_to_xyxy(tgt_boxes),
                                              reduction="sum") / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def training_losses(self, outputs: dict, targets: list[dict[str, Tensor]],
+                        count_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """``{"loss": the weighted total, "loss_ce", "loss_bbox", "loss_giou"}``: the total to
+        back-propagate and the last layer's unweighted parts (detached) for the logs; the
+        auxiliary layers only add to the total."""
+        losses = self(outputs, targets, count_reduce)
+        return {"loss": self.total(losses), **{k: losses[k].detach() for k in LOSSES}}
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """``sum(weight_dict[base_name(name)] * loss)``; a name without a weight raises ``KeyError``."""

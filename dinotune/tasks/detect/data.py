@@ -16,49 +16,37 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from dinotune.data.images import ImageReadError, load_image, scan_images
+from dinotune.data.coco import find_coco_json, load_json
+from dinotune.data.images import load_image, scan_images
+from dinotune.data.splits import SPLIT_ALIASES, subset_indices
+from dinotune.errors import DataError, ImageReadError
 from dinotune.ops import box_ops
 from dinotune.tasks.detect.coco import (
     Annotation,
-    DataError,
     DetectionReport,
     DetectionSource,
     ImageRecord,
-    load_json,
     read_coco,
 )
 from dinotune.tasks.detect.transforms import resize_pad, to_input
-from dinotune.tasks.detect.yolo import SPLIT_ALIASES, find_yaml, read_yolo
+from dinotune.tasks.detect.yolo import find_yaml, read_yolo
 from dinotune.utils import warn, write_json
 
 __all__ = [
-    "DataError", "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo",
+    "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo",
     "find_detection_data", "scan_source", "choose_subset", "restrict", "write_subset_file", "read_subset_file",
     "DetectionDataset", "detection_collate", "describe",
 ]
 
 
 # ------------------------------------------------------------------------------------ finding data
-def _coco_jsons(root: Path, split: str) -> tuple[list[Path], list[str]]:
-    """JSON files of ``split`` under a COCO-style folder, by the first pattern that matches."""
-    looked = []
-    for alias in SPLIT_ALIASES[split]:
-        for pattern in (f"annotations/instances_{alias}*.json", f"annotations/{alias}*.json",
-                        f"{alias}/_annotations.coco.json", f"{alias}/annotations.json"):
-            looked.append(pattern)
-            found = sorted(root.glob(pattern))
-            if found:
-                return found, looked
-    return [], looked
-
-
 def find_detection_data(
     data: str | Path,
     split: Literal["train", "val"],
     images: str | Path = "",
     *,
     categories: list[dict[str, Any]] | None = None,
-    min_box_size: float = 1.0,
+    min_box_size: float,
 ) -> DetectionSource:
     """One split of a COCO folder (``annotations/instances_<split>*.json``; val also matches valid /
     validation), a COCO JSON file, or a YOLO folder / ``data.yaml``. ``images``: the image folder
@@ -78,19 +66,16 @@ def find_detection_data(
         raise DataError(f"{path}: expected a COCO instances .json, a YOLO data.yaml or a folder holding one")
     if find_yaml(path) is not None:
         return read_yolo(path, split, categories, min_box_size)
-    found, looked = _coco_jsons(path, split)
-    if len(found) > 1:
-        raise DataError(f"{path}: several {split} annotation files match ({', '.join(p.name for p in found)}); "
-                        "pass the JSON file itself")
-    if found:
-        return read_coco(found[0], images or None, categories, min_box_size)
+    found, looked = find_coco_json(path, split)
+    if found is not None:
+        return read_coco(found, images or None, categories, min_box_size)
     raise DataError(
         f"{path}: no {split} detection data found; looked for a YOLO data.yaml and COCO files "
         f"{', '.join(looked)}"
     )
 
 
-def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"] = "fast") -> DetectionSource:
+def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"]) -> DetectionSource:
     """``source`` without the images that do not decode (``full``) or whose header is broken
     (``fast``); each one is named in ``source.report.skipped``."""
     if mode == "off":
@@ -106,11 +91,7 @@ def choose_subset(source: DetectionSource, n: int, seed: int) -> list[int]:
     """``n`` image ids drawn reproducibly (a seeded permutation of the sorted ids; the ``n`` images
     of a seed include those of any smaller ``n``), returned sorted. ``n`` >= the size: all ids."""
     ids = sorted(source.image_ids)
-    if n <= 0 or n >= len(ids):
-        return ids
-    generator = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(ids), generator=generator)[:n].tolist()
-    return sorted(ids[i] for i in order)
+    return sorted(ids[i] for i in subset_indices(len(ids), n, seed))
 
 
 def restrict(source: DetectionSource, ids: list[int], where: str = "") -> DetectionSource:
@@ -153,10 +134,11 @@ class DetectionDataset(Dataset):
         self.image_size = int(image_size)
         self.transform = transform
         self.pre_transform = pre_transform
+        self.source = source  # the ground truth COCO evaluation scores against
         self.categories = list(source.categories)
         self.name = source.name
         self.records = list(source.images)
-        # compact per-image targets (no crowd regions); the source itself is not kept
+        # compact per-image targets (no crowd regions), ready to become tensors
         self.boxes, self.labels = [], []
         for im in self.records:
             objs = source.targets(im.id)

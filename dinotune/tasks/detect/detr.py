@@ -20,27 +20,37 @@ import torch
 from torch import Tensor, nn
 
 from dinotune.backbone.model import DinoBackbone
-from dinotune.tasks.classify.model import backbone_grad_context
+from dinotune.config import DetectModelConfig
+from dinotune.models.pyramid import SimpleFeaturePyramid
+from dinotune.models.wrapper import BackboneHead
 from dinotune.tasks.detect.decoder import DeformableDecoder, inverse_sigmoid, position_encoding
 from dinotune.tasks.detect.deformable import level_start_index
-from dinotune.tasks.detect.pyramid import SimpleFeaturePyramid
 
 INIT_BOX_SIZE = 0.1  # initial reference boxes' width / height, as a fraction of the canvas
 
 
 class DetrHead(nn.Module):
-    """Everything trainable outside the backbone: pyramid, queries, decoder, class / box heads."""
+    """Everything trainable outside the backbone: pyramid, queries, decoder, class / box heads.
 
-    def __init__(self, in_dim: int, num_classes: int, num_queries: int = 100, decoder_layers: int = 6,
-                 hidden_dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024, sampling_points: int = 4,
-                 pyramid_scales: Sequence[float] = (2.0, 1.0, 0.5), dropout: float = 0.0):
+    Args:
+        in_dim: backbone width ``C``.
+        num_classes: ``K`` (sigmoid scores, no "no object" class).
+        num_queries: object queries ``Q``.
+        decoder_layers, hidden_dim, num_heads, ffn_dim, sampling_points, dropout: the decoder.
+        pyramid_scales: feature-pyramid levels as scale factors of the patch map.
+        patch_size: the backbone's patch size (the pyramid's strides).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, num_queries: int, decoder_layers: int, hidden_dim: int,
+                 num_heads: int, ffn_dim: int, sampling_points: int, pyramid_scales: Sequence[float],
+                 dropout: float, patch_size: int):
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}")
         if hidden_dim % 4:
             raise ValueError(f"hidden_dim {hidden_dim} must be a multiple of 4 (sine position encoding)")
         self.num_classes, self.num_queries, self.hidden_dim = num_classes, num_queries, hidden_dim
-        self.pyramid = SimpleFeaturePyramid(in_dim, hidden_dim, pyramid_scales)
+        self.pyramid = SimpleFeaturePyramid(in_dim, hidden_dim, pyramid_scales, patch_size)
         n_levels = len(self.pyramid.scales)
         self.level_embed = nn.Parameter(torch.empty(n_levels, hidden_dim))
         nn.init.normal_(self.level_embed)
@@ -56,6 +66,10 @@ class DetrHead(nn.Module):
             self.reference_points.bias[2:].fill_(float(inverse_sigmoid(torch.tensor(INIT_BOX_SIZE))))
         self.decoder = DeformableDecoder(hidden_dim, num_heads, ffn_dim, n_levels, sampling_points,
                                          dropout, decoder_layers, num_classes)
+
+    def no_weight_decay(self) -> set[str]:
+        """Learned embeddings AdamW must not shrink (as Deformable DETR's recipe)."""
+        return {"query_embed.weight", "level_embed"}
 
     def memory(self, patch_map: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
         """``B x C x h x w`` -> (``B x sum(H_l W_l) x hidden`` memory, ``[(H_l, W_l)]``)."""
@@ -80,27 +94,17 @@ class DetrHead(nn.Module):
         return {**per_layer[-1], "aux_outputs": per_layer[:-1]}
 
 
-class DinoDetr(nn.Module):
+class DinoDetr(BackboneHead):
     """``.backbone`` (``DinoBackbone``) + ``.head`` (``DetrHead``), as the engine expects."""
 
-    def __init__(self, backbone: DinoBackbone, head: DetrHead):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def features(self, images: Tensor) -> Tensor:
-        """``B x 3 x S x S`` -> ``B x C x S/14 x S/14`` last-layer patch map."""
-        with backbone_grad_context(self.backbone):
-            return self.backbone(images, layers=1).patch_map
-
     def forward(self, images: Tensor) -> dict:
-        patch_map = self.features(images)
-        return self.head(patch_map.to(self.head.level_embed.dtype))
+        """``B x 3 x S x S`` -> the head's outputs on the ``B x C x S/p x S/p`` last-layer patch map."""
+        return self.head(self.to_head(self.backbone_features(images).patch_map))
 
 
-def build_detr(backbone: DinoBackbone, num_classes: int, num_queries: int = 100, decoder_layers: int = 6,
-               hidden_dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024, sampling_points: int = 4,
-               pyramid_scales: Sequence[float] = (2.0, 1.0, 0.5), dropout: float = 0.0) -> DinoDetr:
-    head = DetrHead(backbone.embed_dim, num_classes, num_queries, decoder_layers, hidden_dim, num_heads,
-                    ffn_dim, sampling_points, list(pyramid_scales), dropout)
+def build_detr(backbone: DinoBackbone, num_classes: int, cfg: DetectModelConfig) -> DinoDetr:
+    """The DETR-style detector on ``backbone`` with the sizes of ``cfg``."""
+    head = DetrHead(backbone.embed_dim, num_classes, cfg.num_queries, cfg.decoder_layers, cfg.hidden_dim,
+                    cfg.num_heads, cfg.ffn_dim, cfg.sampling_points, list(cfg.pyramid_scales), cfg.decoder_dropout,
+                    backbone.patch_size)
     return DinoDetr(backbone, head)

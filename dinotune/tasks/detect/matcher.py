@@ -29,8 +29,8 @@ class HungarianMatcher(nn.Module):
         focal_alpha / focal_gamma: the focal-loss parameters (keep them equal to the criterion's).
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(self, cost_class: float, cost_bbox: float, cost_giou: float, focal_alpha: float,
+                 focal_gamma: float):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matcher costs are 0: at least one of cost_class / cost_bbox / cost_giou must be > 0")

@@ -25,12 +25,12 @@ class PostProcess(nn.Module):
 
     Args:
         topk: detections kept per image before thresholding (clamped to ``Q * K``).
-        score_threshold: then keep those with ``score >= score_threshold`` (the default 0.0 keeps
-            all ``topk``, which is what COCO mAP wants).
+        score_threshold: then keep those with ``score >= score_threshold`` (0.0 keeps all
+            ``topk``, which is what COCO mAP wants).
         canvas_size: ``S``; may instead be given to ``forward``, which wins when both are.
     """
 
-    def __init__(self, topk: int = 100, score_threshold: float = 0.0, canvas_size: int | None = None):
+    def __init__(self, topk: int, score_threshold: float, canvas_size: int | None = None):
         super().__init__()
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
@@ -57,7 +57,8 @@ class PostProcess(nn.Module):
         labels = index % k
         query = index // k
         picked = boxes.float().gather(1, query[..., None].expand(-1, -1, 4))  # B x k' x 4
-        xyxy = box_ops.cxcywh_to_xyxy(picked.reshape(-1, 4)).reshape(picked.shape) * float(size)
+        xyxy = box_ops.denormalize(box_ops.cxcywh_to_xyxy(picked.reshape(-1, 4)).reshape(picked.shape),
+                                   float(size), float(size))
         xyxy = xyxy / scales[:, None, None]
 
         results = []

@@ -1,4 +1,4 @@
-"""The seeds' single-object detectors: one class and one box per image, from the CLS token.
+"""Single-object detectors: one class and one box per image, from the CLS token.
 
 ``simple``: linear class and box heads on the CLS token, cross-entropy + L1.
 ``improved``: CLS + mean patch token, MLP heads with dropout, sigmoid box output, focal loss +
@@ -9,24 +9,32 @@ normalised to the padded canvas, like every detection target here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinotune.backbone.model import DinoBackbone
-from dinotune.tasks.classify.losses import FocalLoss
-from dinotune.tasks.classify.model import backbone_grad_context
+from dinotune.backbone.model import Features
+from dinotune.models.losses import FocalLoss
+from dinotune.models.wrapper import BackboneHead
+from dinotune.ops import box_ops
 
 SingleKind = Literal["simple", "improved"]
 
 
 class SingleObjectHead(nn.Module):
-    """``Features`` -> ``{"logits": B x K, "box": B x 4}`` (cxcywh, normalised)."""
+    """``Features`` -> ``{"logits": B x K, "box": B x 4}`` (cxcywh, normalised).
 
-    def __init__(self, kind: SingleKind, embed_dim: int, num_classes: int, hidden: int = 256,
-                 dropout: float = 0.3):
+    Args:
+        kind: ``simple`` (linear heads on the CLS token) or ``improved`` (MLPs on CLS + mean patch).
+        embed_dim: the backbone width ``C``.
+        num_classes: ``K``.
+        hidden: hidden width of the ``improved`` MLPs.
+        dropout: dropout inside the ``improved`` MLPs.
+    """
+
+    def __init__(self, kind: SingleKind, embed_dim: int, num_classes: int, hidden: int, dropout: float):
         super().__init__()
         self.kind = kind
         if kind == "simple":
@@ -42,22 +50,19 @@ class SingleObjectHead(nn.Module):
         else:
             raise ValueError(f"unknown single-object head {kind!r}: choose simple or improved")
 
-    def forward(self, features) -> dict[str, Tensor]:
-        x = features.cls if self.kind == "simple" else torch.cat([features.cls, features.patch_mean], -1)
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``x``: ``B x C`` (simple: CLS) or ``B x 2C`` (improved: CLS + mean patch)."""
         return {"logits": self.classifier(x), "box": self.box(x)}
 
+    def pooled(self, features: Features) -> Tensor:
+        """The head's input vector from the backbone features."""
+        return features.cls if self.kind == "simple" else torch.cat([features.cls, features.patch_mean], -1)
 
-class SingleObjectDetector(nn.Module):
-    def __init__(self, backbone: DinoBackbone, head: SingleObjectHead):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
 
+class SingleObjectDetector(BackboneHead):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``B x 3 x S x S`` -> ``{"logits": B x K, "box": B x 4}``."""
-        with backbone_grad_context(self.backbone):
-            features = self.backbone(images)
-        return self.head(features)
+        return self.head(self.to_head(self.head.pooled(self.backbone_features(images))))
 
 
 def largest_objects(targets: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,27 +84,60 @@ def largest_objects(targets: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tens
 
 
 class SingleObjectLoss(nn.Module):
-    """``simple``: CE + L1. ``improved``: focal (alpha 0.25, gamma 2) + ``box_weight`` x smooth L1."""
+    """``simple``: CE + L1. ``improved``: focal + ``box_weight`` x smooth L1.
 
-    def __init__(self, kind: SingleKind, box_weight: float = 2.0, focal_gamma: float = 2.0,
-                 focal_alpha: float = 0.25):
+    Both terms are means over the images that have an object; ``count_reduce`` (see
+    ``SetCriterion``) turns this process's count into the one to divide by, so several processes
+    compute what one would with the whole batch.
+    """
+
+    def __init__(self, kind: SingleKind, box_weight: float, focal_gamma: float, focal_alpha: float):
         super().__init__()
         self.kind = kind
         self.box_weight = box_weight if kind == "improved" else 1.0
-        self.focal = FocalLoss(gamma=focal_gamma, alpha=focal_alpha)
+        self.focal = FocalLoss(gamma=focal_gamma, alpha=focal_alpha, reduction="sum")
 
-    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Any]],
+                count_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """``{"loss", "loss_class", "loss_box"}`` (the two parts detached, for the logs)."""
         labels, boxes, present = largest_objects(targets)
         logits, pred = outputs["logits"].float()[present], outputs["box"].float()[present]
         labels, boxes = labels[present], boxes[present]
+        count = torch.tensor(float(len(labels)), device=logits.device)
+        count = count_reduce(count) if count_reduce is not None else count.clamp(min=1.0)
         if not len(labels):  # a batch of empty images: a zero that keeps the graph
             zero = outputs["logits"].sum() * 0.0
             return {"loss": zero, "loss_class": zero.detach(), "loss_box": zero.detach()}
         if self.kind == "simple":
-            cls_loss = F.cross_entropy(logits, labels)
-            box_loss = F.l1_loss(pred, boxes)
+            cls_loss = F.cross_entropy(logits, labels, reduction="sum") / count
+            box_loss = F.l1_loss(pred, boxes, reduction="sum") / (4 * count)
         else:
-            cls_loss = self.focal(logits, labels)
-            box_loss = F.smooth_l1_loss(pred, boxes)
+            cls_loss = self.focal(logits, labels) / count
+            box_loss = F.smooth_l1_loss(pred, boxes, reduction="sum") / (4 * count)
         return {"loss": cls_loss + self.box_weight * box_loss, "loss_class": cls_loss.detach(),
                 "loss_box": box_loss.detach()}
+
+
+class SingleObjectPostProcess(nn.Module):
+    """Outputs -> one detection per image in original pixels (the arg-max class, its softmax score).
+
+    Args:
+        canvas_size: ``S``, the side of the padded canvas the boxes are normalised by.
+    """
+
+    def __init__(self, canvas_size: int):
+        super().__init__()
+        self.canvas_size = canvas_size
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], scales: Tensor, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Per image ``{"scores": 1, "labels": 1, "boxes": 1 x 4 xyxy}`` (as ``PostProcess``)."""
+        scores, labels = outputs["logits"].float().softmax(-1).max(-1)
+        size = float(self.canvas_size)
+        boxes = box_ops.denormalize(box_ops.cxcywh_to_xyxy(outputs["box"].float().clamp(0, 1)), size, size)
+        out = []
+        for i in range(len(scores)):
+            h, w = [float(v) for v in orig_sizes[i]]
+            b = box_ops.clip(boxes[i: i + 1] / float(scales[i]), w, h)
+            out.append({"scores": scores[i: i + 1], "labels": labels[i: i + 1], "boxes": b})
+        return out

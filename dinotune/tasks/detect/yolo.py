@@ -13,21 +13,15 @@ from typing import Any, Literal
 
 import yaml
 
+from dinotune.data.coco import check_categories
 from dinotune.data.images import SkipReport, header_size, is_image_file, list_image_files
-from dinotune.tasks.detect.coco import (
-    Annotation,
-    DataError,
-    DetectionReport,
-    DetectionSource,
-    ImageRecord,
-    check_categories,
-    clamp_box,
-)
+from dinotune.data.splits import SPLIT_ALIASES
+from dinotune.errors import DataError
+from dinotune.tasks.detect.coco import Annotation, DetectionReport, DetectionSource, ImageRecord, clamp_box
 
-__all__ = ["read_yolo", "find_yaml", "SPLIT_ALIASES"]
+__all__ = ["read_yolo", "find_yaml"]
 
 YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
-SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation")}
 _TOL = 0.01  # normalised coordinates may overshoot [0, 1] by this much (rounding in exporters)
 
 
@@ -147,9 +141,9 @@ def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, f
 
 def read_yolo(
     root: str | Path,
-    split: Literal["train", "val"] = "train",
-    categories: list[dict[str, Any]] | None = None,
-    min_box_size: float = 1.0,
+    split: Literal["train", "val"],
+    categories: list[dict[str, Any]] | None,
+    min_box_size: float,
 ) -> DetectionSource:
     """Read one split of a YOLO folder (or its ``data.yaml``). With ``categories`` (a checkpoint's
     list), labels follow that list by id (class index + 1) and ids it lacks are refused."""

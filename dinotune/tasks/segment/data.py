@@ -2,12 +2,13 @@
 ``dinotune/tasks/segment/__init__.py``. ``SegmentationSource`` and mask loading live in
 ``sources.py``, the readers in ``layouts.py`` and ``coco_masks.py``; all are re-exported here.
 
-Training: random scale (short side ``0.5..2 x S``), random ``S x S`` crop (padding: image 0, mask
-``ignore_index``), horizontal flip; image and mask go through the same ``transforms.v2`` calls as
-``tv_tensors.Image`` / ``tv_tensors.Mask``, so they stay aligned and the mask is resized with nearest
-neighbour. Evaluation: the image's short side becomes ``S`` (sides rounded to multiples of 14) or
-it keeps its resolution (sliding windows); the mask stays at the original resolution. Images are
-normalised (ImageNet mean / std) after ``ToDtype(scale=True)``.
+Training: random scale (short side ``lo..hi x S``, ``--scale-range``), random ``S x S`` crop
+(padding: image 0, mask ``ignore_index``), horizontal flip; image and mask go through the same
+``transforms.v2`` calls as ``tv_tensors.Image`` / ``tv_tensors.Mask``, so they stay aligned and the
+mask is resized with nearest neighbour. Evaluation: the image's short side becomes ``S`` (sides
+rounded to multiples of the backbone's patch size ``p``) or it keeps its resolution (sliding
+windows); the mask stays at the original resolution. Images are normalised (ImageNet mean / std)
+after ``ToDtype(scale=True)``.
 """
 
 from __future__ import annotations
@@ -51,34 +52,33 @@ __all__ = [
     "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "VOC_CLASSES", "ADE20K_CLASSES",
     "read_voc", "read_ade20k", "read_folders", "read_coco_semantic", "find_segmentation_data", "load_mask",
     "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
-    "segmentation_collate", "eval_size", "PATCH",
+    "segmentation_collate", "eval_size",
 ]
 
-PATCH = 14
-SCALE_RANGE = (0.5, 2.0)
+
+def _round_to(x: float, patch: int) -> int:
+    return max(patch, int(round(x / patch)) * patch)
 
 
-def _round14(x: float) -> int:
-    return max(PATCH, int(round(x / PATCH)) * PATCH)
-
-
-def eval_size(height: int, width: int, image_size: int) -> tuple[int, int]:
+def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
     """``(h, w)`` of an evaluation image: short side ``image_size``, both sides rounded to
-    multiples of 14 (the short side stays ``image_size`` when that is a multiple of 14)."""
+    multiples of ``patch_size`` (the short side stays ``image_size`` when that is a multiple)."""
     scale = image_size / min(height, width)
-    return _round14(height * scale), _round14(width * scale)
+    return _round_to(height * scale, patch_size), _round_to(width * scale, patch_size)
 
 
-def train_transforms(image_size: int, ignore_index: int, augment: bool = True) -> v2.Compose | None:
+def train_transforms(image_size: int, ignore_index: int, augment: bool,
+                     scale_range: tuple[float, float]) -> v2.Compose | None:
     """Joint geometry for ``(tv_tensors.Image, tv_tensors.Mask)``. ``augment``: random scale of a
-    short side ``S`` base by 0.5..2, random ``S x S`` crop (pad image 0 / mask ignore when smaller),
-    horizontal flip. Without it: None, and the dataset resizes the whole image exactly as for
-    evaluation (short side ``S``), so what is trained on is what is evaluated (overfit checks)."""
+    short side ``S`` base by ``scale_range``, random ``S x S`` crop (pad image 0 / mask ignore when
+    smaller), horizontal flip. Without it: None, and the dataset resizes the whole image exactly as
+    for evaluation (short side ``S``), so what is trained on is what is evaluated (overfit checks)."""
     s = int(image_size)
     if not augment:
         return None
+    lo, hi = scale_range
     return v2.Compose([
-        v2.RandomResize(max(1, round(SCALE_RANGE[0] * s)), round(SCALE_RANGE[1] * s) + 1, antialias=True),
+        v2.RandomResize(max(1, round(lo * s)), round(hi * s) + 1, antialias=True),
         v2.RandomCrop(s, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
         v2.RandomHorizontalFlip(p=0.5),
     ])
@@ -87,20 +87,23 @@ def train_transforms(image_size: int, ignore_index: int, augment: bool = True) -
 class SegmentationDataset(Dataset):
     """Items per the segmentation contract. ``train``: ``S x S`` crops with augmentation (see
     ``train_transforms``); else evaluation items (image short side ``S`` rounded to multiples of
-    14, or untouched with ``keep_full_resolution``; mask at the original resolution). An image or
-    mask that fails to decode at run time is reported once and replaced by the next readable pair;
-    a mask that does not fit its image (size, labels) raises DataError."""
+    ``patch_size``, or untouched with ``keep_full_resolution``; mask at the original resolution).
+    An image or mask that fails to decode at run time is reported once and replaced by the next
+    readable pair; a mask that does not fit its image (size, labels) raises DataError."""
 
-    def __init__(self, source: SegmentationSource, train: bool, image_size: int, augment: bool = True,
-                 keep_full_resolution: bool = False, pre_transform: Any = None):
+    def __init__(self, source: SegmentationSource, train: bool, image_size: int, patch_size: int,
+                 augment: bool = True, keep_full_resolution: bool = False, pre_transform: Any = None,
+                 scale_range: tuple[float, float] = (0.5, 2.0)):
         self.source = source
         self.pre_transform = pre_transform  # PIL -> PIL before everything else (e.g. a corruption)
         self.train = bool(train)
         self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
         self.keep_full_resolution = bool(keep_full_resolution)
         self.class_names = list(source.class_names)
         self.ignore_index = source.ignore_index
-        self.transform = train_transforms(self.image_size, source.ignore_index, augment) if self.train else None
+        self.transform = (train_transforms(self.image_size, source.ignore_index, augment, scale_range)
+                          if self.train else None)
         self._finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize()])
         self._bad: set[int] = set()
 
@@ -136,23 +139,23 @@ class SegmentationDataset(Dataset):
             if self.transform is not None:
                 image, mask = self.transform(image, mask)
             else:  # the whole image at the evaluation size; the collate pads the batch
-                size = list(eval_size(pil.height, pil.width, self.image_size))
+                size = list(eval_size(pil.height, pil.width, self.image_size, self.patch_size))
                 image, mask = F.resize(image, size, antialias=True), F.resize(mask, size)
             return {"image": self._finish(image.as_subclass(torch.Tensor)),
                     "mask": mask.as_subclass(torch.Tensor).to(torch.int64), "index": i}
         if not self.keep_full_resolution:
-            size = eval_size(pil.height, pil.width, self.image_size)
+            size = eval_size(pil.height, pil.width, self.image_size, self.patch_size)
             if size != (pil.height, pil.width):
                 image = F.resize(image, list(size), antialias=True)
         return {"image": self._finish(image.as_subclass(torch.Tensor)),
                 "mask": torch.from_numpy(labels).to(torch.int64), "index": i}
 
 
-def segmentation_collate(batch: list[dict[str, Any]], train: bool | None = None,
+def segmentation_collate(batch: list[dict[str, Any]], patch_size: int, train: bool | None = None,
                          ignore_index: int = 255) -> dict[str, Any]:
     """Training items: ``{"images": B x 3 x S x S, "masks": B x S x S int64, "index", "sizes"}``.
     Evaluation items: images zero-padded (right / bottom) to the batch's largest height and width,
-    rounded up to multiples of 14, ``"masks"`` a list of original-resolution masks, ``"sizes"`` the
+    rounded up to multiples of ``patch_size``, ``"masks"`` a list of original-resolution masks, ``"sizes"`` the
     ``(h, w)`` of each unpadded image, ``"index"``. ``train=None`` decides by the items (all images
     and masks the same size: training); pass ``train=False`` (``functools.partial``) for evaluation
     loaders so a batch whose masks happen to match the resized images still comes as a list."""
@@ -162,8 +165,8 @@ def segmentation_collate(batch: list[dict[str, Any]], train: bool | None = None,
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     if train is None:
         train = all(im.shape == images[0].shape and tuple(m.shape) == sizes[0] for im, m in zip(images, masks))
-    h = math.ceil(max(s[0] for s in sizes) / PATCH) * PATCH
-    w = math.ceil(max(s[1] for s in sizes) / PATCH) * PATCH
+    h = math.ceil(max(s[0] for s in sizes) / patch_size) * patch_size
+    w = math.ceil(max(s[1] for s in sizes) / patch_size) * patch_size
     out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
     for k, im in enumerate(images):
         out[k, :, : im.shape[-2], : im.shape[-1]] = im

@@ -2,11 +2,11 @@
 
 - ``LinearDecoder``: BatchNorm + 1x1 conv on the concatenated patch maps of the last ``n``
   blocks (``n = 1``: last layer only; ``n = 4``: the official DINOv2 linear segmentation
-  evaluation without its multi-scale test-time augmentation). Logits at stride 14.
+  evaluation without its multi-scale test-time augmentation). Logits at the patch stride ``p``.
 - ``FPNDecoder``: one block per pyramid level, resampled ViTDet style (shallow block -> finest
   scale), lateral 1x1 convs, a top-down path, 3x3 smoothing, then all levels upsampled to the
-  finest, concatenated and fused ("UPerNet-lite"). Logits at stride ``14 / scales[0]`` (3.5 px
-  for the default first scale 4).
+  finest, concatenated and fused ("UPerNet-lite"). Logits at stride ``p / scales[0]`` (3.5 px
+  for 14-pixel patches and the default first scale 4).
 """
 
 from __future__ import annotations
@@ -18,24 +18,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinotune.backbone.model import DinoBackbone
-from dinotune.tasks.classify.model import backbone_grad_context
-from dinotune.tasks.detect.pyramid import _resample, group_norm
+from dinotune.config import SegmentModelConfig
+from dinotune.models.pyramid import SCALES, group_norm, resample_stage
+from dinotune.models.wrapper import BackboneHead
 
 # Scale of the patch map for each FPN level, shallow (first) block -> finest level.
-FPN_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+FPN_SCALES = SCALES
 
 
 class LinearDecoder(nn.Module):
-    """``n`` maps ``B x C x h x w`` -> concat -> BatchNorm2d(C n) -> 1x1 conv -> ``B x K x h x w``."""
+    """``n`` maps ``B x C x h x w`` -> concat -> BatchNorm2d(C n) -> 1x1 conv -> ``B x K x h x w``.
 
-    def __init__(self, in_dim: int, num_layers_used: int, num_classes: int):
+    ``patch_size``: the stride of the maps (and of the logits) in input pixels."""
+
+    def __init__(self, in_dim: int, num_layers_used: int, num_classes: int, patch_size: int):
         super().__init__()
         if num_layers_used < 1:
             raise ValueError(f"the linear decoder needs at least one layer, got {num_layers_used}")
         self.num_layers_used = num_layers_used
         self.bn = nn.BatchNorm2d(in_dim * num_layers_used)
         self.classifier = nn.Conv2d(in_dim * num_layers_used, num_classes, kernel_size=1)
-        self.output_stride = 14.0
+        self.output_stride = float(patch_size)
 
     def forward(self, maps: Sequence[Tensor]) -> Tensor:
         if len(maps) != self.num_layers_used:
@@ -53,25 +56,26 @@ def _conv_norm_relu(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:
 
 
 class FPNDecoder(nn.Module):
-    """Multi-block FPN: ``num_levels`` maps (shallow to deep, all stride 14) -> logits at the finest level.
+    """Multi-block FPN: ``num_levels`` maps (shallow to deep, all at the patch stride ``p``) ->
+    logits at the finest level.
 
     Level ``i`` resamples block ``i``'s map by ``FPN_SCALES[i]`` (4 levels: x4, x2, x1, x0.5 ->
-    strides 3.5, 7, 14, 28; up-sampling by transposed convs, down-sampling by ``ceil_mode``
+    strides p/4, p/2, p, 2p; up-sampling by transposed convs, down-sampling by ``ceil_mode``
     max-pooling, so odd grids work). Coarser levels are upsampled to the next finer level's exact
     size in the top-down path and in the fusion, so sizes never need to divide evenly.
     """
 
-    def __init__(self, in_dim: int, num_levels: int, fpn_dim: int, num_classes: int):
+    def __init__(self, in_dim: int, num_levels: int, fpn_dim: int, num_classes: int, patch_size: int):
         super().__init__()
         if not 1 <= num_levels <= len(FPN_SCALES):
             raise ValueError(f"the FPN decoder takes 1..{len(FPN_SCALES)} levels, got {num_levels}")
         self.num_levels = num_levels
         self.scales = list(FPN_SCALES[:num_levels])
-        self.output_stride = 14.0 / self.scales[0]
+        self.output_stride = patch_size / self.scales[0]
         self.resample = nn.ModuleList()
         self.lateral = nn.ModuleList()
         for scale in self.scales:
-            stage, channels = _resample(in_dim, scale)
+            stage, channels = resample_stage(in_dim, scale)
             self.resample.append(stage)
             self.lateral.append(nn.Sequential(
                 nn.Conv2d(channels, fpn_dim, kernel_size=1, bias=False), group_norm(fpn_dim)
@@ -102,18 +106,17 @@ def default_fpn_layers(num_blocks: int, levels: int = 4) -> list[int]:
     return sorted({(i + 1) * num_blocks // levels - 1 for i in range(levels)} - {-1})
 
 
-class Segmenter(nn.Module):
+class Segmenter(BackboneHead):
     """``backbone`` (DinoBackbone) + ``head`` (decoder); ``layers`` = the block indices it reads.
 
     ``forward(images B x 3 x H x W) -> B x K x h x w`` logits at the head's ``output_stride``
-    (14 for linear, 3.5 for a 4-level fpn); upsampling to the label size is the caller's job.
+    (the patch size for linear, a quarter of it for a 4-level fpn); upsampling to the label size
+    is the caller's job.
     """
 
     def __init__(self, backbone: DinoBackbone, head: nn.Module, layers: Sequence[int], decoder: str,
                  num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
+        super().__init__(backbone, head)
         self.layers = list(layers)
         self.decoder = decoder
         self.num_classes = num_classes
@@ -123,36 +126,27 @@ class Segmenter(nn.Module):
         return float(self.head.output_stride)
 
     def forward(self, images: Tensor) -> Tensor:
-        with backbone_grad_context(self.backbone):
-            maps = self.backbone(images, layers=self.layers).layer_maps()
-        dtype = next(self.head.parameters()).dtype
-        return self.head([m.to(dtype) for m in maps])
+        return self.head(self.to_head(self.backbone_features(images, self.layers).layer_maps()))
 
 
-def build_segmenter(
-    backbone: DinoBackbone,
-    num_classes: int,
-    decoder: str = "linear",
-    linear_layers: int = 1,
-    fpn_layers: Sequence[int] | None = None,
-    fpn_dim: int = 256,
-) -> Segmenter:
-    """A ``Segmenter`` from ``SegmentModelConfig``'s fields (``fpn_layers`` empty = 4 evenly spaced)."""
+def build_segmenter(backbone: DinoBackbone, num_classes: int, cfg: SegmentModelConfig) -> Segmenter:
+    """A ``Segmenter`` from ``cfg`` (``fpn_layers`` empty = 4 evenly spaced blocks)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if decoder == "linear":
-        layers = backbone.resolve_layers(int(linear_layers))
-        head: nn.Module = LinearDecoder(backbone.embed_dim, len(layers), num_classes)
-    elif decoder == "fpn":
-        if fpn_layers:
-            layers = sorted(backbone.resolve_layers(list(fpn_layers)))
+    p = backbone.patch_size
+    if cfg.decoder == "linear":
+        layers = backbone.resolve_layers(int(cfg.linear_layers))
+        head: nn.Module = LinearDecoder(backbone.embed_dim, len(layers), num_classes, p)
+    elif cfg.decoder == "fpn":
+        if cfg.fpn_layers:
+            layers = sorted(backbone.resolve_layers(list(cfg.fpn_layers)))
             if len(set(layers)) != len(layers):
-                raise ValueError(f"fpn_layers {list(fpn_layers)} name a block twice")
+                raise ValueError(f"fpn_layers {list(cfg.fpn_layers)} name a block twice")
         else:
             layers = default_fpn_layers(backbone.num_layers)
         if len(layers) > len(FPN_SCALES):
             raise ValueError(f"fpn_layers: at most {len(FPN_SCALES)} blocks, got {len(layers)}")
-        head = FPNDecoder(backbone.embed_dim, len(layers), fpn_dim, num_classes)
+        head = FPNDecoder(backbone.embed_dim, len(layers), cfg.fpn_dim, num_classes, p)
     else:
-        raise ValueError(f"unknown segmentation decoder {decoder!r}: choose linear or fpn")
-    return Segmenter(backbone, head, layers, decoder, num_classes)
+        raise ValueError(f"unknown segmentation decoder {cfg.decoder!r}: choose linear or fpn")
+    return Segmenter(backbone, head, layers, cfg.decoder, num_classes)

@@ -24,7 +24,7 @@ def crop_and_resize(logits: Tensor, input_size: tuple[int, int], valid_size: tup
     """Logits of a padded ``input_size`` input -> its top-left ``valid_size`` region at ``out_size``.
 
     The crop is taken on the logit grid when ``valid_size`` falls on cell borders (the usual case:
-    sizes are multiples of 14), else after upsampling to input pixels.
+    sizes are multiples of the patch size), else after upsampling to input pixels.
     """
     (ih, iw), (vh, vw) = input_size, valid_size
     lh, lw = logits.shape[-2:]
@@ -44,16 +44,22 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def default_stride(window: int, patch_size: int) -> int:
+    """Two thirds of ``window``, rounded down to a multiple of ``patch_size`` (at least one patch)."""
+    return max(patch_size, window * 2 // 3 // patch_size * patch_size)
+
+
 @torch.no_grad()
 def predict_logits(
     model: Callable[[Tensor], Tensor],
     images: Tensor,
     out_size: tuple[int, int],
     mode: str = "whole",
-    window: int = 448,
+    window: int = 0,
     stride: int = 0,
     valid_size: tuple[int, int] | None = None,
     window_batch: int = 8,
+    patch_size: int | None = None,
 ) -> Tensor:
     """``B x K x out_size`` logits for ``B x 3 x H x W`` images (padded region cropped off).
 
@@ -61,12 +67,14 @@ def predict_logits(
         model: ``images -> B x K x h x w`` logits at any stride (a ``Segmenter``).
         out_size: ``(H, W)`` of the labels; logits are resized to it (bilinear).
         mode: ``"whole"``: one forward of the batch; ``"slide"``: ``window x window`` crops
-            (``window`` a multiple of 14) every ``stride`` pixels (0 = two thirds of the window,
-            rounded down to a multiple of 14), the last aligned to the border, images smaller than
-            the window zero-padded; each window's logits are upsampled to the window, summed and
-            divided by how many windows cover each pixel.
+            (``window`` a multiple of ``patch_size``) every ``stride`` pixels (0 = two thirds of
+            the window, rounded down to a multiple of ``patch_size``), the last aligned to the
+            border, images smaller than the window zero-padded; each window's logits are
+            upsampled to the window, summed and divided by how many windows cover each pixel.
         valid_size: ``(h, w)`` of the unpadded image inside ``images`` (default: all of it).
         window_batch: slide mode forwards up to this many crops (of all images) at once.
+        patch_size: the model's patch size (windows must be multiples of it); default: the
+            model's ``patch_size`` attribute.
     """
     height, width = images.shape[-2:]
     vh, vw = valid_size if valid_size is not None else (height, width)
@@ -74,9 +82,12 @@ def predict_logits(
         return crop_and_resize(model(images).float(), (height, width), (vh, vw), out_size)
     if mode != "slide":
         raise ValueError(f"unknown inference mode {mode!r}: choose whole or slide")
-    if window <= 0 or window % 14:
-        raise ValueError(f"slide window {window} must be a positive multiple of 14")
-    stride = stride or max(14, window * 2 // 3 // 14 * 14)
+    patch_size = patch_size or getattr(model, "patch_size", None)
+    if not patch_size:
+        raise ValueError("slide inference needs the model's patch size (pass patch_size)")
+    if window <= 0 or window % patch_size:
+        raise ValueError(f"slide window {window} must be a positive multiple of the patch size {patch_size}")
+    stride = stride or default_stride(window, patch_size)
     if (vh, vw) == (window, window):  # one window is the whole image: skip the double resize
         return crop_and_resize(model(images[..., :vh, :vw]).float(), (vh, vw), (vh, vw), out_size)
     images = images[..., :vh, :vw]

@@ -11,8 +11,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from dinotune.data.coco import find_coco_json
 from dinotune.data.images import SkipReport, list_image_files
-from dinotune.tasks.detect.coco import DataError
+from dinotune.data.splits import SPLIT_ALIASES
+from dinotune.errors import DataError
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
 from dinotune.tasks.segment.sources import (
     _SHOW,
@@ -24,7 +26,7 @@ from dinotune.tasks.segment.sources import (
 
 __all__ = ["VOC_CLASSES", "ADE20K_CLASSES", "read_voc", "read_ade20k", "read_folders", "find_segmentation_data"]
 
-_VAL_ALIASES = ("val", "valid", "validation")
+_VAL_ALIASES = SPLIT_ALIASES["val"]
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -183,16 +185,6 @@ def _max_label(pairs: list[tuple[Path, Path]], ignore_index: int) -> int:
 
 
 
-def _coco_json(root: Path, split: str) -> tuple[Path | None, list[str]]:
-    from dinotune.tasks.detect.data import _coco_jsons
-
-    found, looked = _coco_jsons(root, "val" if split in _VAL_ALIASES else "train")
-    if len(found) > 1:
-        raise DataError(f"{root}: several {split} annotation files match ({', '.join(p.name for p in found)}); "
-                        "pass the JSON file itself")
-    return (found[0] if found else None), looked
-
-
 def find_segmentation_data(
     data: str | Path,
     split: Literal["train", "val"],
@@ -225,7 +217,7 @@ def find_segmentation_data(
     ade = _ade_root(path)
     if (ade / "images" / "training").is_dir() or (ade / "annotations" / "training").is_dir():
         return read_ade20k(ade, split, ignore_index)
-    json_file, looked = _coco_json(path, split)
+    json_file, looked = find_coco_json(path, split)
     if json_file is not None:
         return read_coco_semantic(json_file, images or None, categories, ignore_index)
     if any(i.is_dir() and m.is_dir() for i, m in _folder_layouts(path, split)):

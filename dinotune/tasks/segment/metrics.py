@@ -38,6 +38,18 @@ class SegmentationMetrics:
     def reset(self) -> None:
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
+    @property
+    def confusion(self) -> Tensor:
+        """The ``K x K`` counts so far (a copy)."""
+        return self._confusion.clone()
+
+    def add_confusion(self, confusion: Tensor) -> None:
+        """Add counts accumulated elsewhere (another process's shard of the evaluation set)."""
+        if tuple(confusion.shape) != (self.num_classes, self.num_classes):
+            raise ValueError(f"confusion matrix of shape {tuple(confusion.shape)}, expected "
+                             f"{self.num_classes} x {self.num_classes}")
+        self._confusion += confusion.to(torch.int64).cpu()
+
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add predicted labels and targets of the same shape (``B x H x W`` or ``H x W``, integer).

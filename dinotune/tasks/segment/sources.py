@@ -17,8 +17,8 @@ from typing import Any, Iterable, Literal
 import numpy as np
 from PIL import Image
 
-from dinotune.data.images import ImageReadError, SkipReport, check_image, describe_error, header_size
-from dinotune.tasks.detect.coco import DataError
+from dinotune.data.images import SkipReport, check_image, describe_error, header_size
+from dinotune.errors import DataError, ImageReadError, MaskReadError
 
 __all__ = [
     "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "load_mask", "read_mask_labels",
@@ -28,9 +28,6 @@ __all__ = [
 MaskKind = Literal["index", "ade20k", "coco"]
 _SHOW = 5  # offending entries listed in a message
 
-
-class MaskReadError(ImageReadError):
-    """A mask file could not be decoded (a run-time read failure, like a broken image)."""
 
 
 @dataclass(slots=True)

@@ -5,23 +5,29 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from dinotune.config import SegmentConfig
+from dinotune.backbone.model import DinoBackbone
+from dinotune.config import SegmentConfig, SegmentInferenceConfig
 from dinotune.data.images import load_image, readable_images
 from dinotune.data.loader import make_loader
+from dinotune.data.splits import subset_indices
+from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
-from dinotune.tasks.base import Task, TaskData, build_backbone
+from dinotune.errors import DataError
+from dinotune.models.bundle import ModelBundle
+from dinotune.tasks.base import Task, TaskData, TrainedRun
+from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.data import (
-    DataError,
     SegmentationDataset,
+    SegmentationSource,
     describe,
     eval_size,
     find_segmentation_data,
@@ -30,30 +36,39 @@ from dinotune.tasks.segment.data import (
     segmentation_collate,
 )
 from dinotune.tasks.segment.decoders import build_segmenter
-from dinotune.tasks.segment.inference import crop_and_resize, predict_logits
-from dinotune.tasks.segment.metrics import SegmentationMetrics
-from dinotune.utils import info, warn
+from dinotune.tasks.segment.inference import crop_and_resize, default_stride, predict_logits
+from dinotune.tasks.segment.metrics import SegmentationMetrics, format_iou_table
+from dinotune.utils import info, warn, write_json
 
 
 class SegmentTask(Task):
     name = "segment"
-    monitor = "mIoU"
     monitor_mode = "max"
+    pixel_aligned_labels = True
+    supports_subset = True
+    predict_options = frozenset({"masks", "draw"})
 
-    def __init__(self, cfg: SegmentConfig):
-        super().__init__(cfg)
-        self.class_names: list[str] = []
-        self.categories: list[dict[str, Any]] | None = None
-        self.loss_fn: nn.Module | None = None
+    cfg: SegmentConfig
+
+    @property
+    def monitor(self) -> str:
+        return "mIoU"
 
     # ---------------------------------------------------------------------------------- data
-    def _find(self, data: str, split: str, images: str = "", categories=None):
+    def _find(self, data: str, split: str, images: str = "", categories=None) -> SegmentationSource:
         d = self.cfg.data
         return find_segmentation_data(data, split, images, num_classes=d.num_classes, class_names=d.class_names,
                                       ignore_index=d.ignore_index, categories=categories)
 
-    def build_data(self, run_dir: Path | None) -> TaskData:
-        d, size = self.cfg.data, self.cfg.backbone.image_size
+    def _dataset(self, source: SegmentationSource, train: bool, patch_size: int, augment: bool = True,
+                 pre_transform: Callable | None = None) -> SegmentationDataset:
+        return SegmentationDataset(source, train=train, image_size=self.cfg.backbone.image_size,
+                                   patch_size=patch_size, augment=augment,
+                                   keep_full_resolution=not train and self.cfg.model.inference == "slide",
+                                   pre_transform=pre_transform, scale_range=tuple(self.cfg.data.scale_range))
+
+    def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
+        d = self.cfg.data
         train = self._subset(self._find(d.data, "train", d.train_images), d.subset, run_dir, "subset.json")
         if d.overfit:
             train = train.subset(list(range(min(d.overfit, len(train)))))
@@ -84,77 +99,67 @@ class SegmentTask(Task):
             info(describe(val))
         if not len(train):
             raise DataError(f"{train.name}: no usable training images")
-        slide = self.cfg.model.inference == "slide"
-        train_ds = SegmentationDataset(train, train=True, image_size=size, augment=d.augment and not d.overfit)
-        val_ds = (SegmentationDataset(val, train=False, image_size=size, keep_full_resolution=slide)
-                  if val is not None else None)
+        train_ds = self._dataset(train, True, patch_size, augment=d.augment and not d.overfit)
+        val_ds = self._dataset(val, False, patch_size) if val is not None else None
         meta = {"task": self.name, "class_names": train.class_names, "num_classes": len(train.class_names),
                 "ignore_index": d.ignore_index, "categories": train.categories}
         return TaskData(train_ds, val_ds, meta)
 
-    def _subset(self, source, n: int, run_dir: Path | None, name: str):
+    def _subset(self, source: SegmentationSource, n: int, run_dir: Path | None, name: str) -> SegmentationSource:
         """A reproducible random subset of ``n`` images (seeded by ``--subset-seed``), recorded by
         file name in the run folder."""
         if not n or n >= len(source):
             return source
-        gen = torch.Generator().manual_seed(self.cfg.data.subset_seed)
-        picked = sorted(torch.randperm(len(source), generator=gen)[:n].tolist())
-        source = source.subset(picked)
+        source = source.subset(subset_indices(len(source), n, self.cfg.data.subset_seed))
         if run_dir is not None:
-            from dinotune.utils import write_json
-
             write_json(Path(run_dir) / name, {"images": [str(p) for p, _ in source.pairs], "n": n,
                                                "seed": self.cfg.data.subset_seed, "source": source.name})
         return source
 
+    def _eval_loader(self, dataset: SegmentationDataset, batch_size: int, pin: bool = False) -> DataLoader:
+        # sliding windows run one full-resolution image at a time
+        bs = 1 if self.cfg.model.inference == "slide" else batch_size
+        return make_loader(dataset, bs, shuffle=False, workers=self.cfg.train.workers, pin_memory=pin,
+                           collate_fn=partial(segmentation_collate, patch_size=dataset.patch_size, train=False))
+
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
         t = self.cfg.train
         pin = torch.cuda.is_available()
+        collate = partial(segmentation_collate, patch_size=data.train.patch_size, train=True,
+                          ignore_index=self.cfg.data.ignore_index)
         train = make_loader(data.train, t.batch_size, shuffle=True, workers=t.workers, seed=t.seed,
-                            collate_fn=partial(segmentation_collate, train=True, ignore_index=self.cfg.data.ignore_index),
-                            drop_last=True, pin_memory=pin)
-        val = None
-        if data.val is not None:
-            # sliding windows run one full-resolution image at a time
-            bs = 1 if self.cfg.model.inference == "slide" else t.batch_size
-            val = make_loader(data.val, bs, shuffle=False, workers=t.workers,
-                              collate_fn=partial(segmentation_collate, train=False), pin_memory=pin)
+                            collate_fn=collate, drop_last=True, pin_memory=pin)
+        val = self._eval_loader(data.val, t.batch_size, pin) if data.val is not None else None
         return train, val
 
     # --------------------------------------------------------------------------------- model
-    def build_model(self, meta: dict[str, Any], model_override: str | None = None) -> nn.Module:
-        backbone = build_backbone(self.cfg, meta, model_override)
-        self.class_names, self.categories = meta["class_names"], meta.get("categories")
+    def build_model(self, meta: dict[str, Any], backbone: DinoBackbone) -> ModelBundle:
         k = meta["num_classes"]
         weights = self.cfg.loss.class_weights
         if weights and len(weights) != k:
             raise DataError(f"--class-weights has {len(weights)} values but the data has {k} classes")
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=self.cfg.data.ignore_index,
-                                           weight=torch.tensor(weights, dtype=torch.float32) if weights else None)
-        m = self.cfg.model
-        return build_segmenter(backbone, k, m.decoder, m.linear_layers, m.fpn_layers, m.fpn_dim)
-
-    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of ``B x K x h x w`` logits upsampled to the ``B x H x W`` labels."""
-        up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        self.loss_fn.to(up.device)
-        return self.loss_fn(up, masks)
+        return ModelBundle(build_segmenter(backbone, k, self.cfg.model),
+                           SegmentationLoss(self.cfg.data.ignore_index, weights), None,
+                           list(meta["class_names"]), meta.get("categories"))
 
     # ------------------------------------------------------------------------- step and eval
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"loss": self._loss(model(batch["images"]), batch["masks"])}
+    def training_step(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        # labelled pixels counted over every process before normalising
+        return {"loss": bundle.criterion(model(batch["images"]), batch["masks"],
+                                         count_reduce=distributed.average_count)}
 
-    def _image_logits(self, model, images: torch.Tensor, i: int, size: tuple[int, int],
+    def _image_logits(self, model: torch.nn.Module, images: torch.Tensor, i: int, size: tuple[int, int],
                       out_size: tuple[int, int]) -> torch.Tensor:
-        m, s = self.cfg.model, self.cfg.backbone.image_size
+        m, s, p = self.cfg.model, self.cfg.backbone.image_size, model.patch_size
         return predict_logits(model, images[i: i + 1], out_size, mode=m.inference, window=s,
-                              stride=m.slide_stride or (s * 2 // 3) // 14 * 14, valid_size=size)
+                              stride=m.slide_stride or default_stride(s, p), valid_size=size,
+                              window_batch=self.cfg.inference.window_batch, patch_size=p)
 
-    @torch.no_grad()
-    def evaluate(self, model, loader, device, precision, show_progress=False) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        metrics = SegmentationMetrics(len(self.class_names), self.cfg.data.ignore_index, self.class_names)
+    def evaluation_pass(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
+                        show_progress: bool) -> dict[str, Any]:
+        """``{"confusion": K x K counts, "loss_sum": sum of per-image losses, "images": count}``."""
+        model, k = bundle.model, len(bundle.class_names)
+        metrics = SegmentationMetrics(k, self.cfg.data.ignore_index, bundle.class_names)
         loss_sum, n = 0.0, 0
         whole = self.cfg.model.inference == "whole"
         for batch in progress(loader, show_progress, desc="evaluating"):
@@ -171,58 +176,65 @@ class SegmentTask(Task):
                     with autocast(device, precision):
                         logits = self._image_logits(model, images, i, tuple(size), tuple(mask.shape[-2:]))
                 logits = logits.float()
-                loss_sum += self._eval_loss(logits, mask, tuple(size))
+                loss_sum += self._eval_loss(bundle, logits, mask, tuple(size))
                 n += 1
                 metrics.update(logits.argmax(1)[0], mask)
-        model.train(was_training)
-        out = {"loss": loss_sum / max(1, n)}
-        out.update(metrics.compute())
-        return out
+        return {"confusion": metrics.confusion, "loss_sum": loss_sum, "images": n}
 
-    def _eval_loss(self, logits: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> float:
+    @staticmethod
+    def _eval_loss(bundle: ModelBundle, logits: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> float:
         """Validation loss at the network's input resolution (labels nearest-resized): the metrics
         use full-resolution logits, but a K-channel cross-entropy there would double the cost."""
         small = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         labels = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0].long()
-        return float(self.loss_fn.to(logits.device)(small, labels))
+        return float(bundle.criterion(small, labels))
+
+    def compute_metrics(self, bundle: ModelBundle, parts: Sequence[dict[str, Any]], dataset: Dataset) -> dict[str, Any]:
+        metrics = SegmentationMetrics(len(bundle.class_names), self.cfg.data.ignore_index, bundle.class_names)
+        for p in parts:
+            metrics.add_confusion(p["confusion"])
+        out = {"loss": sum(p["loss_sum"] for p in parts) / max(1, sum(p["images"] for p in parts))}
+        out.update(metrics.compute())
+        return out
 
     # ------------------------------------------------------------------------------ inference
-    def predict_mask(self, loaded, image) -> np.ndarray:
+    def predict_mask(self, run: TrainedRun, image: Image.Image) -> np.ndarray:
         """``H x W`` label map for one PIL image at its own resolution."""
         from torchvision.transforms import v2
 
         from dinotune.data.transforms import normalize
 
-        s, m = loaded.cfg.backbone.image_size, loaded.cfg.model
+        s, model = run.cfg.backbone.image_size, run.bundle.model
         h, w = image.height, image.width
-        size = (h, w) if m.inference == "slide" else eval_size(h, w, s)
+        size = (h, w) if self.cfg.model.inference == "slide" else eval_size(h, w, s, model.patch_size)
         tensor = v2.Compose([v2.ToImage(), v2.Resize(list(size), antialias=True),
                              v2.ToDtype(torch.float32, scale=True), normalize()])(image)
-        # the same zero padding to multiples of 14 as evaluation batches
+        # the same zero padding to multiples of the patch size as evaluation batches
         item = {"image": tensor, "mask": torch.zeros(h, w, dtype=torch.int64), "index": 0}
-        batch = segmentation_collate([item], train=False)
-        with torch.no_grad(), autocast(loaded.device, loaded.precision):
-            logits = self._image_logits(loaded.model, batch["images"].to(loaded.device), 0, batch["sizes"][0], (h, w))
-        return logits.float().argmax(1)[0].cpu().numpy().astype(np.uint8 if len(self.class_names) <= 255 else np.int64)
+        batch = segmentation_collate([item], patch_size=model.patch_size, train=False)
+        with torch.no_grad(), autocast(run.device, run.precision):
+            logits = self._image_logits(model, batch["images"].to(run.device), 0, batch["sizes"][0], (h, w))
+        k = len(run.bundle.class_names)
+        return logits.float().argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 255 else np.int64)
 
-    def predict_images(self, loaded, images, batch_size: int = 1, out_dir: str | Path | None = None,
-                       draw: str | Path | None = None, **_: Any) -> list[dict[str, Any]]:
-        """Label maps per image, written as palette PNGs into ``out_dir`` (pixel values = labels) and,
+    def predict(self, run: TrainedRun, images: Any, settings: SegmentInferenceConfig, *,
+                masks: str | Path | None = None, draw: str | Path | None = None) -> list[dict[str, Any]]:
+        """Label maps per image, written as palette PNGs into ``masks`` (pixel values = labels) and,
         with ``draw``, as overlays. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``."""
-        from dinotune.viz.segmentation import overlay, palette, save_mask_png
         from dinotune.viz.draw import save_image
+        from dinotune.viz.segmentation import overlay, palette, save_mask_png
 
         paths = readable_images(images, "fast")
-        self.class_names = loaded.meta["class_names"]
-        pal = palette(len(self.class_names), loaded.meta.get("ignore_index", 255))
-        loaded.model.eval()
+        names = run.bundle.class_names
+        pal = palette(len(names), run.meta.get("ignore_index", self.cfg.data.ignore_index))
+        run.bundle.model.eval()
         results = []
         for p in progress(paths, len(paths) > 1, desc="predicting"):
             image = load_image(p)
-            mask = self.predict_mask(loaded, image)
-            counts = np.bincount(mask.ravel(), minlength=len(self.class_names))
-            classes = {self.class_names[c]: round(float(v) / mask.size, 5) for c, v in enumerate(counts) if v}
-            mask_path = save_mask_png(mask, Path(out_dir) / f"{p.stem}.png", pal) if out_dir else None
+            mask = self.predict_mask(run, image)
+            counts = np.bincount(mask.ravel(), minlength=len(names))
+            classes = {names[c]: round(float(v) / mask.size, 5) for c, v in enumerate(counts) if v}
+            mask_path = save_mask_png(mask, Path(masks) / f"{p.stem}.png", pal) if masks else None
             if draw:
                 save_image(overlay(image, mask, pal), Path(draw) / f"{p.stem}.jpg")
             results.append({"image": str(p), "mask": str(mask_path) if mask_path else None, "classes": classes})
@@ -244,53 +256,52 @@ class SegmentTask(Task):
                 w.writerow([r["image"], r["mask"] or "", name, frac])
         return buf.getvalue()
 
-    def evaluate_data(self, loaded, data: str, split: str = "val", batch_size: int = 4, images: str = "",
-                      pre_transform=None, subset: int = 0, subset_seed: int = 0) -> dict[str, Any]:
-        """mIoU and friends of ``loaded`` on a dataset whose classes must match the checkpoint's
+    def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,
+                      images: str = "", subset: int = 0, subset_seed: int = 0,
+                      pre_transform: Callable | None = None) -> dict[str, Any]:
+        """mIoU and friends of ``run`` on a dataset whose classes must match the checkpoint's
         (``subset``: a reproducible random subset of that many images)."""
-        self.class_names = loaded.meta["class_names"]
-        source = self._find(data, "val" if split == "val" else "train", images, loaded.meta.get("categories"))
+        names = run.bundle.class_names
+        source = self._find(data, "val" if split == "val" else "train", images, run.bundle.categories)
         if subset and subset < len(source):
-            gen = torch.Generator().manual_seed(subset_seed)
-            source = source.subset(sorted(torch.randperm(len(source), generator=gen)[:subset].tolist()))
-        if len(source.class_names) != len(self.class_names):
-            raise DataError(f"the checkpoint was trained for {len(self.class_names)} classes but {source.name} has "
+            source = source.subset(subset_indices(len(source), subset, subset_seed))
+        if len(source.class_names) != len(names):
+            raise DataError(f"the checkpoint was trained for {len(names)} classes but {source.name} has "
                             f"{len(source.class_names)}")
         source = scan_source(source, self.cfg.data.check_images)
         source.report.print("files")
-        slide = loaded.cfg.model.inference == "slide"
-        ds = SegmentationDataset(source, train=False, image_size=loaded.cfg.backbone.image_size,
-                                 keep_full_resolution=slide, pre_transform=pre_transform)
-        loader = make_loader(ds, 1 if slide else batch_size, shuffle=False, workers=self.cfg.train.workers,
-                             collate_fn=partial(segmentation_collate, train=False))
-        return self.evaluate(loaded.model, loader, loaded.device, loaded.precision, show_progress=True)
+        ds = self._dataset(source, False, run.bundle.model.patch_size, pre_transform=pre_transform)
+        loader = self._eval_loader(ds, settings.batch_size)
+        return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
 
-    def report(self, run_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
+    def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
         from dinotune.viz.plots import plot_bars
 
         ious = {k: v for k, v in (metrics.get("per_class_IoU") or {}).items() if v is not None}
         if not ious:
             return []
-        return [plot_bars(ious, Path(run_dir) / "per_class_iou.png", f"IoU per class (mIoU {metrics['mIoU']:.3f})", "IoU")]
+        return [plot_bars(ious, Path(out_dir) / "per_class_iou.png", f"IoU per class (mIoU {metrics['mIoU']:.3f})", "IoU")]
 
-    def sample_charts(self, loaded, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
+    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
         """Image | ground truth | prediction figures for ``samples`` evaluation images."""
         from dinotune.viz.segmentation import comparison_figure
 
         try:
-            source = self._find(data, "val" if split == "val" else "train", "", loaded.meta.get("categories"))
+            source = self._find(data, "val" if split == "val" else "train", "", run.bundle.categories)
         except DataError as exc:
             warn(f"no sample pictures: {exc}")
             return []
-        self.class_names = loaded.meta["class_names"]
         step = max(1, len(source) // max(1, samples))
         files = []
         for index in list(range(0, len(source), step))[:samples]:
             image_path = source.pairs[index][0]
             image = load_image(image_path)
             gt = load_mask(source, index)
-            pred = self.predict_mask(loaded, image)
-            files.append(comparison_figure(image, gt, pred, self.class_names,
+            pred = self.predict_mask(run, image)
+            files.append(comparison_figure(image, gt, pred, run.bundle.class_names,
                                            Path(out_dir) / "samples" / f"{Path(image_path).stem}.png",
-                                           ignore_index=loaded.meta.get("ignore_index", 255)))
+                                           ignore_index=run.meta.get("ignore_index", self.cfg.data.ignore_index)))
         return files
+
+    def summary_table(self, metrics: dict[str, Any]) -> str | None:
+        return format_iou_table(metrics) if "per_class_IoU" in metrics else None

@@ -1,4 +1,5 @@
-"""Classification losses: cross-entropy with label smoothing, and softmax focal loss."""
+"""Losses more than one head uses: the softmax focal loss (classification heads, single-object
+detectors) and ``build_loss`` choosing it or cross-entropy by name."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ class FocalLoss(nn.Module):
     detectors; single-label classification needs the softmax form.
     """
 
-    def __init__(self, gamma: float = 2.0, label_smoothing: float = 0.0, alpha: float = 1.0):
+    def __init__(self, gamma: float, label_smoothing: float = 0.0, alpha: float = 1.0,
+                 reduction: str = "mean"):
         super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.gamma = gamma
         self.label_smoothing = label_smoothing
-        self.alpha = alpha  # a constant factor in the single-label form (the seeds use 0.25)
+        self.alpha = alpha  # a constant factor in the single-label form (single-object detectors use 0.25)
+        self.reduction = reduction
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)
@@ -26,10 +31,11 @@ class FocalLoss(nn.Module):
         nll = -logp_t
         if self.label_smoothing:
             nll = (1 - self.label_smoothing) * nll - self.label_smoothing * logp.mean(dim=-1)
-        return self.alpha * (weight * nll).mean()
+        loss = self.alpha * weight * nll
+        return loss.mean() if self.reduction == "mean" else loss.sum()
 
 
-def build_loss(kind: str, label_smoothing: float = 0.0, gamma: float = 2.0) -> nn.Module:
+def build_loss(kind: str, label_smoothing: float, gamma: float) -> nn.Module:
     if kind == "ce":
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if kind == "focal":

@@ -1,0 +1,18 @@
+"""Split names and reproducible subsets, the same for every task and data layout."""
+
+from __future__ import annotations
+
+import torch
+
+# Folder / file names a split may go by (Roboflow writes "valid", some datasets "validation").
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "valid", "validation")}
+
+
+def subset_indices(size: int, n: int, seed: int) -> list[int]:
+    """``n`` of the indices ``0..size-1``, drawn reproducibly and returned sorted: the first ``n``
+    of a ``seed``-ed permutation, so the subset of a seed includes that of any smaller ``n``.
+    ``n <= 0`` or ``n >= size``: every index."""
+    if n <= 0 or n >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(size, generator=generator)[:n].tolist())

@@ -1,0 +1,143 @@
+"""The layering the README draws, read off the source (ast / tokenize), so it stays true.
+
+Layers, lowest first; a module may import its own layer or lower ones, never higher:
+
+    errors, utils, ops, config                 shared vocabulary
+    backbone, data, viz                        DINOv2 features, readers, pictures
+    adapters, models                           PEFT on the backbone; wrapper, pyramid, shared losses
+    engine                                     training loop, checkpoints, devices, processes
+    tasks                                      classify / detect / segment (siblings) over tasks.base
+    robustness                                 evaluation under corruptions, of any task
+    api, demo                                  the Python API
+    cli, __main__, dinotune/__init__           the command line and the package face
+
+and inside ``tasks`` no task imports another (each may import ``tasks.base``).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from pathlib import Path
+
+import dinotune
+
+ROOT = Path(dinotune.__file__).parent
+LAYERS = [
+    ("errors", "utils", "ops", "config"),
+    ("backbone", "data", "viz"),
+    ("adapters", "models"),
+    ("engine",),
+    ("tasks",),
+    ("robustness",),
+    ("api", "demo"),
+    ("cli", "__main__", "__init__"),
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+TASKS = ("classify", "detect", "segment")
+
+
+def _module_name(path: Path) -> str:
+    """``dinotune.tasks.detect.coco``; a package's ``__init__.py`` keeps the name ``__init__``
+    (``dinotune.__init__`` is the package face, a layer of its own)."""
+    return ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+
+
+def _imports(path: Path, module: str | None = None) -> set[str]:
+    """Every dinotune module ``path`` (named ``module``) imports, at the top or inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = (module or _module_name(path)).rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "dinotune")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] != "dinotune":
+                continue
+            if module == "dinotune":  # from dinotune import api -> dinotune.api
+                out.update(f"dinotune.{a.name}" for a in node.names)
+            else:
+                out.add(module)
+    return out
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its first name under dinotune (``__init__`` for the package)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _sources() -> list[Path]:
+    return sorted(ROOT.rglob("*.py"))
+
+
+def test_every_module_is_in_a_layer():
+    units = {_unit(_module_name(p)) for p in _sources()}
+    assert units <= set(LEVEL), f"modules outside the layer table: {sorted(units - set(LEVEL))}"
+
+
+def test_no_module_imports_a_higher_layer():
+    wrong = []
+    for path in _sources():
+        here = _unit(_module_name(path))
+        for target in _imports(path):
+            there = _unit(target)
+            if LEVEL[there] > LEVEL[here]:
+                wrong.append(f"{path.relative_to(ROOT.parent)} imports {target} ({there} is above {here})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_tasks_are_siblings():
+    wrong = []
+    for task in TASKS:
+        for path in sorted((ROOT / "tasks" / task).rglob("*.py")):
+            for target in _imports(path):
+                parts = target.split(".")
+                if len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS and parts[2] != task:
+                    wrong.append(f"{path.relative_to(ROOT.parent)} imports {target}")
+    for path in (ROOT / "tasks" / "base.py", ROOT / "tasks" / "__init__.py"):
+        for target in _imports(path):
+            parts = target.split(".")
+            if len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS:
+                wrong.append(f"{path.relative_to(ROOT.parent)} imports {target} (the shared layer knows no task)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_engine_imports_no_task_and_nothing_below_api_imports_it():
+    for path in _sources():
+        unit = _unit(_module_name(path))
+        targets = {_unit(t) for t in _imports(path)}
+        if unit == "engine":
+            assert "tasks" not in targets, f"{path} imports a task"
+        if LEVEL[unit] < LEVEL["api"]:
+            assert "api" not in targets, f"{path} imports the API"
+
+
+def test_the_import_reader_sees_violations(tmp_path, monkeypatch):
+    """The checks above are only worth something if the reader finds imports in all their forms."""
+    src = tmp_path / "m.py"
+    src.write_text("import dinotune.api\nfrom dinotune import api, cli\ndef f():\n"
+                   "    from dinotune.tasks.detect.coco import read_coco\n")
+    assert {"dinotune.api", "dinotune.cli", "dinotune.tasks.detect.coco"} <= _imports(src, "dinotune.models.m")
+    (tmp_path / "r.py").write_text("from ..detect import coco\nfrom . import base\n")
+    assert {"dinotune.tasks.detect", "dinotune.tasks.segment"} <= _imports(tmp_path / "r.py", "dinotune.tasks.segment.r")
+
+
+def test_no_patch_size_literal_outside_the_backbone_registry():
+    """The patch size comes from the backbone (DINOv2 14, DINOv3 16): no number 14 in the code
+    outside ``backbone/registry.py`` (docstrings and comments may explain with it)."""
+    found = []
+    for path in _sources():
+        if path == ROOT / "backbone" / "registry.py":
+            continue
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type == tokenize.NUMBER and float(tok.string) == 14:
+                found.append(f"{path.relative_to(ROOT.parent)}:{tok.start[0]}")
+    assert not found, found
