@@ -97,3 +97,58 @@ def make_trainer(cfg, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(bundle=bundle, task=task, train_loader=train_loader, val_loader=val_loader, cfg=cfg,
                    run_dir=run_dir, meta=data.meta, device=torch.device("cpu"), precision="fp32")
+
+
+def make_coco_dataset(root: Path, counts: dict[str, list[int]], size: tuple[int, int] = (56, 42),
+                      seed: int = 0) -> Path:
+    """A small COCO folder: ``root/annotations/instances_<split>.json`` + ``root/<split>/*.png``.
+    ``counts[split][i]``: how many boxes image ``i`` holds (drawn as coloured rectangles on noise,
+    colour by category; two categories with non-contiguous ids 3 and 7)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    cats = [{"id": 3, "name": "red"}, {"id": 7, "name": "blue"}]
+    colour = {3: (220, 40, 40), 7: (40, 60, 220)}
+    for split, per_image in counts.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i, n in enumerate(per_image):
+            pixels = rng.integers(90, 160, (h, w, 3)).astype(np.uint8)
+            for _ in range(n):
+                bw, bh = int(rng.integers(8, w // 2)), int(rng.integers(8, h // 2))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                cat = int(rng.choice([3, 7]))
+                pixels[y:y + bh, x:x + bw] = colour[cat]
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
+                             "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            name = f"{split}_{i:03d}.png"
+            Image.fromarray(pixels).save(root / split / name)
+            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def make_segmentation_folders(root: Path, counts: dict[str, int], size: int = 28, seed: int = 0) -> Path:
+    """``root/<split>/images`` + ``root/<split>/masks``: 3 classes (background and two coloured
+    squares) and an ignore (255) border of a different width in every image."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((size, size), dtype=np.uint8)
+            pixels = rng.integers(90, 160, (size, size, 3)).astype(np.uint8)
+            for label, rgb in ((1, (220, 40, 40)), (2, (40, 60, 220))):
+                s = int(rng.integers(6, size // 2))
+                x, y = (int(v) for v in rng.integers(0, size - s, 2))
+                mask[y:y + s, x:x + s] = label
+                pixels[y:y + s, x:x + s] = rgb
+            border = int(rng.integers(0, 5))
+            if border:
+                mask[:border] = 255
+            Image.fromarray(pixels).save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(mask, mode="L").save(root / split / "masks" / f"{i:03d}.png")
+    return root

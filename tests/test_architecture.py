@@ -141,3 +141,35 @@ def test_no_patch_size_literal_outside_the_backbone_registry():
             if tok.type == tokenize.NUMBER and float(tok.string) == 14:
                 found.append(f"{path.relative_to(ROOT.parent)}:{tok.start[0]}")
     assert not found, found
+
+
+def test_tasks_keep_nothing_between_calls(tmp_path):
+    """A task holds its config and nothing else: what it builds is handed back (bundle, data), so
+    one task object serves every model it built, whichever was built last."""
+    import torch
+
+    from dinotune.config import build_config
+    from dinotune.tasks import build_backbone, get_task
+    from tests.conftest import make_class_folders, make_coco_dataset, make_segmentation_folders
+
+    make_class_folders(tmp_path / "cls" / "train", ["red", "blue"], 2)
+    make_class_folders(tmp_path / "cls" / "val", ["red", "blue"], 1)
+    data = {"classify": (tmp_path / "cls", {}),
+            "detect": (make_coco_dataset(tmp_path / "coco", {"train": [1, 2], "val": [1, 2]}),
+                       dict(image_size=56, num_queries=3, decoder_layers=1, hidden_dim=16, num_heads=2,
+                            ffn_dim=16, sampling_points=1)),
+            "segment": (make_segmentation_folders(tmp_path / "seg", {"train": 2, "val": 2}), dict(decoder="fpn",
+                                                                                                  fpn_dim=16))}
+    for name, (root, extra) in data.items():
+        cfg = build_config(name, data=str(root), **{"model": "random:tiny", "image_size": 28, "batch_size": 2,
+                                                    "workers": 0, "progress": False, "device": "cpu", **extra})
+        task = get_task(cfg)
+        backbone, _ = build_backbone(cfg)
+        built = task.build_data(None, backbone.patch_size)
+        first = task.build_model(built.meta, backbone)
+        other_meta = {**built.meta, "class_names": [f"c{i}" for i in range(5)], "num_classes": 5,
+                      "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(5)]}
+        task.build_model(other_meta, build_backbone(cfg)[0])  # a second model from the same task
+        metrics = task.evaluate(first, task.loaders(built)[1], torch.device("cpu"), "fp32")
+        assert task.monitor in metrics, name
+        assert set(vars(task)) == {"cfg"}, f"{name} task keeps {sorted(set(vars(task)) - {'cfg'})}"

@@ -21,6 +21,7 @@ from dinotune.cli import main
 from dinotune.config import ConfigError, build_config
 from dinotune.data.images import check_image, load_image
 from dinotune.data.transforms import classify_eval_transform
+from dinotune.tasks import get_task
 from dinotune.tasks.classify.data import DataError, build_classification_data
 from tests.conftest import make_class_folders, make_image, shared_data, tiny_options
 
@@ -165,6 +166,51 @@ def test_hf_save_to_disk_folder_loads_and_trains(tmp_path):
     assert result["metrics"]["count"] == 4
     assert 0.0 <= result["metrics"]["top1"] <= 1.0
     assert (Path(result["run_dir"]) / "checkpoints" / "best" / "head.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ preprocessing
+SOLID = {"red": (200, 30, 90), "blue": (20, 110, 240)}
+
+
+def _imagenet_normalised(rgb: tuple[int, int, int], size: int) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` per channel, as a ``3 x size x size`` image."""
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return ((torch.tensor(rgb, dtype=torch.float32) / 255 - mean) / std)[:, None, None].expand(3, size, size)
+
+
+def _solid_folders(root: Path) -> Path:
+    """``train/`` and ``val/`` class folders of solid-colour images, not square (resize + crop)."""
+    for split, n in (("train", 2), ("val", 1)):
+        for name, rgb in SOLID.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (45, 33), rgb).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_classify_eval_transform_normalises_with_imagenet_mean_and_std():
+    img = Image.new("RGB", (50, 37), (200, 30, 90))
+    out = classify_eval_transform(28)(img)
+    assert out.shape == (3, 28, 28) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _imagenet_normalised((200, 30, 90), 28), atol=1e-5, rtol=0)
+
+
+def test_classify_task_images_are_imagenet_normalised(tmp_path):
+    """What the model sees: evaluation images and (without augmentation) training images."""
+    data_dir = _solid_folders(tmp_path / "solid")
+    cfg = build_config("classify", data=str(data_dir), **tiny_options(tmp_path / "run", augment=False))
+    task = get_task(cfg)
+    data = task.build_data(None, 14)
+    names = data.meta["class_names"]
+    for split, ds in (("val", data.val), ("train", data.train)):
+        for i in range(len(ds)):
+            item = ds[i]
+            expected = _imagenet_normalised(SOLID[names[item["label"]]], 28)
+            torch.testing.assert_close(item["image"], expected, atol=1e-5, rtol=0,
+                                       msg=lambda m, s=split, i=i: f"{s} image {i}: {m}")
+    # the transform used for evaluation and prediction runs
+    out = task.eval_transform()(Image.new("RGB", (40, 60), SOLID["blue"]))
+    torch.testing.assert_close(out, _imagenet_normalised(SOLID["blue"], 28), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------ image formats

@@ -117,6 +117,54 @@ def test_msdeformattn_init_directions():
     assert attn.attention_weights.weight.abs().sum() == 0
 
 
+def _passthrough_attn(d_model, n_levels, n_heads, n_points, pixel_offsets):
+    """An MSDeformAttn whose value / output projections are the identity, whose sampling offsets
+    are the constant ``pixel_offsets`` (``heads x levels x points x 2``, in pixels of each level)
+    and whose attention is uniform (zero logits)."""
+    attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points).double()
+    with torch.no_grad():
+        for lin in (attn.value_proj, attn.output_proj):
+            lin.weight.copy_(torch.eye(d_model))
+            lin.bias.zero_()
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(pixel_offsets.flatten())
+        attn.attention_weights.weight.zero_()
+        attn.attention_weights.bias.zero_()
+    return attn
+
+
+def test_msdeformattn_offset_in_pixels_reads_that_pixel_on_a_non_square_map():
+    # one 3 x 7 level (H x W); from pixel (row 1, col 2), an offset of (+3, +1) pixels (x, y)
+    # must read pixel (row 2, col 5)
+    h, w = 3, 7
+    attn = _passthrough_attn(1, 1, 1, 1, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    value = torch.arange(h * w, dtype=torch.float64).view(1, h * w, 1)
+    ref = torch.tensor([(2 + 0.5) / w, (1 + 0.5) / h], dtype=torch.float64).view(1, 1, 1, 2)
+    out = attn(torch.zeros(1, 1, 1, dtype=torch.float64), ref, value, torch.tensor([[h, w]]))
+    assert out.item() == pytest.approx(2 * w + 5, abs=1e-9), "offsets are not (x / W, y / H)"
+
+
+def test_msdeformattn_sampling_matches_naive_reference_on_non_square_levels():
+    torch.manual_seed(0)
+    shapes = [(3, 7), (5, 2)]  # wide and tall levels
+    heads, points, dim = 2, 3, 2
+    d_model = heads * dim
+    # fractional pixel offsets in both directions, different per head / level / point
+    offsets = (torch.rand(heads, len(shapes), points, 2, dtype=torch.float64) * 4 - 2)
+    attn = _passthrough_attn(d_model, len(shapes), heads, points, offsets)
+    b, q = 2, 4
+    value = torch.randn(b, sum(h * w for h, w in shapes), d_model, dtype=torch.float64)
+    ref = torch.rand(b, q, len(shapes), 2, dtype=torch.float64) * 0.8 + 0.1
+    out = attn(torch.randn(b, q, d_model, dtype=torch.float64), ref, value, torch.tensor(shapes),
+               level_start_index(shapes))
+    # reference: offsets normalised by (W, H) of each level, uniform weights over levels x points
+    norm = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float64)
+    locations = ref[:, :, None, :, None, :] + offsets[None, None] / norm[None, None, None, :, None, :]
+    weights = torch.full((b, q, heads, len(shapes), points), 1.0 / (len(shapes) * points), dtype=torch.float64)
+    expected = naive_msda(value.view(b, -1, heads, dim), shapes, locations, weights)
+    torch.testing.assert_close(out, expected, atol=1e-9, rtol=0)
+
+
 # --- pyramid, position encoding ------------------------------------------------------------------
 
 @pytest.mark.parametrize("size,expected", [(6, [12, 6, 3]), (5, [10, 5, 3])])
@@ -267,3 +315,15 @@ def test_overfit_boxes(backbone):
     finally:
         for p in model.backbone.parameters():
             p.requires_grad_(True)
+
+
+def test_pyramid_levels_of_a_two_patch_image_normalise(backbone):
+    """A 2 x 2 patch grid gives a 1 x 1 coarsest level; its GroupNorm needs two values per group,
+    so narrow widths get groups of two channels (wide ones keep 32 groups)."""
+    from dinotune.models.pyramid import group_norm
+
+    assert group_norm(256).num_groups == 32 and group_norm(16).num_groups == 8 and group_norm(2).num_groups == 1
+    model = make_detr(backbone, hidden_dim=16).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 28, 28))
+    assert torch.isfinite(out["pred_boxes"]).all()

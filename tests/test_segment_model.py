@@ -1,4 +1,5 @@
-"""Segmentation: confusion-matrix metrics, linear / FPN decoders, whole and sliding inference, overfit."""
+"""Segmentation: confusion-matrix metrics, linear / FPN decoders, whole and sliding inference, the
+loss (ignore pixels count for nothing), overfit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from dinotune.adapters import apply_adapter
 from dinotune.backbone import DinoBackbone
 from dinotune.config import AdapterConfig
-from dinotune.config import SegmentModelConfig
+from dinotune.config import SegmentModelConfig, build_config
+from dinotune.tasks import get_task
+from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.decoders import (
     FPNDecoder,
     LinearDecoder,
@@ -320,6 +323,78 @@ def test_slide_covers_image_and_matches_equivariant_model(backbone):
         assert torch.allclose(slide, whole, atol=1e-5)
     with pytest.raises(ValueError):
         predict_logits(pix, x2, (40, 50), mode="slide", window=50, patch_size=14)
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def _logits_and_masks(seed=0, b=2, k=4, h=6, w=9):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, k, h, w, generator=g)  # the loss computes in float32
+    masks = torch.randint(0, k, (b, h, w), generator=g)
+    masks[0, :, :4] = IGNORE  # a block of ignore pixels ...
+    masks[1, 2, 5] = IGNORE  # ... and a lone one
+    return logits, masks
+
+
+@pytest.mark.parametrize("weights", [(), (0.5, 2.0, 1.0, 3.0)])
+def test_loss_ignores_255_pixels(weights):
+    logits, masks = _logits_and_masks()
+    labelled = masks != IGNORE
+    loss_fn = SegmentationLoss(IGNORE, weights)
+    loss = loss_fn(logits, masks)
+    w = torch.tensor(weights) if weights else None
+    # the reference: PyTorch's cross-entropy with ignore_index (a weighted mean over labelled pixels)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, masks, weight=w, ignore_index=IGNORE))
+    # the same by hand, over the labelled pixels only (the ignore pixels are not class 0)
+    per_pixel = -logits.log_softmax(1).gather(1, masks.clamp(max=3)[:, None])[:, 0]
+    pw = w[masks.clamp(max=3)] if w is not None else torch.ones_like(per_pixel)
+    by_hand = (per_pixel * pw)[labelled].sum() / pw[labelled].sum()
+    torch.testing.assert_close(loss, by_hand)
+    as_class0 = F.cross_entropy(logits, masks.masked_fill(~labelled, 0), weight=w)
+    assert not torch.isclose(loss, as_class0)
+
+    # changing the logits under ignore pixels changes nothing, and they get no gradient
+    moved = torch.where(labelled[:, None], logits, logits + 10 * torch.randn_like(logits))
+    torch.testing.assert_close(loss_fn(moved, masks), loss)
+    x = logits.clone().requires_grad_(True)
+    loss_fn(x, masks).backward()
+    assert torch.all(x.grad.permute(0, 2, 3, 1)[~labelled] == 0), "ignore pixels must get no gradient"
+    assert torch.all(x.grad.permute(0, 2, 3, 1)[labelled].abs().sum(-1) > 0)
+
+
+def test_loss_upsamples_stride_logits_and_ignores_255():
+    _, masks = _logits_and_masks(seed=1, h=12, w=18)
+    coarse = torch.randn(2, 4, 3, 4, generator=torch.Generator().manual_seed(2))
+    up = F.interpolate(coarse, size=(12, 18), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(SegmentationLoss(IGNORE)(coarse, masks),
+                               F.cross_entropy(up, masks, ignore_index=IGNORE))
+
+
+def test_loss_of_an_all_ignore_mask_is_zero():
+    logits = torch.randn(1, 3, 4, 5)
+    masks = torch.full((1, 4, 5), IGNORE)
+    x = logits.requires_grad_(True)
+    loss = SegmentationLoss(IGNORE)(x, masks)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+
+
+def test_segment_training_step_ignores_255_pixels():
+    """The loss the engine back-propagates for a segmentation batch: ignore pixels count for nothing."""
+    cfg = build_config("segment", data="unused", model="random:tiny", image_size=28)
+    task = get_task(cfg)
+    torch.manual_seed(0)
+    bundle = task.build_model({"num_classes": 3, "class_names": ["a", "b", "c"]},
+                              DinoBackbone.from_spec("random:tiny"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 28, 28, generator=g)
+    masks = torch.randint(0, 3, (2, 28, 28), generator=g)
+    masks[:, :, 14:] = IGNORE  # the right half is padding / boundary
+    loss = task.training_step(bundle, bundle.model, {"images": images, "masks": masks})["loss"]
+    with torch.no_grad():
+        logits = F.interpolate(bundle.model(images).float(), size=(28, 28), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, masks, ignore_index=IGNORE))
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits[..., :14], masks[..., :14]))
 
 
 # --- overfit -------------------------------------------------------------------------------------

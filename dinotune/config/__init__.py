@@ -81,7 +81,7 @@ def apply_presets(cfg: Any, explicit: dict[str, Any]) -> Any:
         for key, value in LIGHTWEIGHT_PRESET.items():
             if key not in explicit:
                 set_dotted(cfg, key, value)
-    # the seeds' "improved" detector is defined by its two-stage freeze-then-unfreeze schedule
+    # the "improved" single-object detector is defined by its two-stage freeze-then-unfreeze schedule
     if explicit.get("model.head") == "improved" and "train.two_stage" not in explicit:
         set_dotted(cfg, "train.two_stage", True)
     return cfg

@@ -132,7 +132,7 @@ class DetectConfig:
             raise ConfigError("model.num_queries and model.decoder_layers must be at least 1")
 
 
-# What --lightweight sets (the seeds' "lightweight" detector); explicit flags are applied after it.
+# What --lightweight sets (a small DETR-style detector for one GPU); explicit flags are applied after it.
 LIGHTWEIGHT_PRESET: dict[str, Any] = {
     "backbone.model": "facebook/dinov2-small",
     "model.decoder_layers": 2,

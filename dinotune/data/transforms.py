@@ -1,4 +1,5 @@
-"""DINOv2 image preprocessing (ImageNet mean / std, sides a multiple of 14) and augmentation."""
+"""DINOv2 image preprocessing (ImageNet mean / std; sizes are multiples of the patch size) and
+classification augmentation."""
 
 from __future__ import annotations
 

@@ -17,8 +17,11 @@ from dinotune.config.base import PYRAMID_SCALES
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the most groups ``<= max_groups`` that divide ``channels``."""
-    groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    """GroupNorm with the most groups ``<= max_groups`` that divide ``channels`` and hold at least
+    two channels each: a one-channel group over a 1 x 1 map (a coarse level of a small image) has
+    a single value, which GroupNorm refuses."""
+    most = min(max_groups, max(1, channels // 2))
+    groups = next(g for g in range(most, 0, -1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
 
 

@@ -13,14 +13,9 @@ from torch import Tensor
 from torchvision.ops import box_area, box_convert, box_iou, generalized_box_iou
 
 __all__ = [
-    "box_area", "box_iou", "generalized_box_iou", "convert", "cxcywh_to_xyxy", "xyxy_to_cxcywh",
+    "box_area", "box_iou", "generalized_box_iou", "cxcywh_to_xyxy", "xyxy_to_cxcywh",
     "xyxy_to_xywh", "xywh_to_xyxy", "normalize", "denormalize", "clip", "valid_mask", "pairwise_iou_matched",
 ]
-
-
-def convert(boxes: Tensor, src: str, dst: str) -> Tensor:
-    """``N x 4`` boxes from format ``src`` to ``dst`` (``xyxy``, ``xywh``, ``cxcywh``)."""
-    return box_convert(boxes, src, dst)
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:

@@ -1,11 +1,12 @@
 """Object detection: a DETR-style DINOv2 detector (multi-scale deformable decoder, Hungarian
-matching, COCO evaluation) and the seeds' single-object "simple" / "improved" detectors.
+matching, COCO evaluation) and the single-object "simple" / "improved" detectors (one class and one
+box per image from the CLS token), behind one interface (``detectors.py``).
 
 Contracts shared by the files of this package:
 
 Dataset item: ``(image, target)`` with ``image`` a ``3 x S x S`` normalised float tensor (the
 original image resized so its longer side is ``S`` and zero-padded at the right / bottom to
-``S x S``; ``S`` a multiple of 14) and ``target`` a dict:
+``S x S``; ``S`` a multiple of the backbone's patch size) and ``target`` a dict:
 
 - ``boxes``: ``N x 4`` float, ``cxcywh`` normalised by ``S`` (so in [0, 1] on the padded canvas);
   crowd regions and degenerate boxes are NOT in here.

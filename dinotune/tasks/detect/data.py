@@ -192,7 +192,7 @@ class DetectionDataset(Dataset):
         keep = box_ops.valid_mask(boxes)
         boxes, labels = boxes[keep], target["labels"][keep]
         return self._finish(canvas.as_subclass(torch.Tensor)), {
-            "boxes": (box_ops.xyxy_to_cxcywh(boxes) / size).clamp(0, 1).reshape(-1, 4),
+            "boxes": box_ops.normalize(box_ops.xyxy_to_cxcywh(boxes), size, size).clamp(0, 1).reshape(-1, 4),
             "labels": labels.to(torch.int64),
             "image_id": int(rec.id),
             "orig_size": torch.tensor([rec.height, rec.width], dtype=torch.int64),

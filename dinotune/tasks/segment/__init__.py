@@ -13,11 +13,11 @@ ignore_index), "index": int}`` after random scale, crop (padding: image 0, mask 
 
 Evaluation item: ``{"image": 3 x H' x W' float, "mask": H x W int64 (ORIGINAL resolution),
 "index": int}`` where the image is resized so its short side is ``S`` (long side rounded to a
-multiple of 14) for whole-image inference, or kept at full resolution for sliding windows.
-``segmentation_collate`` pads images of a batch to a common size (multiples of 14) and keeps the
-masks as a list, with the unpadded sizes in ``"sizes"``.
+multiple of the backbone's patch size ``p``) for whole-image inference, or kept at full resolution
+for sliding windows. ``segmentation_collate`` pads images of a batch to a common size (multiples
+of ``p``) and keeps the masks as a list, with the unpadded sizes in ``"sizes"``.
 
 Model: ``.backbone`` (DinoBackbone) + ``.head`` (the decoder); ``forward(images B x 3 x H x W) ->
-logits B x K x h x w`` at the decoder's own resolution (H/14 for linear, finer for fpn); the task
-upsamples logits (bilinear) to the label size.
+logits B x K x h x w`` at the decoder's own resolution (H/p for linear, finer for fpn); the
+criterion (``criterion.py``) and evaluation upsample logits (bilinear) to the label size.
 """

@@ -24,6 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from dinotune.config import SegmentDataConfig
 from dinotune.data.images import ImageReadError, load_image
 from dinotune.data.transforms import normalize
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
@@ -93,7 +94,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, source: SegmentationSource, train: bool, image_size: int, patch_size: int,
                  augment: bool = True, keep_full_resolution: bool = False, pre_transform: Any = None,
-                 scale_range: tuple[float, float] = (0.5, 2.0)):
+                 scale_range: tuple[float, float] | None = None):
         self.source = source
         self.pre_transform = pre_transform  # PIL -> PIL before everything else (e.g. a corruption)
         self.train = bool(train)
@@ -102,6 +103,7 @@ class SegmentationDataset(Dataset):
         self.keep_full_resolution = bool(keep_full_resolution)
         self.class_names = list(source.class_names)
         self.ignore_index = source.ignore_index
+        scale_range = tuple(scale_range or SegmentDataConfig().scale_range)  # the config's default
         self.transform = (train_transforms(self.image_size, source.ignore_index, augment, scale_range)
                           if self.train else None)
         self._finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize()])
