@@ -160,6 +160,10 @@ class LoadedRun:
         validate_inference(settings)
         return settings, {k: v for k, v in given.items() if k not in fields}
 
+    def predict_option_names(self) -> set[str]:
+        """The options ``predict`` takes for this run: its inference fields and its task's options."""
+        return {f.name for f in dataclasses.fields(self.cfg.inference)} | set(self.task.predict_options)
+
     def predict(self, images: str | Path | Sequence[str | Path], **options: Any) -> list[dict[str, Any]]:
         """Task outputs per image (classification: top-k classes; detection: boxes; segmentation:
         class shares and label maps). Options: the fields of the config's ``inference`` section
@@ -168,9 +172,8 @@ class LoadedRun:
         settings, extra = self.settings(**options)
         unknown = sorted(set(extra) - self.task.predict_options)
         if unknown:
-            valid = sorted({f.name for f in dataclasses.fields(settings)} | self.task.predict_options)
             raise ConfigError(f"{', '.join(unknown)}: not an option of {self.task.name} predictions "
-                              f"(valid: {', '.join(valid)})")
+                              f"(valid: {', '.join(sorted(self.predict_option_names()))})")
         return self.task.predict(self, images, settings, **extra)
 
     def evaluate(self, data: str, split: str = "val", *, batch_size: int | None = None, images: str = "",

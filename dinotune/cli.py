@@ -167,8 +167,6 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    import dataclasses
-
     from dinotune import api
 
     loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
@@ -179,9 +177,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
     flags = {"top_k": "--top-k", "score_threshold": "--score-threshold", "draw_threshold": "--draw-threshold",
              "draw": "--draw", "masks": "--masks", "image_ids": "--image-info"}
-    accepted = {f.name for f in dataclasses.fields(loaded.cfg.inference)} | set(loaded.task.predict_options)
-    _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags}, accepted,
-                         loaded.task.name)
+    _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags},
+                         loaded.predict_option_names(), loaded.task.name)
     results = loaded.predict(ns.images, **{k: v for k, v in options.items() if v is not None})
     fmt = ns.format or (Path(ns.out).suffix.lstrip(".") if ns.out else "json")
     if fmt not in ("json", "csv"):

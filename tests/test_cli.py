@@ -274,3 +274,25 @@ def test_resume_missing_run(tmp_path, capsys):
     code = main(["train", "--resume", str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert code == 2 and "nothing" in err and "config.yaml" in err
+
+
+def test_predict_defaults_come_from_the_run_and_foreign_flags_are_refused(small_data, tmp_path, capsys):
+    """``predict`` without flags uses the run's own inference section (here ``--top-k 1`` given at
+    training); a flag for another task's predictions is an error naming it, not ignored."""
+    run = tmp_path / "run"
+    assert main(["train", "classify", "--data", str(small_data), "--out", str(run), "--top-k", "1", *FAST]) == 0
+    capsys.readouterr()
+    images = str(small_data / "val" / "red")
+    assert main(["predict", str(run), images, "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results and all(len(r["predictions"]) == 1 for r in results)
+    assert main(["predict", str(run), images, "--device", "cpu", "--top-k", "2"]) == 0
+    assert all(len(r["predictions"]) == 2 for r in json.loads(capsys.readouterr().out))
+    for flag in (["--masks", str(tmp_path / "m")], ["--score-threshold", "0.5"], ["--draw", str(tmp_path / "d")]):
+        assert main(["predict", str(run), images, "--device", "cpu", *flag]) == 2
+        assert f"{flag[0]} does not apply to classify runs" in capsys.readouterr().err
+    import dinotune
+    from dinotune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"masks: not an option of classify predictions \(valid: batch_size, top_k\)"):
+        dinotune.load(run, device="cpu").predict(images, masks=str(tmp_path / "m"))

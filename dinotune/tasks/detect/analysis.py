@@ -29,7 +29,7 @@ def prediction_charts(predictions: Sequence[dict[str, Any]], out_dir: Path, name
                       samples: int = 8, score_threshold: float = 0.3) -> list[Path]:
     """Confidence histogram and up to ``samples`` images with their detections drawn.
 
-    ``predictions``: ``predict_images`` output (image path, detections with xywh boxes)."""
+    ``predictions``: the task's ``predict`` output (image path, detections with xywh boxes)."""
     from dinotune.data.images import load_image
 
     out_dir = Path(out_dir)
