@@ -122,3 +122,12 @@ def test_moved_keys_of_older_run_folders_still_load(tmp_path):
     (tmp_path / "old.yaml").write_text("task: detect\nmodel:\n  topk: 7\n  score_threshold: 0.2\n")
     cfg = load_yaml(tmp_path / "old.yaml")
     assert cfg.inference.top_k == 7 and cfg.inference.score_threshold == 0.2
+
+
+def test_inference_settings_are_checked():
+    with pytest.raises(ConfigError, match="inference.top_k must be at least 1"):
+        build_config("classify", top_k=0).validate()
+    with pytest.raises(ConfigError, match="inference.draw_threshold must be in 0..1"):
+        build_config("detect", draw_threshold=1.5).validate()
+    with pytest.raises(ConfigError, match="inference.batch_size must be at least 1"):
+        build_config("segment", eval_batch_size=0).validate()

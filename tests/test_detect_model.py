@@ -327,3 +327,23 @@ def test_pyramid_levels_of_a_two_patch_image_normalise(backbone):
     with torch.no_grad():
         out = model(torch.randn(2, 3, 28, 28))
     assert torch.isfinite(out["pred_boxes"]).all()
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_ddp_is_told_about_parameters_without_gradient(backbone, aux_loss):
+    """Without auxiliary losses the earlier decoder layers' class heads get no gradient, which DDP
+    must be told (find_unused_parameters); with them every trainable parameter gets one, and DDP
+    can skip the extra graph walk."""
+    from dinotune.config import build_config
+    from dinotune.tasks.detect.detectors import build_detector
+
+    cfg = build_config("detect", image_size=56, aux_loss=aux_loss, **{k: v for k, v in SMALL.items()
+                                                                      if k != "pyramid_scales"})
+    meta = {"num_classes": 2, "class_names": ["a", "b"], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    torch.manual_seed(0)
+    bundle = build_detector(cfg).build(backbone, 2, cfg, meta["class_names"], meta["categories"])
+    assert bundle.find_unused_parameters is (not aux_loss)
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}]
+    bundle.criterion(bundle.model(torch.randn(1, 3, 56, 56)), targets)["loss"].backward()
+    no_grad = [n for n, p in bundle.model.head.named_parameters() if p.requires_grad and p.grad is None]
+    assert bool(no_grad) is (not aux_loss), no_grad

@@ -198,7 +198,15 @@ def _eval_worker(rank: int, world: int, init_file: str, out: str, data: dict) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = {name: _evaluate(name, Path(path)) for name, path in data.items()}
+        result: dict = {name: _evaluate(name, Path(path)) for name, path in data.items()}
+        # before a sharded evaluation the engine gives every process process 0's buffers
+        # (BatchNorm statistics drift apart per process on the CPU, where there is no SyncBatchNorm)
+        from dinotune.engine import distributed
+
+        bn = torch.nn.BatchNorm1d(3)
+        bn.running_mean.fill_(float(rank + 1))
+        distributed.broadcast_buffers(bn)
+        result["buffers"] = bn.running_mean.tolist()
         (Path(out) / f"{rank}.json").write_text(json.dumps(result, default=str))
     finally:
         dist.destroy_process_group()
@@ -209,6 +217,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     reference = {name: _evaluate(name, Path(path))[0] for name, path in data.items()}
     torch.multiprocessing.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path), data), nprocs=2)
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["buffers"] for r in ranks] == [[1.0, 1.0, 1.0]] * 2
     for name, expected in reference.items():
         shards = [set(r[name][1]) for r in ranks]
         assert shards[0] and shards[1] and not shards[0] & shards[1]  # each process evaluated a part

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -195,8 +196,7 @@ class ClassifyTask(Task):
             return []
         step = max(1, len(items) // samples)
         picked = items[::step][:samples]
-        settings = ClassifyInferenceConfig(batch_size=self.cfg.inference.batch_size, top_k=1)
-        preds = self.predict(run, [p for p, _ in picked], settings)
+        preds = self.predict(run, [p for p, _ in picked], dataclasses.replace(self.cfg.inference, top_k=1))
         truth = {str(p): names[label] for p, label in picked}
         titles, colours = [], []
         for r in preds:
