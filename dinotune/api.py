@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
-from dinotune.config import ConfigError, build_config, load_yaml, save_yaml, validate_inference
+from dinotune.config import ConfigError, build_config, check_ranges, load_yaml, save_yaml
 from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import resolve_precision, select_device
 from dinotune.engine.logging import read_metrics
+from dinotune.engine.run_folder import RunFolder
 from dinotune.engine.trainer import Trainer
 from dinotune.errors import CheckpointError
 from dinotune.models.bundle import ModelBundle
@@ -25,21 +26,16 @@ from dinotune.tasks import Task, build_backbone, get_task
 from dinotune.utils import info, seed_everything, set_quiet, warn, write_json
 
 
-def _fresh_run_dir(out: str) -> Path:
-    """``out``, or ``out-2``, ``out-3``... when ``out`` already holds something (nothing is lost)."""
-    base = Path(out).expanduser()
-    path, n = base, 1
-    while path.exists() and any(path.iterdir()):
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    if path != base:
-        info(f"{base} is not empty; this run goes to {path}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+# What may change when a run resumes: where and how it runs, never what it trains.
+RESUME_OPTIONS = ("device", "workers", "progress")
 
 
 def _train_config(config: Any, task: str, resume: str | Path | None, options: dict[str, Any]) -> Any:
     if resume is not None:
+        refused = sorted(set(options) - set(RESUME_OPTIONS))
+        if refused:
+            raise ConfigError(f"resume continues {resume} with its own saved settings; it takes only "
+                              f"{', '.join(RESUME_OPTIONS)}, not {', '.join(refused)}")
         run_dir = Path(resume).expanduser()
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml) to resume")
@@ -71,6 +67,8 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     """
     cfg = _train_config(config, task, resume, options)
     cfg.validate()
+    if resume is None:
+        RunFolder.check(cfg.train.out)
     ctx = distributed.setup(cfg.train.device)  # a no-op unless launched by torchrun
     if ctx.enabled:
         _check_distributed(cfg, ctx)
@@ -81,30 +79,52 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     # the backbone first, before any folder is made: it refuses a bad --model or an image size
     # that is not a multiple of its patch size, and the patch size shapes the data
     backbone, fingerprint = build_backbone(cfg)
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-    else:
-        # process 0 picks the folder (it may add a suffix); the others use the same one
-        run_dir = distributed.broadcast_object(_fresh_run_dir(cfg.train.out) if ctx.is_main else None)
+    folder = None
+    if ctx.is_main:  # process 0 claims (or locks) the folder; the others use the same one
+        folder = RunFolder.reopen(resume) if resume is not None else RunFolder.claim(cfg.train.out)
+    try:
+        run_dir = distributed.broadcast_object(folder.path if folder is not None else None)
+        trainer, meta = _start(cfg, the_task, backbone, fingerprint, run_dir, resume is not None, device, precision)
+        if folder is not None:
+            folder.started = True
+        result = trainer.fit(resume=resume is not None)
+    except BaseException:
+        if folder is not None:
+            folder.abandon()  # removes the folder of a run that never got to train
+        raise
+    finally:
+        if folder is not None:
+            folder.release()
+    if not ctx.is_main:
+        return {"run_dir": str(run_dir), "best": None, "last": None, "metrics": {}, "files": []}
+    return _finish(run_dir, the_task, meta, result)
+
+
+def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path, resume: bool,
+           device: torch.device, precision: str) -> tuple[Trainer, dict[str, Any]]:
+    """Everything between a claimed folder and the first epoch: config file, data, model."""
+    if not resume:
         cfg.train.out = str(run_dir)
-    if ctx.is_main:
+    if distributed.current().is_main:
         save_yaml(cfg, run_dir / "config.yaml")
-    data = the_task.build_data(run_dir, backbone.patch_size)
+    data = task.build_data(run_dir, backbone.patch_size)
     data.meta["backbone_fingerprint"] = fingerprint
-    if resume is not None:
-        checkpoint.check_compatible(run_dir / "checkpoints" / "last", data.meta)
-    bundle = the_task.build_model(data.meta, backbone)
+    if resume:
+        last = run_dir / "checkpoints" / "last"
+        checkpoint.check_compatible(last, data.meta)
+        saved = checkpoint.read_meta(last).get("data_fingerprint")
+        if saved and saved != data.meta.get("data_fingerprint"):
+            warn(f"the training data changed since {run_dir} started (files added, removed or modified under "
+                 f"{cfg.data.data}); the run resumes on the data as it is now")
+    bundle = task.build_model(data.meta, backbone)
     info(f"backbone {cfg.backbone.model} ({backbone.num_layers} blocks, width {backbone.embed_dim}, "
          f"patch {backbone.patch_size}), adapter {cfg.adapter.kind}; device {device}, precision {precision}")
     info(format_parameter_count(count_parameters(bundle.model)))
-    data = the_task.prepare(bundle, data, run_dir, device, precision)
-    train_loader, val_loader = the_task.loaders(data)
-    trainer = Trainer(bundle=bundle, task=the_task, train_loader=train_loader, val_loader=val_loader,
+    data = task.prepare(bundle, data, run_dir, device, precision)
+    train_loader, val_loader = task.loaders(data)
+    trainer = Trainer(bundle=bundle, task=task, train_loader=train_loader, val_loader=val_loader,
                       cfg=cfg, run_dir=run_dir, meta=data.meta, device=device, precision=precision)
-    result = trainer.fit(resume=resume is not None)
-    if not ctx.is_main:
-        return {"run_dir": str(run_dir), "best": None, "last": None, "metrics": {}, "files": []}
-    return _finish(run_dir, the_task, data.meta, result)
+    return trainer, data.meta
 
 
 def _check_distributed(cfg: Any, ctx: distributed.DistContext) -> None:
@@ -157,7 +177,7 @@ class LoadedRun:
         fields = {f.name for f in dataclasses.fields(self.cfg.inference)}
         given = {k: v for k, v in overrides.items() if v is not None}
         settings = dataclasses.replace(self.cfg.inference, **{k: v for k, v in given.items() if k in fields})
-        validate_inference(settings)
+        check_ranges(settings, "inference.")
         return settings, {k: v for k, v in given.items() if k not in fields}
 
     def predict_option_names(self) -> set[str]:

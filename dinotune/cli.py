@@ -98,7 +98,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from dinotune.config import apply_overrides, apply_presets, build_config
 
     if ns.resume:
-        result = api.train(resume=ns.resume)
+        options = {"device": ns.resume_device, "workers": ns.resume_workers, "progress": ns.resume_progress}
+        result = api.train(resume=ns.resume, **{k: v for k, v in options.items() if v is not None})
     else:
         if not ns.task:
             raise ConfigError("name a task (dinotune train classify ...) or pass --resume RUN")
@@ -256,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train a model and write a run folder",
                              description="Train a model. Flags override --config FILE.yaml, which overrides defaults.",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_train.add_argument("--resume", metavar="RUN", help="continue RUN exactly where it stopped")
+    p_train.add_argument("--resume", metavar="RUN",
+                         help="continue RUN exactly where it stopped, with its own saved settings; only "
+                              "--device, --workers and --progress / --no-progress may be given with it")
+    p_train.add_argument("--device", dest="resume_device", help=argparse.SUPPRESS)
+    p_train.add_argument("--workers", dest="resume_workers", type=int, help=argparse.SUPPRESS)
+    p_train.add_argument("--progress", dest="resume_progress", action=argparse.BooleanOptionalAction,
+                         help=argparse.SUPPRESS)
     tasks = p_train.add_subparsers(dest="task", metavar="TASK")
     for name, cls in TASK_CONFIGS.items():
         p = tasks.add_parser(name, help=TASK_HELP[name][0].lower() + TASK_HELP[name][1:], description=TASK_HELP[name] + ". " + CONFIG_NOTE)
@@ -387,8 +394,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RESUME_FLAGS = ("--resume", "--device", "--workers", "--progress", "--no-progress")
+
+
+def _refuse_resume_extras(argv: list[str]) -> None:
+    """``train --resume RUN`` continues a run with its saved settings: anything but the few flags
+    that change where it runs is refused by name (argparse would report a puzzling 'invalid
+    choice' for the task)."""
+    if not argv or argv[0] != "train" or not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        return
+    extras, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _RESUME_FLAGS:
+            skip = "=" not in a and name in ("--resume", "--device", "--workers")
+        elif a in ("-h", "--help"):
+            return
+        else:
+            extras.append(a)
+    if extras:
+        raise ConfigError(f"--resume continues a run with its own saved settings and takes only --device, "
+                          f"--workers and --progress / --no-progress; got {' '.join(extras)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error raised in a DataLoader worker (torch re-raises it with
+    "Caught X in DataLoader worker process N. Original Traceback ...") the original message, so the
+    user reads the same line as with ``--workers 0``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    prefix = f"{type(exc).__name__}: "
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if prefix in line and not line.startswith(" ")]
+    if not starts:
+        return text
+    return "\n".join([lines[starts[-1]].split(prefix, 1)[1], *lines[starts[-1] + 1:]]).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _refuse_resume_extras(argv)
+    except ConfigError as exc:
+        print(f"dinotune: error: {exc}", file=sys.stderr)
+        return 2
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):
         parser.print_help()
@@ -399,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except _known_errors() as exc:
-        print(f"dinotune: error: {exc}", file=sys.stderr)
+        print(f"dinotune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinotune: interrupted; resume with `dinotune train --resume RUN`", file=sys.stderr)

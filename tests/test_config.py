@@ -49,7 +49,7 @@ def test_unknown_and_invalid_values_are_named(tmp_path):
         build_config("classify", epoch=3)
     with pytest.raises(ConfigError, match="true or false"):
         build_config("classify", augment="maybe")
-    with pytest.raises(ConfigError, match="image_size=-14 must be positive"):
+    with pytest.raises(ConfigError, match=r"--image-size -14: must be > 0 \(backbone.image_size\)"):
         build_config("classify", image_size=-14).validate()
     with pytest.raises(ConfigError, match="two-stage"):
         build_config("classify", adapter="none", two_stage=True).validate()
@@ -125,9 +125,9 @@ def test_moved_keys_of_older_run_folders_still_load(tmp_path):
 
 
 def test_inference_settings_are_checked():
-    with pytest.raises(ConfigError, match="inference.top_k must be at least 1"):
+    with pytest.raises(ConfigError, match=r"--top-k 0: must be >= 1 \(inference.top_k\)"):
         build_config("classify", top_k=0).validate()
-    with pytest.raises(ConfigError, match="inference.draw_threshold must be in 0..1"):
+    with pytest.raises(ConfigError, match=r"--draw-threshold 1.5: must be in \[0, 1\]"):
         build_config("detect", draw_threshold=1.5).validate()
-    with pytest.raises(ConfigError, match="inference.batch_size must be at least 1"):
+    with pytest.raises(ConfigError, match=r"--eval-batch-size 0: must be >= 1 \(inference.batch_size\)"):
         build_config("segment", eval_batch_size=0).validate()

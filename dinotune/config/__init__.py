@@ -22,8 +22,9 @@ from dinotune.config.base import (
     Precision,
     TrainConfig,
     opt,
+    check_ranges,
+    range_text,
     validate_common,
-    validate_inference,
 )
 from dinotune.config.classify import (
     ClassifyConfig,
@@ -60,7 +61,7 @@ from dinotune.config.segment import (
 )
 
 __all__ = [
-    "PYRAMID_SCALES", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common", "validate_inference",
+    "PYRAMID_SCALES", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common", "check_ranges", "range_text",
     "BackboneConfig", "AdapterConfig", "OptimConfig", "TrainConfig",
     "ClassifyConfig", "ClassifyDataConfig", "ClassifyHeadConfig", "ClassifyInferenceConfig",
     "DetectConfig", "DetectDataConfig", "DetectModelConfig", "DetectLossConfig", "DetectInferenceConfig",

@@ -3,6 +3,8 @@ training sections and the checks common to all task configs."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,12 +18,61 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 
-def opt(default: Any, help: str, flag: str | None = None, short: str | None = None) -> Any:
-    """A config field with its help text; ``flag`` overrides the derived ``--field-name``."""
-    meta = {"help": help, "flag": flag, "short": short}
+def opt(default: Any, help: str, flag: str | None = None, short: str | None = None, *,
+        ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None) -> Any:
+    """A config field with its help text; ``flag`` overrides the derived ``--field-name``.
+
+    ``ge`` / ``gt`` / ``le`` / ``lt``: the valid range of a number (of every item of a list of
+    numbers), checked by ``check_ranges`` for the CLI, the API and config files alike; a float
+    must also be finite.
+    """
+    meta = {"help": help, "flag": flag, "short": short, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def range_text(meta: Any) -> str:
+    """``> 0``, ``>= 1``, ``in [0, 1)``: the range a field's metadata declares ('' for none)."""
+    lo = (f"{meta['ge']:g}", "[") if meta.get("ge") is not None else (f"{meta['gt']:g}", "(") \
+        if meta.get("gt") is not None else None
+    hi = (f"{meta['le']:g}", "]") if meta.get("le") is not None else (f"{meta['lt']:g}", ")") \
+        if meta.get("lt") is not None else None
+    if lo and hi:
+        return f"in {lo[1]}{lo[0]}, {hi[0]}{hi[1]}"
+    if lo:
+        return (">= " if lo[1] == "[" else "> ") + lo[0]
+    if hi:
+        return ("<= " if hi[1] == "]" else "< ") + hi[0]
+    return ""
+
+
+def _in_range(value: Any, meta: Any) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not ((meta.get("ge") is not None and value < meta["ge"]) or (meta.get("gt") is not None and value <= meta["gt"])
+                or (meta.get("le") is not None and value > meta["le"]) or (meta.get("lt") is not None and value >= meta["lt"]))
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first number outside its field's declared range (or not finite),
+    naming the command-line flag, the value, the range and the config key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not _in_range(item, f.metadata):
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                rng = range_text(f.metadata)
+                finite = "a finite number" + (" " if rng else "") if isinstance(item, float) and not math.isfinite(item) else ""
+                raise ConfigError(f"{flag} {item!r}: must be {finite}{rng} ({key})")
 
 
 
@@ -34,8 +85,8 @@ class BackboneConfig:
         "checkpoint, or random:{tiny,small,base,large,giant}[-reg4] for random weights",
     )
     image_size: int = opt(224, "input side in pixels; must be a multiple of the backbone's patch size "
-                          "(14 for DINOv2)")
-    init_seed: int = opt(0, "seed of the random initialisation used by random:* models")
+                          "(14 for DINOv2)", gt=0)
+    init_seed: int = opt(0, "seed of the random initialisation used by random:* models", ge=0)
 
 
 @dataclass
@@ -44,74 +95,56 @@ class AdapterConfig:
         "lora", "none = frozen backbone (head only), lora / dora through PEFT, full = every weight",
         flag="--adapter",
     )
-    rank: int = opt(8, "LoRA / DoRA rank r")
-    alpha: float = opt(16.0, "LoRA / DoRA scaling alpha (the update is scaled by alpha / r)")
-    dropout: float = opt(0.0, "dropout on the LoRA / DoRA input", flag="--lora-dropout")
+    rank: int = opt(8, "LoRA / DoRA rank r", ge=1)
+    alpha: float = opt(16.0, "LoRA / DoRA scaling alpha (the update is scaled by alpha / r)", gt=0)
+    dropout: float = opt(0.0, "dropout on the LoRA / DoRA input", flag="--lora-dropout", ge=0, lt=1)
     targets: list[str] = opt(
         ["attention"],
         "modules to adapt: attention (q,k,v,o projections), qkv, mlp, or module names such as "
         "q_proj fc1",
     )
-    last_n_blocks: int = opt(0, "adapt only the last N transformer blocks (0 = all)")
+    last_n_blocks: int = opt(0, "adapt only the last N transformer blocks (0 = all)", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-3, "learning rate of the head")
-    backbone_lr: float = opt(1e-4, "learning rate of the backbone's adapters (or weights, with full)")
-    weight_decay: float = opt(0.05, "AdamW weight decay (never applied to norms, biases, tokens)")
+    lr: float = opt(1e-3, "learning rate of the head", gt=0)
+    backbone_lr: float = opt(1e-4, "learning rate of the backbone's adapters (or weights, with full)", ge=0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (never applied to norms, biases, tokens)", ge=0)
     schedule: Literal["cosine", "constant", "linear"] = opt("cosine", "learning-rate schedule")
-    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (fractions allowed)")
-    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0 = off)")
-    accumulate: int = opt(1, "accumulate gradients over this many batches per optimizer step")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (fractions allowed)", ge=0)
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0 = off)", ge=0)
+    accumulate: int = opt(1, "accumulate gradients over this many batches per optimizer step", ge=1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(10, "training epochs (ignored with --two-stage, which sums its stages)")
-    batch_size: int = opt(32, "images per batch")
+    epochs: int = opt(10, "training epochs (ignored with --two-stage, which sums its stages)", ge=1)
+    batch_size: int = opt(32, "images per batch", ge=1)
     two_stage: bool = opt(
         False, "stage 1 trains the head on a frozen backbone, stage 2 unfreezes the adapters"
     )
-    stage1_epochs: int = opt(10, "two-stage: epochs of stage 1 (head only)")
-    stage1_lr: float = opt(1e-3, "two-stage: learning rate of stage 1")
-    stage2_epochs: int = opt(5, "two-stage: epochs of stage 2 (adapters / backbone unfrozen)")
-    stage2_lr: float = opt(1e-5, "two-stage: learning rate of stage 2 (head and backbone)")
+    stage1_epochs: int = opt(10, "two-stage: epochs of stage 1 (head only)", ge=1)
+    stage1_lr: float = opt(1e-3, "two-stage: learning rate of stage 1", gt=0)
+    stage2_epochs: int = opt(5, "two-stage: epochs of stage 2 (adapters / backbone unfrozen)", ge=1)
+    stage2_lr: float = opt(1e-5, "two-stage: learning rate of stage 2 (head and backbone)", gt=0)
     precision: Precision = opt("auto", "auto = bf16 on CUDA when supported, fp32 elsewhere")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
-    seed: int = opt(0, "seed of data order, augmentation and head initialisation")
-    workers: int = opt(2, "data-loading worker processes (0 = load in the main process)")
-    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)")
+    seed: int = opt(0, "seed of data order, augmentation and head initialisation", ge=0)
+    workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", ge=0)
+    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)", ge=1)
     progress: bool = opt(True, "show progress bars")
     out: str = opt("runs/run", "run folder (config, metrics, TensorBoard logs, checkpoints)", short="-o")
 
 
 
 def validate_common(cfg: Any) -> None:
-    """Checks shared by every task config; raises ConfigError naming the key."""
+    """Checks shared by every task config; raises ConfigError naming the key (and the flag)."""
     # that the size is a multiple of the patch size is checked when the backbone is built: the
     # patch size is the model's (DINOv2 14, other families differ)
-    if cfg.backbone.image_size <= 0:
-        raise ConfigError(f"backbone.image_size={cfg.backbone.image_size} must be positive")
+    check_ranges(cfg)
     if cfg.train.two_stage and cfg.adapter.kind == "none":
         raise ConfigError(
             "--two-stage unfreezes the adapters in stage 2, so it needs --adapter lora, dora or full"
         )
-    for name in ("batch_size", "epochs", "eval_every"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name} must be at least 1")
-    if cfg.optim.accumulate < 1:
-        raise ConfigError("optim.accumulate must be at least 1")
-    if cfg.adapter.kind in ("lora", "dora") and cfg.adapter.rank < 1:
-        raise ConfigError("adapter.rank must be at least 1")
-
-
-def validate_inference(inference: Any) -> None:
-    """Checks of an inference section (every task has one; fields differ)."""
-    for name in ("batch_size", "top_k", "window_batch", "compare_image_size"):
-        if hasattr(inference, name) and getattr(inference, name) < 1:
-            raise ConfigError(f"inference.{name} must be at least 1, got {getattr(inference, name)}")
-    for name in ("score_threshold", "draw_threshold"):
-        if hasattr(inference, name) and not 0.0 <= getattr(inference, name) <= 1.0:
-            raise ConfigError(f"inference.{name} must be in 0..1, got {getattr(inference, name)}")

@@ -13,7 +13,6 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
-    validate_inference,
 )
 
 
@@ -26,7 +25,7 @@ class ClassifyDataConfig:
     )
     val_data: str = opt("", "validation data in the same forms; empty = the val/ split of --data")
     val_fraction: float = opt(
-        0.0, "hold out this fraction of the training data for validation when there is no val split"
+        0.0, "hold out this fraction of the training data for validation when there is no val split", ge=0, lt=1,
     )
     train_split: str = opt("train", "split name for Hugging Face datasets")
     val_split: str = opt("validation", "validation split name for Hugging Face datasets")
@@ -46,11 +45,11 @@ class ClassifyHeadConfig:
         "mean patch (official DINOv2 linear evaluation)",
     )
     head: Literal["linear", "mlp"] = opt("linear", "linear layer, or an MLP with dropout")
-    mlp_hidden: int = opt(1024, "hidden width of the MLP head")
-    head_dropout: float = opt(0.0, "dropout before each layer of the head")
+    mlp_hidden: int = opt(1024, "hidden width of the MLP head", ge=1)
+    head_dropout: float = opt(0.0, "dropout before each layer of the head", ge=0, lt=1)
     loss: Literal["ce", "focal"] = opt("ce", "cross-entropy, or focal loss for class imbalance")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
-    focal_gamma: float = opt(2.0, "focusing parameter of the focal loss")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
+    focal_gamma: float = opt(2.0, "focusing parameter of the focal loss", ge=0)
     cache_features: bool = opt(
         False,
         "linear-probe fast path: extract frozen-backbone features once, cache them on disk and "
@@ -64,8 +63,8 @@ class ClassifyInferenceConfig:
     """Defaults of eval / predict / analyze on a trained run (their flags override them)."""
 
     batch_size: int = opt(32, "images per batch when evaluating or predicting a trained run",
-                          flag="--eval-batch-size")
-    top_k: int = opt(5, "classes listed per image by predict")
+                          flag="--eval-batch-size", ge=1)
+    top_k: int = opt(5, "classes listed per image by predict", ge=1)
 
 
 @dataclass
@@ -81,7 +80,6 @@ class ClassifyConfig:
 
     def validate(self) -> None:
         validate_common(self)
-        validate_inference(self.inference)
         if self.head.cache_features and self.adapter.kind != "none":
             raise ConfigError(
                 "head.cache_features needs a frozen backbone (--adapter none); "

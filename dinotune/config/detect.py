@@ -14,7 +14,6 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
-    validate_inference,
 )
 
 
@@ -28,15 +27,15 @@ class DetectDataConfig:
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
-    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all)")
-    subset_seed: int = opt(0, "seed that picks the --subset images")
+    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all)", ge=0)
+    subset_seed: int = opt(0, "seed that picks the --subset images", ge=0)
     subset_file: str = opt("", "reuse the image ids of an earlier run's subset.json")
-    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)")
+    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)", ge=0)
     overfit: int = opt(
-        0, "debug mode: train and evaluate on the first N training images, to prove the model can fit them"
+        0, "debug mode: train and evaluate on the first N training images, to prove the model can fit them", ge=0,
     )
     augment: bool = opt(True, "box-aware horizontal flip, scale jitter and random crop on training images")
-    min_box_size: float = opt(1.0, "drop boxes narrower or lower than this many pixels (after clamping)")
+    min_box_size: float = opt(1.0, "drop boxes narrower or lower than this many pixels (after clamping)", ge=0)
     check_images: Literal["full", "fast", "off"] = opt(
         "fast", "scan images before training: full decodes each, fast reads headers"
     )
@@ -54,32 +53,32 @@ class DetectModelConfig:
         "preset: dinov2-small, 2 decoder layers, 25 queries, width 128, 2 sampling points, LoRA on the "
         "last 4 blocks (flags given explicitly still win)",
     )
-    num_queries: int = opt(100, "object queries (maximum detections per image)")
-    decoder_layers: int = opt(6, "decoder layers, each with its own weights and box refinement")
-    hidden_dim: int = opt(256, "decoder width")
-    num_heads: int = opt(8, "attention heads in the decoder")
-    ffn_dim: int = opt(1024, "decoder feed-forward width")
-    sampling_points: int = opt(4, "deformable-attention sampling points per head and level")
+    num_queries: int = opt(100, "object queries (maximum detections per image)", ge=1)
+    decoder_layers: int = opt(6, "decoder layers, each with its own weights and box refinement", ge=1)
+    hidden_dim: int = opt(256, "decoder width", ge=4)
+    num_heads: int = opt(8, "attention heads in the decoder", ge=1)
+    ffn_dim: int = opt(1024, "decoder feed-forward width", ge=1)
+    sampling_points: int = opt(4, "deformable-attention sampling points per head and level", ge=1)
     pyramid_scales: list[float] = opt(
         [2.0, 1.0, 0.5],
         "feature-pyramid levels as scale factors of the patch map (with 14-pixel patches: 2 = stride 7, "
-        "0.5 = stride 28)",
+        "0.5 = stride 28)", gt=0,
     )
-    decoder_dropout: float = opt(0.0, "dropout in the decoder")
-    single_hidden: int = opt(256, "improved single-object head: hidden width of its MLPs")
-    single_dropout: float = opt(0.3, "improved single-object head: dropout inside its MLPs")
+    decoder_dropout: float = opt(0.0, "dropout in the decoder", ge=0, lt=1)
+    single_hidden: int = opt(256, "improved single-object head: hidden width of its MLPs", ge=2)
+    single_dropout: float = opt(0.3, "improved single-object head: dropout inside its MLPs", ge=0, lt=1)
 
 
 @dataclass
 class DetectLossConfig:
-    class_weight: float = opt(2.0, "weight of the sigmoid focal classification loss (and its matching cost)")
-    bbox_weight: float = opt(5.0, "weight of the L1 box loss (and its matching cost)")
-    giou_weight: float = opt(2.0, "weight of the GIoU box loss (and its matching cost)")
-    focal_alpha: float = opt(0.25, "focal-loss alpha")
-    focal_gamma: float = opt(2.0, "focal-loss gamma")
+    class_weight: float = opt(2.0, "weight of the sigmoid focal classification loss (and its matching cost)", ge=0)
+    bbox_weight: float = opt(5.0, "weight of the L1 box loss (and its matching cost)", ge=0)
+    giou_weight: float = opt(2.0, "weight of the GIoU box loss (and its matching cost)", ge=0)
+    focal_alpha: float = opt(0.25, "focal-loss alpha", ge=0, le=1)
+    focal_gamma: float = opt(2.0, "focal-loss gamma", ge=0)
     aux_loss: bool = opt(True, "losses at every decoder layer, not only the last")
     box_loss_weight: float = opt(
-        2.0, "improved head: weight of the smooth-L1 box loss against the focal class loss (simple uses 1)"
+        2.0, "improved head: weight of the smooth-L1 box loss against the focal class loss (simple uses 1)", ge=0,
     )
 
 
@@ -88,11 +87,11 @@ class DetectInferenceConfig:
     """Post-processing, and the defaults of eval / predict / analyze / compare on a trained run."""
 
     batch_size: int = opt(8, "images per batch when evaluating or predicting a trained run",
-                          flag="--eval-batch-size")
-    top_k: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)")
-    score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)")
-    draw_threshold: float = opt(0.3, "predict --draw / analyze: only draw boxes scoring at least this")
-    compare_image_size: int = opt(640, "compare: inference size of the YOLO baselines")
+                          flag="--eval-batch-size", ge=1)
+    top_k: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)", ge=1)
+    score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)", ge=0, le=1)
+    draw_threshold: float = opt(0.3, "predict --draw / analyze: only draw boxes scoring at least this", ge=0, le=1)
+    compare_image_size: int = opt(640, "compare: inference size of the YOLO baselines", ge=1)
 
 
 def _detect_optim() -> OptimConfig:
@@ -122,14 +121,16 @@ class DetectConfig:
 
     def validate(self) -> None:
         validate_common(self)
-        validate_inference(self.inference)
         m = self.model
         if m.hidden_dim % m.num_heads:
             raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.num_heads={m.num_heads}")
         if not m.pyramid_scales or any(s not in PYRAMID_SCALES for s in m.pyramid_scales):
             raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from {', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
-        if m.num_queries < 1 or m.decoder_layers < 1:
-            raise ConfigError("model.num_queries and model.decoder_layers must be at least 1")
+        if m.hidden_dim % 4:
+            raise ConfigError(f"--hidden-dim {m.hidden_dim}: must be a multiple of 4 (sine position encoding)")
+        if self.loss.class_weight == self.loss.bbox_weight == self.loss.giou_weight == 0:
+            raise ConfigError("--class-weight, --bbox-weight and --giou-weight are all 0: nothing would be learned "
+                              "(and the matcher needs at least one cost)")
 
 
 # What --lightweight sets (a small DETR-style detector for one GPU); explicit flags are applied after it.

@@ -13,7 +13,6 @@ from dinotune.config.base import (
     TrainConfig,
     opt,
     validate_common,
-    validate_inference,
 )
 
 
@@ -28,16 +27,16 @@ class SegmentDataConfig:
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
-    num_classes: int = opt(0, "image/mask folders: number of classes (0 = largest label in the masks + 1)")
+    num_classes: int = opt(0, "image/mask folders: number of classes (0 = largest label in the masks + 1)", ge=0)
     class_names: list[str] = opt([], "image/mask folders: class names, in label order")
-    ignore_index: int = opt(255, "mask value excluded from the loss and the metrics")
-    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json")
-    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)")
-    subset_seed: int = opt(0, "seed that picks the subsets")
+    ignore_index: int = opt(255, "mask value excluded from the loss and the metrics", ge=0, le=255)
+    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json", ge=0)
+    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)", ge=0)
+    subset_seed: int = opt(0, "seed that picks the subsets", ge=0)
     augment: bool = opt(True, "random scale, crop and horizontal flip; masks use nearest neighbour")
     scale_range: list[float] = opt([0.5, 2.0], "augmentation: random scale of the short side, as factors of "
-                                   "--image-size (min max)")
-    overfit: int = opt(0, "debug mode: train and evaluate on the first N training images")
+                                   "--image-size (min max)", gt=0)
+    overfit: int = opt(0, "debug mode: train and evaluate on the first N training images", ge=0)
     check_images: Literal["full", "fast", "off"] = opt(
         "fast", "scan images before training: full decodes each, fast reads headers"
     )
@@ -51,21 +50,21 @@ class SegmentModelConfig:
     )
     linear_layers: int = opt(
         1, "linear decoder: use the last N layers' patch tokens, concatenated (4 = the official DINOv2 "
-        "linear segmentation evaluation)"
+        "linear segmentation evaluation)", ge=1,
     )
     fpn_layers: list[int] = opt([], "fpn decoder: 0-based block indices to read (empty = 4 evenly spaced)")
-    fpn_dim: int = opt(256, "fpn decoder: channel width")
+    fpn_dim: int = opt(256, "fpn decoder: channel width", ge=2)
     inference: Literal["whole", "slide"] = opt(
         "whole", "evaluation: whole = resize the short side to --image-size; slide = windows of "
         "--image-size over the full-resolution image, logits averaged"
     )
     slide_stride: int = opt(0, "sliding-window stride in pixels, a multiple of the patch size (0 = two thirds "
-                            "of --image-size, rounded down to one)")
+                            "of --image-size, rounded down to one)", ge=0)
 
 
 @dataclass
 class SegmentLossConfig:
-    class_weights: list[float] = opt([], "per-class cross-entropy weights, in label order (empty = equal)")
+    class_weights: list[float] = opt([], "per-class cross-entropy weights, in label order (empty = equal)", ge=0)
 
 
 @dataclass
@@ -73,8 +72,8 @@ class SegmentInferenceConfig:
     """Defaults of eval / predict / analyze on a trained run (their flags override them)."""
 
     batch_size: int = opt(4, "images per batch when evaluating a trained run (slide inference: 1)",
-                          flag="--eval-batch-size")
-    window_batch: int = opt(8, "slide inference: windows forwarded at once")
+                          flag="--eval-batch-size", ge=1)
+    window_batch: int = opt(8, "slide inference: windows forwarded at once", ge=1)
 
 
 def _segment_train() -> TrainConfig:
@@ -99,11 +98,6 @@ class SegmentConfig:
 
     def validate(self) -> None:
         validate_common(self)
-        validate_inference(self.inference)
-        if self.model.linear_layers < 1:
-            raise ConfigError("model.linear_layers must be at least 1")
         lo_hi = self.data.scale_range
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-            raise ConfigError(f"data.scale_range={lo_hi} must be two factors 0 < min <= max")
-        if not 0 <= self.data.ignore_index <= 255:
-            raise ConfigError(f"data.ignore_index={self.data.ignore_index} must be in 0..255 (masks are 8-bit)")
+        if len(lo_hi) != 2 or not lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"--scale-range {' '.join(map(str, lo_hi))}: give two factors, min <= max")

@@ -9,5 +9,5 @@ from dinotune.config.base import opt
 
 @dataclass
 class PcaConfig:
-    image_size: int = opt(448, "short side in pixels for a backbone spec (a run uses its own --image-size)")
-    max_images: int = opt(8, "use at most this many images, one figure row each")
+    image_size: int = opt(448, "short side in pixels for a backbone spec (a run uses its own --image-size)", ge=1)
+    max_images: int = opt(8, "use at most this many images, one figure row each", ge=1)

@@ -10,10 +10,11 @@ can serve several models.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Protocol, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,6 +32,22 @@ class TaskData:
     train: Dataset | None
     val: Dataset | None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def files_fingerprint(paths: Iterable[str | Path], extra: Iterable[Any] = ()) -> str:
+    """A short hash of files' paths, sizes and modification times (and ``extra`` identifying
+    values), as the feature cache keys its files: a run records the one of its training data, and
+    a resume notices when that data changed. Missing files count as changed."""
+    hasher = hashlib.sha1()
+    for path in sorted(str(p) for p in paths):
+        try:
+            st = Path(path).stat()
+            hasher.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            hasher.update(f"{path}\0missing\n".encode())
+    for value in extra:
+        hasher.update(f"{value}\n".encode())
+    return hasher.hexdigest()[:16]
 
 
 class TrainedRun(Protocol):
@@ -85,8 +102,9 @@ class Task(ABC):
     # ------------------------------------------------------------------------- data and model
     @abstractmethod
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
-        """Training and validation datasets, and ``meta`` (``class_names``, ``num_classes``, ...).
-        ``run_dir``: where to record subsets (None: record nothing)."""
+        """Training and validation datasets, and ``meta`` (``class_names``, ``num_classes``,
+        ``data_fingerprint`` of the training files, ...). ``run_dir``: where to record subsets
+        (None: record nothing)."""
 
     @abstractmethod
     def build_model(self, meta: dict[str, Any], backbone: DinoBackbone) -> ModelBundle:

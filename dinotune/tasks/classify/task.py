@@ -18,7 +18,7 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.losses import build_loss
-from dinotune.tasks.base import Task, TaskData, TrainedRun
+from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.classify.data import ImageListDataset, build_classification_data, build_eval_dataset
 from dinotune.tasks.classify.heads import build_head, pooled_dim
 from dinotune.tasks.classify.metrics import ClassificationMetrics, format_per_class_table
@@ -55,8 +55,11 @@ class ClassifyTask(Task):
             check_images=d.check_images, train_transform=classify_train_transform(size, augment),
             eval_transform=self.eval_transform(), seed=self.cfg.train.seed,
         )
+        items = getattr(data.train, "items", None)  # files; a Hugging Face dataset has its own fingerprint
+        fingerprint = (files_fingerprint([p for p, _ in items]) if items is not None
+                       else files_fingerprint([], [getattr(getattr(data.train, "ds", None), "_fingerprint", None)]))
         meta = {"task": self.name, "class_names": data.class_names, "num_classes": len(data.class_names),
-                "skipped_files": len(data.report)}
+                "skipped_files": len(data.report), "data_fingerprint": fingerprint}
         return TaskData(data.train, data.val, meta)
 
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:

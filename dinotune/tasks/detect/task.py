@@ -19,7 +19,7 @@ from dinotune.engine.logging import progress
 from dinotune.errors import DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.ops import box_ops
-from dinotune.tasks.base import Task, TaskData, TrainedRun
+from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.detect.coco import DetectionSource
 from dinotune.tasks.detect.data import (
     DetectionDataset,
@@ -89,7 +89,8 @@ class DetectTask(Task):
         train_ds = DetectionDataset(train, train_transforms(size) if augment else eval_transforms(), size)
         val_ds = DetectionDataset(val, eval_transforms(), size) if val is not None else None
         meta = {"task": self.name, "categories": train.categories, "class_names": train.class_names,
-                "num_classes": len(train.categories), "head": self.cfg.model.head}
+                "num_classes": len(train.categories), "head": self.cfg.model.head,
+                "data_fingerprint": files_fingerprint([im.path for im in train.images] + [train.name])}
         return TaskData(train_ds, val_ds, meta)
 
     def _val_source(self, train: DetectionSource) -> DetectionSource | None:

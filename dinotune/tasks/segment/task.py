@@ -23,7 +23,7 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.errors import DataError
 from dinotune.models.bundle import ModelBundle
-from dinotune.tasks.base import Task, TaskData, TrainedRun
+from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.data import (
     SegmentationDataset,
@@ -101,8 +101,10 @@ class SegmentTask(Task):
             raise DataError(f"{train.name}: no usable training images")
         train_ds = self._dataset(train, True, patch_size, augment=d.augment and not d.overfit)
         val_ds = self._dataset(val, False, patch_size) if val is not None else None
+        files = [p for pair in train.pairs for p in pair if p is not None] + [train.name]
         meta = {"task": self.name, "class_names": train.class_names, "num_classes": len(train.class_names),
-                "ignore_index": d.ignore_index, "categories": train.categories}
+                "ignore_index": d.ignore_index, "categories": train.categories,
+                "data_fingerprint": files_fingerprint(files)}
         return TaskData(train_ds, val_ds, meta)
 
     def _subset(self, source: SegmentationSource, n: int, run_dir: Path | None, name: str) -> SegmentationSource:
