@@ -14,6 +14,7 @@ from torch import nn
 
 from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
 from dinotune.config import ConfigError, build_config, check_ranges, load_yaml, save_yaml
+from dinotune.config.io import load_run_config
 from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import resolve_precision, select_device
@@ -40,7 +41,8 @@ def _train_config(config: Any, task: str, resume: str | Path | None, options: di
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml) to resume")
         checkpoint.resolve(run_dir / "checkpoints" / "last")
-        return build_config(load_yaml(run_dir / "config.yaml").task, run_dir / "config.yaml", **options)
+        saved = load_run_config(run_dir / "config.yaml")  # a run's own config must be complete
+        return build_config(saved.task, saved, **options)
     if config is None:
         task_name = task
     elif isinstance(config, (str, Path)):
@@ -235,7 +237,7 @@ def load(run: str | Path, *, checkpoint_name: str = "best", device: str = "auto"
         model: a different location of the base weights (e.g. a local copy of the hub model).
     """
     folder = _checkpoint_dir(Path(run), checkpoint_name)
-    cfg = load_yaml(folder / "config.yaml")
+    cfg = checkpoint.read_config(folder)
     meta = checkpoint.read_meta(folder)
     task = get_task(cfg)
     backbone, fingerprint = build_backbone(cfg, model_override=model)

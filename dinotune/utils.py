@@ -1,7 +1,9 @@
-"""Small shared helpers: atomic file writes, seeding, RNG state, console messages."""
+"""Small shared helpers: atomic file writes, seeding, RNG state, console messages, what a failed
+write means."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -52,6 +54,27 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+# errno -> what to tell, and the text of the same errors (safetensors reports I/O errors as text,
+# "... (os error 28)", without an errno)
+_SPACE_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "No space left on device"),
+    getattr(errno, "EDQUOT", 122): ("disk quota exceeded", "Disk quota exceeded"),
+}
+
+
+def space_problem(exc: BaseException) -> str | None:
+    """'no space left on device' / 'disk quota exceeded' when that is why ``exc`` (or what it was
+    raised from) happened, else None: the one write failure the user can fix by freeing space."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        for code, (told, strerror) in _SPACE_ERRORS.items():
+            if getattr(seen, "errno", None) == code or f"(os error {code})" in text or strerror in text:
+                return told
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -59,9 +82,13 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every RNG a training step draws from, as tensors and plain lists, ints, floats and strings:
+    the trainer state is stored without pickle, so no numpy array or opaque object may be in it."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -70,8 +97,11 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``get_rng_state`` returned (lists and tuples alike: both survive storage)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -170,8 +170,8 @@ def test_run_folder_contents(tiny_folder, tmp_path):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and {"train/loss", "val/top1", "val/loss"} <= json.loads(lines[0]).keys()
     assert any((run / "tb").iterdir())
-    assert (run / "checkpoints" / "last" / "trainer_state.pt").is_file()
-    assert not (run / "checkpoints" / "best" / "trainer_state.pt").exists()
+    assert (run / "checkpoints" / "last" / "trainer_state.safetensors").is_file()
+    assert not (run / "checkpoints" / "best" / "trainer_state.safetensors").exists()
     # a second run with the same --out goes next to it instead of overwriting it
     again = dinotune.train(task="classify", data=str(tiny_folder), **tiny_options(tmp_path / "r", epochs=1))
     assert Path(again["run_dir"]) == tmp_path / "r-2"

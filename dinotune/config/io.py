@@ -63,6 +63,22 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 MOVED_KEYS = {"model.topk": "inference.top_k", "model.score_threshold": "inference.score_threshold"}
 
 
+# Keys added to the configs after run folders were already being written (the inference sections and
+# a few model / data keys, all in one change): a saved config may lack them and gets their defaults,
+# the behaviour those runs were trained with. A key added later belongs here too.
+ADDED_KEYS = frozenset({
+    "inference.batch_size", "inference.top_k", "inference.score_threshold", "inference.draw_threshold",
+    "inference.compare_image_size", "inference.window_batch", "model.single_dropout", "model.single_hidden",
+    "data.scale_range", "data.max_image_pixels",
+})
+
+_INCOMPLETE_HINT = ("a config.yaml dinotune saves holds every key, so this one was cut or edited. Restore "
+                    "it (the run folder's config.yaml and each checkpoint's hold the same settings) or write "
+                    "the missing keys back with the values the run was trained with")
+
+_ABSENT = object()
+
+
 def _moved(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the values of moved keys under their new names (new names win)."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
@@ -103,12 +119,22 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def load_yaml(path: str | Path, cls: type | None = None) -> Any:
+def load_yaml(path: str | Path, cls: type | None = None, complete: bool = False) -> Any:
+    """A config from a YAML file. Keys the file leaves out take their defaults, unless
+    ``complete``: a file dinotune saved (a run's or a checkpoint's ``config.yaml``) holds every key,
+    so a missing one means the file was cut or edited, and silently filling in a default would
+    rebuild a different model (e.g. evaluate at 224 px a model trained at 56)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    if complete and "task" not in data:
+        raise ConfigError(f"{path}: this saved config lacks the key 'task'; {_INCOMPLETE_HINT}")
     if cls is None:
         from dinotune.config import TASK_CONFIGS  # the package imports this module first
 
@@ -117,9 +143,39 @@ def load_yaml(path: str | Path, cls: type | None = None) -> Any:
             raise ConfigError(f"{path}: unknown task {task!r}; valid: {', '.join(TASK_CONFIGS)}")
         cls = TASK_CONFIGS[task]
     try:
-        return from_dict(cls, data)
+        cfg = from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if complete:
+        _require_complete(path, cls, data)
+    return cfg
+
+
+def load_run_config(path: str | Path) -> Any:
+    """The config a run saved (``RUN/config.yaml`` or ``RUN/checkpoints/NAME/config.yaml``): every
+    key must be there (keys that moved or were added since older runs excepted)."""
+    return load_yaml(path, complete=True)
+
+
+def missing_keys(cls: type, data: dict[str, Any]) -> list[str]:
+    """Dotted keys of the config class ``cls`` that ``data`` (as read from YAML) does not set,
+    after moved keys are renamed, and not counting ``ADDED_KEYS``."""
+    data = _moved(data)
+    missing = []
+    for key, _, _ in leaf_fields(cls):
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT and key not in ADDED_KEYS:
+            missing.append(key)
+    return missing
+
+
+def _require_complete(path: Path, cls: type, data: dict[str, Any]) -> None:
+    missing = missing_keys(cls, data)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConfigError(f"{path}: this saved config lacks {shown}; {_INCOMPLETE_HINT}")
 
 
 def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:

@@ -1,39 +1,56 @@
-"""Checkpoint folders, written atomically.
+"""Checkpoint folders: written atomically, read without running anything from them.
 
 A checkpoint folder holds what rebuilds the model on top of the base backbone: ``config.yaml``,
 ``meta.json`` (task metadata such as class names, epoch, metrics, base-weights fingerprint),
 ``head.safetensors``, the adapter (PEFT files) or, for full fine-tuning, ``backbone.safetensors``,
-and for ``last`` also ``trainer_state.pt`` (optimizer, scheduler, scaler, RNG, epoch). Never the
-frozen backbone.
+and for ``last`` also ``trainer_state.safetensors`` (optimizer, scheduler, scaler, RNG, epoch).
+Never the frozen backbone.
+
+Nothing in a checkpoint is pickled: tensors are safetensors, everything else JSON or YAML (the
+trainer state keeps its plain data as JSON in its safetensors header). A run folder received from
+someone else therefore cannot run code when it is resumed or loaded. ``trainer_state.pt`` files
+of older versions were pickles and are refused, never opened.
 
 Atomicity: everything is written into ``.NAME.tmp``; then the old folder is renamed to
 ``.NAME.old``, the new one into place, and the old one removed. A crash at any point leaves
-either ``NAME`` or ``.NAME.old`` complete, and ``resolve`` finds it.
+either ``NAME`` or ``.NAME.old`` complete, and ``resolve`` finds it. A failed save (a full disk)
+removes ``.NAME.tmp`` and says so; the previous checkpoint is untouched.
+
+Reading a damaged file (e.g. truncated by an interrupted copy) raises a ``CheckpointError`` that
+names the file and says whether the run's other checkpoint (``best`` / ``last``) is usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dinotune.adapters import load_adapter, save_adapter
-from dinotune.config import AdapterConfig, save_yaml
-from dinotune.errors import CheckpointError
-from dinotune.utils import write_json
+from dinotune.adapters import ADAPTER_WEIGHTS, BACKBONE_WEIGHTS, load_adapter, save_adapter
+from dinotune.config import AdapterConfig, ConfigError, save_yaml
+from dinotune.config.io import load_run_config
+from dinotune.errors import CheckpointError, DinotuneError
+from dinotune.utils import space_problem, write_json
 
 HEAD_WEIGHTS = "head.safetensors"
 META = "meta.json"
-TRAINER_STATE = "trainer_state.pt"
+CONFIG = "config.yaml"
+TRAINER_STATE = "trainer_state.safetensors"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # a pickle, written by older versions: never loaded
+_STATE_KEY = "dinotune_trainer_state"  # the trainer state's plain data, JSON in the safetensors header
+_STATE_FIELDS = ("epoch", "phase", "global_step", "best", "optimizer", "scheduler", "rng")
 
 
-
+# ------------------------------------------------------------------------------------- saving
 def save(
     folder: Path,
     model: nn.Module,
@@ -41,19 +58,15 @@ def save(
     meta: dict[str, Any],
     trainer_state: dict[str, Any] | None = None,
 ) -> None:
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    head_sd = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    save_file(head_sd, str(tmp / HEAD_WEIGHTS))
-    save_adapter(model.backbone, cfg.adapter, tmp)
-    save_yaml(cfg, tmp / "config.yaml")
-    write_json(tmp / META, meta)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    _swap(tmp, folder, old)
+    """Write the checkpoint ``folder`` atomically (the previous one stays if anything fails)."""
+    with _staging(Path(folder)) as tmp:
+        head_sd = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+        save_file(head_sd, str(tmp / HEAD_WEIGHTS))
+        save_adapter(model.backbone, cfg.adapter, tmp)
+        save_yaml(cfg, tmp / CONFIG)
+        write_json(tmp / META, meta)
+        if trainer_state is not None:
+            write_trainer_state(tmp / TRAINER_STATE, trainer_state)
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -62,19 +75,38 @@ def copy(src: Path, dst: Path) -> None:
     Files are hard-linked where the file system allows: checkpoint files are never modified in
     place, only replaced, so sharing them is safe and a multi-GB backbone is not written twice.
     """
-    src, dst = resolve(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name == TRAINER_STATE:
-            continue
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    _swap(tmp, dst, old)
+    src = resolve(src)
+    with _staging(Path(dst)) as tmp:
+        for f in src.iterdir():
+            if f.name in (TRAINER_STATE, LEGACY_TRAINER_STATE):
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+
+
+@contextlib.contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """``.NAME.tmp`` to write the checkpoint into, swapped in when the block succeeds. On failure
+    the partial folder is removed (a full disk must not be filled further by leftovers) and an
+    I/O error becomes a CheckpointError saying what failed and that the previous one is intact."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    old = folder.with_name(f".{folder.name}.old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        _swap(tmp, folder, old)
+    except DinotuneError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(folder, exc) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _swap(tmp: Path, folder: Path, old: Path) -> None:
@@ -85,6 +117,109 @@ def _swap(tmp: Path, folder: Path, old: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_error(folder: Path, exc: BaseException) -> CheckpointError:
+    try:
+        resolve(folder)
+        previous = "the previous checkpoint is intact"
+    except CheckpointError:
+        previous = "no earlier checkpoint was there to keep"
+    space = space_problem(exc)
+    if space:
+        return CheckpointError(f"{space} while saving {folder}; {previous}. Free some space, then continue "
+                               "the run with --resume (dinotune.train(resume=RUN) in Python)")
+    return CheckpointError(f"saving {folder} failed ({exc}); {previous}")
+
+
+# ------------------------------------------------------------------------------ trainer state
+def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
+    """One safetensors file: the tensors of ``state``, and the rest of it as JSON in the header
+    (loading it parses data, never code, whoever wrote the file)."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _pack(state, tensors)
+    save_file(tensors, str(path), metadata={_STATE_KEY: json.dumps(plain)})
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """What ``write_trainer_state`` wrote. Raises SafetensorError / ValueError / KeyError /
+    TypeError on a damaged file (``load_trainer_state`` turns them into a CheckpointError)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        text = (f.metadata() or {}).get(_STATE_KEY)
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if text is None:
+        raise ValueError("its header holds no trainer state")
+    state = _unpack(json.loads(text), tensors)
+    missing = [k for k in _STATE_FIELDS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    return state
+
+
+_MARKERS = ("__tensor__", "__tuple__", "__items__")
+
+
+def _pack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON data: tensors move into ``tensors`` (leaving ``{"__tensor__": key}``);
+    tuples and dicts with non-string keys (optimizer states by parameter index) are marked so
+    that ``_unpack`` restores them exactly."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_pack(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_pack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _MARKERS):
+            return {k: _pack(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"a trainer state holds tensors and plain data only, not {type(obj).__name__}")
+
+
+def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        ((marker, value),) = obj.items()
+        if marker == "__tensor__":
+            return tensors[value]
+        if marker == "__tuple__":
+            return tuple(_unpack(v, tensors) for v in value)
+        if marker == "__items__":
+            return {_unpack(k, tensors): _unpack(v, tensors) for k, v in value}
+    return {k: _unpack(v, tensors) for k, v in obj.items()}
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint ``folder`` (``checkpoints/last``), for ``--resume``."""
+    folder = resolve(folder)
+    path = folder / TRAINER_STATE
+    if not path.is_file():
+        raise _no_trainer_state(folder)
+    try:
+        return read_trainer_state(path)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); {_other_note(folder, resume=True)}") from None
+
+
+def _no_trainer_state(folder: Path) -> CheckpointError:
+    legacy = folder / LEGACY_TRAINER_STATE
+    if legacy.exists():
+        return CheckpointError(
+            f"{legacy} is a pickle (the format of older dinotune versions), which can run code when "
+            "loaded, so it is not opened: nothing in it was run. Training cannot resume from this "
+            "checkpoint; its weights still load for eval and predict, and a new run can start from "
+            "its config.yaml (--config)")
+    return CheckpointError(f"{folder / TRAINER_STATE} is missing: this checkpoint cannot resume training")
+
+
+# ----------------------------------------------------------------------------------- reading
 def resolve(folder: Path) -> Path:
     """``folder`` if complete, else the ``.old`` copy left by a crash during the swap."""
     folder = Path(folder)
@@ -97,12 +232,30 @@ def resolve(folder: Path) -> Path:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((resolve(folder) / META).read_text())
+    folder = resolve(folder)
+    try:
+        return _read_meta(folder)
+    except CheckpointError as exc:
+        raise _noted(exc, folder) from None
+
+
+def read_config(folder: Path) -> Any:
+    """The config a checkpoint was trained with; every key must be there (see ``load_run_config``)."""
+    folder = resolve(folder)
+    try:
+        return load_run_config(folder / CONFIG)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; {_other_note(folder)}") from None
 
 
 def load_weights(folder: Path, model: nn.Module, adapter: AdapterConfig) -> None:
     """Load head and adapter weights from ``folder`` into an already-built, adapted ``model``."""
     folder = resolve(folder)
+    try:
+        for path in _weight_files(folder, adapter.kind):
+            _check_tensor_file(path)
+    except CheckpointError as exc:
+        raise _noted(exc, folder) from None
     head_sd = load_file(str(folder / HEAD_WEIGHTS))
     own = model.head.state_dict()
     wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in head_sd.items() if k in own and v.shape != own[k].shape}
@@ -115,15 +268,6 @@ def load_weights(folder: Path, model: nn.Module, adapter: AdapterConfig) -> None
             f"{folder / HEAD_WEIGHTS}: head does not fit (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     load_adapter(model.backbone, adapter, folder)
-
-
-def load_trainer_state(folder: Path) -> dict[str, Any]:
-    path = resolve(folder) / TRAINER_STATE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: this checkpoint cannot resume training")
-    # optimizer states and numpy RNG state are not plain tensors, so weights_only must be off;
-    # the file is one this program wrote into the user's own run folder.
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def check_compatible(folder: Path, current: dict[str, Any]) -> None:
@@ -139,3 +283,76 @@ def check_compatible(folder: Path, current: dict[str, Any]) -> None:
             f"{folder} was trained on classes {saved['class_names'][:10]} but the data has "
             f"{current['class_names'][:10]}"
         )
+
+
+# ------------------------------------------------------------------- damaged files, explained
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is damaged (not readable JSON: {exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
+def _weight_files(folder: Path, adapter_kind: str) -> list[Path]:
+    """The safetensors files a checkpoint of an ``adapter_kind`` model holds."""
+    extra = {"lora": [ADAPTER_WEIGHTS], "dora": [ADAPTER_WEIGHTS], "full": [BACKBONE_WEIGHTS]}
+    return [folder / name for name in [HEAD_WEIGHTS, *extra.get(adapter_kind, [])]]
+
+
+def _check_tensor_file(path: Path) -> None:
+    """Read the header of a safetensors file: a truncated file fails here, named, before any load
+    (safetensors' own errors do not say which file)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc})") from None
+
+
+def problem(folder: Path) -> str | None:
+    """Why the checkpoint at ``folder`` cannot be loaded for inference, or None when every file
+    reads (headers only: no weights are loaded)."""
+    try:
+        found = resolve(folder)
+        _read_meta(found)
+        cfg = load_run_config(found / CONFIG)
+        for path in _weight_files(found, cfg.adapter.kind):
+            _check_tensor_file(path)
+    except (CheckpointError, ConfigError) as exc:
+        return str(exc)
+    return None
+
+
+def _noted(exc: CheckpointError, folder: Path) -> CheckpointError:
+    return CheckpointError(f"{exc}; {_other_note(folder)}")
+
+
+def _other_note(folder: Path, resume: bool = False) -> str:
+    """Whether the run's other checkpoint (``best`` for ``last``, and the reverse) is usable, and
+    how to use it: what the user can do about a damaged checkpoint."""
+    name = folder.name[1:-4] if folder.name.startswith(".") and folder.name.endswith(".old") else folder.name
+    other_name = {"last": "best", "best": "last"}.get(name)
+    if other_name is None:
+        return "there is no other checkpoint next to it to fall back on"
+    other = folder.parent / other_name
+    why = problem(other)
+    if why is not None:
+        return f"the run's other checkpoint is not usable either ({why})"
+    try:
+        epoch = _read_meta(resolve(other)).get("epoch", "?")
+    except CheckpointError:
+        epoch = "?"
+    if other_name == "last":
+        return f"{other} (epoch {epoch}) is intact: use it instead (--checkpoint last)"
+    if resume:
+        return (f"training cannot resume; {other} (epoch {epoch}) is intact for eval and predict "
+                "(--checkpoint best), and a new run can start from its config.yaml (--config)")
+    return (f"{other} (epoch {epoch}) is intact: use it instead (--checkpoint best; it holds no trainer "
+            "state, so training cannot resume from it)")
+

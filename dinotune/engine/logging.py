@@ -10,25 +10,57 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
+from dinotune.utils import atomic_write_text, warn
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl``. A line that is not JSON (one cut short when a run was
+    killed while appending it) is skipped with a warning: the rest of the history stays readable."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            warn(f"{path}, line {number} is damaged (cut short by an interruption?); skipped")
+            continue
+        records.append(record)
+    return records
+
+
+def resumed_records(records: list[dict[str, Any]], restore: Iterable[dict[str, Any]],
+                    resume_epoch: int) -> list[dict[str, Any]]:
+    """The history a resumed run continues: one record per epoch up to ``resume_epoch``, in order.
+    Later epochs are dropped (they run again); epochs whose line is missing (a run killed between
+    saving its checkpoint and logging the epoch) are taken from ``restore``, the records the
+    checkpoint keeps."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for record in records:
+        by_epoch[record.get("epoch", 0)] = record  # a repeated epoch: its later line wins
+    for record in restore:
+        by_epoch.setdefault(record["epoch"], record)
+    return [by_epoch[epoch] for epoch in sorted(by_epoch) if epoch <= resume_epoch]
 
 
 class RunLogger:
     """Appends epoch records to ``metrics.jsonl`` and mirrors scalars to TensorBoard (``tb/``)."""
 
-    def __init__(self, run_dir: Path, resume_epoch: int = 0, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resume_epoch: int = 0, resume_step: int = 0,
+                 restore: Iterable[dict[str, Any]] = ()):
+        """``restore``: on resume, the records the checkpoint holds, written back when missing."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        # On resume, drop records of epochs after the checkpoint: they will be written again.
-        kept = [r for r in read_metrics(self.run_dir) if r.get("epoch", 0) <= resume_epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = resumed_records(read_metrics(self.run_dir), restore, resume_epoch)
+        # atomic: a kill while rewriting must not lose the history
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         self._resume_step = resume_step
 

@@ -83,6 +83,13 @@ class RunFolder:
 
     def _acquire(self) -> None:
         lock_path = self.path / LOCK_FILE
+        try:
+            self._take(lock_path)
+        except OSError as exc:  # a full disk or a read-only folder, before any work
+            raise CheckpointError(f"cannot write the lock file {lock_path} ({exc.strerror or exc}); free some "
+                                  "space or choose a writable folder") from None
+
+    def _take(self, lock_path: Path) -> None:
         if fcntl is None:  # pragma: no cover - Windows
             try:
                 fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

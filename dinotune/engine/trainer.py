@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import autocast, to_device
-from dinotune.engine.logging import RunLogger, progress
+from dinotune.engine.logging import METRICS_FILE, RunLogger, progress
 from dinotune.engine.optim import Phase, build_optimizer, build_phases, build_scheduler, phase_at, set_trainable
-from dinotune.errors import NonFiniteLossError
+from dinotune.errors import CheckpointError, DinotuneError, NonFiniteLossError
 from dinotune.models.bundle import ModelBundle
-from dinotune.utils import get_rng_state, info, set_rng_state, write_json
+from dinotune.utils import get_rng_state, info, set_rng_state, space_problem, write_json
 
 
 class TrainableTask(Protocol):
@@ -109,8 +109,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         state = self._start(resume)
         first = state.epoch
-        self.logger = (RunLogger(self.run_dir, resume_epoch=state.epoch, resume_step=state.global_step)
-                       if self.dist.is_main else _NullLogger())
+        self.logger = self._open_logger(state) if self.dist.is_main else _NullLogger()
         t_start = time.time()
         optimizer = scheduler = None
         try:
@@ -149,6 +148,13 @@ class Trainer:
         else:
             info(f"resuming {self.run_dir} after epoch {state.epoch}/{self.total_epochs}")
         return state
+
+    def _open_logger(self, state: _FitState) -> RunLogger:
+        """The run's logs, continued from ``state``: the records the checkpoint keeps restore an
+        epoch line that a kill lost (see ``RunLogger``)."""
+        restore = [r for r in (state.best, state.last) if r]
+        with _writing(f"updating {self.run_dir / METRICS_FILE}", "it is unchanged"):
+            return RunLogger(self.run_dir, resume_epoch=state.epoch, resume_step=state.global_step, restore=restore)
 
     def _enter_phase(self, index: int, phase: Phase, state: _FitState):
         """Optimizer and schedule of phase ``index`` (restored when a resumed run stopped inside it)."""
@@ -272,26 +278,39 @@ class Trainer:
 
     def _record(self, record: dict[str, Any], details: dict[str, Any], state: _FitState, optimizer, scheduler,
                 eta: float) -> None:
-        """Best-so-far, ``checkpoints/last`` (and ``best`` when improved), the logs, the epoch line."""
+        """Best-so-far, the logs, ``checkpoints/last`` (and ``best`` when improved), the epoch line.
+
+        The epoch's record is logged before the checkpoint is saved: a run killed in between then
+        repeats the epoch on resume (its line is dropped and written again) instead of resuming
+        after an epoch whose line was never written."""
         epoch = record["epoch"]
         improved = self._improved(record, state.best)
         if improved:
             state.best = dict(record)
         state.last, state.epoch = record, epoch
+        self._log_epoch(record, details, state.global_step)  # before the checkpoint: see the docstring
         ckpt_dir = self.run_dir / "checkpoints"
         checkpoint.save(ckpt_dir / "last", self.model, self.cfg, {**self.meta, "epoch": epoch, "metrics": record},
                         self._trainer_state(state, optimizer, scheduler))
         if improved:
             checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
             if details:
-                write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **details})
-        # per-class tables (e.g. AP per category) go to TensorBoard only
+                with _writing(f"writing {self.run_dir / 'best_metrics.json'}",
+                              f"the checkpoints of epoch {epoch} are saved, this file may describe an earlier one"):
+                    write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **details})
+        info(self._summary(record, improved, eta))
+
+    def _log_epoch(self, record: dict[str, Any], details: dict[str, Any], step: int) -> None:
+        """The epoch's line in ``metrics.jsonl`` and its scalars in TensorBoard (per-class tables,
+        e.g. AP per category, go to TensorBoard only). A full disk shows here first, before the
+        checkpoint: it is told as clearly as a failed checkpoint save."""
         tables = {k: t for k, t in details.items() if isinstance(t, dict)
                   and all(v is None or _is_scalar(v) for v in t.values())}
-        self.logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
-                             if v is not None}, state.global_step)
-        self.logger.epoch(record, state.global_step)
-        info(self._summary(record, improved, eta))
+        with _writing(f"logging epoch {record['epoch']} in {self.run_dir}",
+                      "the run stopped before saving this epoch's checkpoint (any earlier one is intact)"):
+            self.logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
+                                 if v is not None}, step)
+            self.logger.epoch(record, step)
 
     # -------------------------------------------------------------------------------- helpers
     def _trainer_state(self, state: _FitState, optimizer, scheduler) -> dict[str, Any]:
@@ -327,6 +346,20 @@ class Trainer:
         mark = " (best)" if improved else ""
         return (f"epoch {record['epoch']}/{self.total_epochs} [{record['phase']}] " + "  ".join(parts)
                 + f"{mark}  {record['time_s']:.1f}s" + (f", ~{_fmt_time(eta)} left" if eta >= 1 else ""))
+
+
+@contextlib.contextmanager
+def _writing(what: str, state_of_run: str):
+    """Turn a failed write into the run folder (a full disk, mostly) into one clear message: what
+    was being written, what state the run folder is left in, and what to do."""
+    try:
+        yield
+    except DinotuneError:
+        raise
+    except OSError as exc:
+        failure = space_problem(exc) or f"a write failed ({exc})"
+        raise CheckpointError(f"{failure} while {what}; {state_of_run}. Free some space (or fix the cause), "
+                              "then continue the run with --resume") from exc
 
 
 def _is_scalar(v: Any) -> bool:
