@@ -310,7 +310,8 @@ def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] =
     return run_compare(data=data, split=split, runs=loaded, run_names=[Path(r).name for r in runs], yolo=yolo,
                        out=Path(out), images=images, subset=subset, subset_seed=subset_seed, device=device,
                        yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
-                       batch_size=batch_size, min_box_size=defaults.data.min_box_size)
+                       batch_size=batch_size, min_box_size=defaults.data.min_box_size,
+                       max_pixels=defaults.data.max_image_pixels)
 
 
 def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,

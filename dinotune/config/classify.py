@@ -21,7 +21,8 @@ class ClassifyDataConfig:
     data: str = opt(
         "",
         "training data: a class-folder tree (train/<class>/*, val/<class>/*, or <class>/*), a CSV "
-        "of path,label, a save_to_disk folder or a Hugging Face dataset name (hf:NAME)",
+        "of path,label (relative paths are read from the CSV's folder and must stay inside it; absolute "
+        "paths are used as written), a save_to_disk folder or a Hugging Face dataset name (hf:NAME)",
     )
     val_data: str = opt("", "validation data in the same forms; empty = the val/ split of --data")
     val_fraction: float = opt(
@@ -34,6 +35,12 @@ class ClassifyDataConfig:
     augment: bool = opt(True, "random resized crop + horizontal flip on training images")
     check_images: Literal["full", "fast", "off"] = opt(
         "full", "scan images before training: full decodes each (at 1/8 scale), fast reads headers"
+    )
+    max_image_pixels: int = opt(
+        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
+        "skip (and report) images with more pixels than this, read from the header before anything is "
+        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
+        ge=0,
     )
 
 

@@ -39,6 +39,12 @@ class DetectDataConfig:
     check_images: Literal["full", "fast", "off"] = opt(
         "fast", "scan images before training: full decodes each, fast reads headers"
     )
+    max_image_pixels: int = opt(
+        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
+        "skip (and report) images with more pixels than this, read from the header before anything is "
+        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
+        ge=0,
+    )
 
 
 @dataclass

@@ -38,7 +38,14 @@ class SegmentDataConfig:
                                    "--image-size (min max)", gt=0)
     overfit: int = opt(0, "debug mode: train and evaluate on the first N training images", ge=0)
     check_images: Literal["full", "fast", "off"] = opt(
-        "fast", "scan images before training: full decodes each, fast reads headers"
+        "fast", "scan images before training: full decodes each, fast reads headers; masks are always read "
+        "whole, once, to check their size and labels (off: checked when first used)"
+    )
+    max_image_pixels: int = opt(
+        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
+        "skip (and report) images with more pixels than this, read from the header before anything is "
+        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
+        ge=0,
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dinotune.data.images import header_size
+from dinotune.data.paths import escape_problem
 from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 
@@ -240,8 +241,11 @@ def _file_categories(raw: list[Any], where: str) -> dict[int, str]:
 
 
 def _image_entries(raw: list[Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(entry name, entry)`` of every image, checked; a ``file_name`` leading outside the image
+    folder (absolute, or climbing with ``..``) is refused before any file is looked at, all such
+    entries listed at once (see ``dinotune.data.paths``)."""
     seen: dict[int, int] = {}
-    out = []
+    out, escaping = [], []
     for i, e in enumerate(raw):
         if not isinstance(e, dict):
             raise DataError(f"{where}: images[{i}] must be an object, got {short(e)}")
@@ -252,11 +256,17 @@ def _image_entries(raw: list[Any], where: str) -> list[tuple[str, dict[str, Any]
             raise DataError(f"{where}: {name}: duplicate image id (also images[{seen[e['id']]}])")
         if not isinstance(e.get("file_name"), str) or not e["file_name"]:
             raise DataError(f"{where}: {name}: 'file_name' must be a non-empty string")
+        problem = escape_problem(e["file_name"])
+        if problem:
+            escaping.append(f"{name}: file_name {e['file_name']!r} {problem}")
         for key in ("width", "height"):
             if key in e and not (is_number(e[key]) and e[key] > 0):
                 raise DataError(f"{where}: {name}: {key!r} must be a positive number, got {short(e[key])}")
         seen[e["id"]] = i
         out.append((name, e))
+    if escaping:
+        raise DataError(f"{where}: {len(escaping)} image file_name(s) lead outside the image folder (a COCO "
+                        "file_name is a path relative to it): " + listing(escaping))
     return out
 
 

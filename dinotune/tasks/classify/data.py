@@ -8,6 +8,7 @@ those names, so a checkpoint and a dataset that disagree are caught by name, not
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -16,14 +17,18 @@ import torch
 from torch.utils.data import Dataset
 
 from dinotune.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     ImageReadError,
     SkipReport,
     is_image_file,
     list_image_files,
     load_image,
     scan_images,
+    symlink_problem,
     to_rgb,
+    upright_image,
 )
+from dinotune.data.paths import join_inside
 from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 from dinotune.utils import info, warn
@@ -45,12 +50,14 @@ class Samples:
 
 
 class ImageListDataset(Dataset):
-    """Images from paths. A file that fails to decode at run time is reported once and replaced by
-    the next readable sample, so one bad file never stops an epoch."""
+    """Images from paths. A file that fails to decode at run time (or is over ``max_image_pixels``)
+    is reported once and replaced by the next readable sample, so one bad file never stops an epoch."""
 
-    def __init__(self, items: list[tuple[Path, int]], transform: Callable):
+    def __init__(self, items: list[tuple[Path, int]], transform: Callable,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.items = items
         self.transform = transform
+        self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -63,7 +70,7 @@ class ImageListDataset(Dataset):
                 continue
             path, label = self.items[i]
             try:
-                image = load_image(path)
+                image = load_image(path, self.max_image_pixels)
             except ImageReadError as exc:
                 self._bad.add(i)
                 warn(f"skipped {exc} (replaced by another sample)")
@@ -91,7 +98,8 @@ class HFImageDataset(Dataset):
         label = int(row[self.label_column])
         if self.label_map is not None:
             label = self.label_map[label]
-        return {"image": self.transform(to_rgb(row[self.image_column])), "label": label, "index": index}
+        image = to_rgb(upright_image(row[self.image_column]))  # upright, as files are read
+        return {"image": self.transform(image), "label": label, "index": index}
 
 
 # ----------------------------------------------------------------------------- class-folder trees
@@ -107,6 +115,8 @@ def read_class_folders(root: Path, class_names: list[str] | None = None) -> Samp
     for p in sorted(root.iterdir()):
         if p.is_file() and not p.name.startswith("."):
             report.add(p, "file outside any class folder")
+        elif problem := symlink_problem(p):
+            report.add(p, problem)
     if class_names is None:
         for name, files in per_class.items():
             if not files:
@@ -126,33 +136,19 @@ def read_class_folders(root: Path, class_names: list[str] | None = None) -> Samp
 
 # --------------------------------------------------------------------------------------- CSV files
 def read_csv(path: Path, class_names: list[str] | None, image_column: str = "", label_column: str = "") -> Samples:
-    """A CSV with a header row and a path and a label column; paths are relative to the CSV."""
+    """A CSV with a header row and a path and a label column. Relative paths are read from the
+    CSV's folder and must stay inside it; absolute paths (the user's own list) are used as written.
+    Repeated rows are dropped with a warning; one image listed with two labels is refused."""
+    header, rows = _read_csv_rows(path)
+    img_col, lab_col = _csv_columns(path, header, image_column, label_column)
+    if not rows:
+        raise DataError(f"{path}: the CSV holds no rows, only its header ({', '.join(header)}); "
+                        "add one row per image: path,label")
     report = SkipReport()
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read the CSV ({exc})") from None
-    lower = {h.lower().strip(): h for h in header}
-    img_col = image_column or next((lower[c] for c in _PATH_COLUMNS if c in lower), "")
-    lab_col = label_column or next((lower[c] for c in _LABEL_COLUMNS if c in lower), "")
-    for col, kind in ((img_col, "image path"), (lab_col, "label")):
-        if not col or col not in header:
-            raise DataError(
-                f"{path}: no {kind} column (header: {', '.join(header) or 'empty'}); name it "
-                f"{'path' if kind == 'image path' else 'label'} or pass --{'image' if kind == 'image path' else 'label'}-column"
-            )
     pairs = []
-    for line, row in enumerate(rows, start=2):
-        raw, label = (row.get(img_col) or "").strip(), (row.get(lab_col) or "").strip()
-        if not raw or not label:
-            raise DataError(f"{path}, line {line}: empty {'path' if not raw else 'label'}")
-        p = Path(raw).expanduser()
-        p = p if p.is_absolute() else path.parent / p
+    for line, p, label in _unique_rows(path, _csv_entries(path, rows, img_col, lab_col)):
         if not p.is_file():
-            report.add(p, f"listed in {path.name} line {line} but missing")
+            report.add(p, f"listed in {path.name} line {line} but " + (symlink_problem(p) or "missing"))
         elif not is_image_file(p):
             report.add(p, f"not an image file (extension {p.suffix or 'none'!r})")
         else:
@@ -167,6 +163,76 @@ def read_csv(path: Path, class_names: list[str] | None, image_column: str = "", 
         raise DataError(f"{path}: labels {', '.join(unknown[:10])} are not among the training classes "
                         f"({', '.join(class_names)})")
     return Samples([(p, index[lab]) for p, lab in pairs], class_names, str(path), report)
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read the CSV ({exc})") from None
+    return list(header), rows
+
+
+def _csv_columns(path: Path, header: list[str], image_column: str, label_column: str) -> tuple[str, str]:
+    lower = {h.lower().strip(): h for h in header}
+    img_col = image_column or next((lower[c] for c in _PATH_COLUMNS if c in lower), "")
+    lab_col = label_column or next((lower[c] for c in _LABEL_COLUMNS if c in lower), "")
+    for col, kind in ((img_col, "image path"), (lab_col, "label")):
+        if not col or col not in header:
+            raise DataError(
+                f"{path}: no {kind} column (header: {', '.join(header) or 'empty'}); name it "
+                f"{'path' if kind == 'image path' else 'label'} or pass --{'image' if kind == 'image path' else 'label'}-column"
+            )
+    return img_col, lab_col
+
+
+def _csv_entries(path: Path, rows: list[dict[str, str]], img_col: str, lab_col: str) -> list[tuple[int, Path, str]]:
+    """``(line, image path, label)`` per row. A relative path that leaves the CSV's folder is
+    refused (all such rows listed at once): a CSV shipped with a dataset must not reach the rest
+    of the disk. Absolute (and ``~``) paths are the user's own and used as written."""
+    entries, escaping = [], []
+    for line, row in enumerate(rows, start=2):
+        raw, label = (row.get(img_col) or "").strip(), (row.get(lab_col) or "").strip()
+        if not raw or not label:
+            raise DataError(f"{path}, line {line}: empty {'path' if not raw else 'label'}")
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            p, problem = join_inside(path.parent, raw)
+            if problem:
+                escaping.append(f"line {line}: {problem}")
+                continue
+        entries.append((line, p, label))
+    if escaping:
+        raise DataError(f"{path}: {len(escaping)} relative image path(s) lead outside the CSV's folder "
+                        "(write them relative to it, or as absolute paths): " + "; ".join(escaping[:5])
+                        + (" ..." if len(escaping) > 5 else ""))
+    return entries
+
+
+def _unique_rows(path: Path, entries: list[tuple[int, Path, str]]) -> list[tuple[int, Path, str]]:
+    """``entries`` without repeated rows (warned: count and the first few), so no image is
+    trained twice per epoch. One image with two different labels is refused, naming both."""
+    first: dict[str, tuple[int, str]] = {}
+    out, repeats, conflicts = [], [], []
+    for line, p, label in entries:
+        key = os.path.normpath(p)
+        if key not in first:
+            first[key] = (line, label)
+            out.append((line, p, label))
+        elif first[key][1] == label:
+            repeats.append(f"line {line} repeats line {first[key][0]} ({p.name})")
+        else:
+            conflicts.append(f"{p} is labelled {first[key][1]!r} on line {first[key][0]} and {label!r} on line {line}")
+    if conflicts:
+        raise DataError(f"{path}: {len(conflicts)} image(s) listed with two different labels: "
+                        + "; ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else ""))
+    if repeats:
+        warn(f"{path}: {len(repeats)} duplicate row(s) dropped (same image, same label): "
+             + "; ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------ Hugging Face data
@@ -253,8 +319,9 @@ def _check(samples: Samples, what: str, need_classes: bool = True) -> None:
         )
 
 
-def _scan(samples: Samples, mode: Literal["full", "fast", "off"]) -> Samples:
-    ok = scan_images([p for p, _ in samples.items], samples.report, mode)
+def _scan(samples: Samples, mode: Literal["full", "fast", "off"],
+          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Samples:
+    ok = scan_images([p for p, _ in samples.items], samples.report, mode, max_pixels=max_pixels)
     samples.items = [s for s, good in zip(samples.items, ok) if good]
     return samples
 
@@ -272,9 +339,11 @@ def build_classification_data(
     train_transform: Callable,
     eval_transform: Callable,
     seed: int = 0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ClassificationData:
     """Read training (and validation) data from any supported source, check every image, and
-    report what was skipped. Raises DataError on empty, one-class or inconsistent data."""
+    report what was skipped. Raises DataError on empty, one-class or inconsistent data.
+    ``max_image_pixels``: larger images are skipped and reported, never decoded (0 = no limit)."""
     if not data:
         raise DataError("no training data given (--data DIR, CSV or dataset)")
     root = Path(data).expanduser()
@@ -283,6 +352,9 @@ def build_classification_data(
                          train_transform, eval_transform)
     train_dir, val_dir = _split_dirs(root) if root.is_dir() else (None, None)
     train = _samples_for(train_dir or root, None, image_column, label_column)
+    if not train.items:  # before the validation data is read against its (empty) class list
+        train.report.print("files")
+        _check(train, "training")
     if val_data:
         val = _samples_for(Path(val_data).expanduser(), train.class_names, image_column, label_column)
     elif val_dir is not None:
@@ -291,10 +363,10 @@ def build_classification_data(
         val = None
     report = SkipReport(train.report.skipped + (val.report.skipped if val else []))
     train.report = report  # before the scan, so bad training images land in the printed report
-    train = _scan(train, check_images)
+    train = _scan(train, check_images, max_image_pixels)
     if val is not None:
         val.report = report
-        val = _scan(val, check_images)
+        val = _scan(val, check_images, max_image_pixels)
     report.print("files")
     _check(train, "training")
     if val is None and val_fraction > 0:
@@ -305,8 +377,8 @@ def build_classification_data(
          + (" ..." if len(train.class_names) > 20 else ""))
     info(f"images: {len(train.items)} train" + (f", {len(val.items)} val" if val else ", no validation set"))
     return ClassificationData(
-        ImageListDataset(train.items, train_transform),
-        ImageListDataset(val.items, eval_transform) if val else None,
+        ImageListDataset(train.items, train_transform, max_image_pixels),
+        ImageListDataset(val.items, eval_transform, max_image_pixels) if val else None,
         train.class_names,
         report,
     )
@@ -360,7 +432,7 @@ def _build_hf(data, val_data, train_split, val_split, image_column, label_column
 def build_eval_dataset(
     data: str, class_names: list[str], transform: Callable, *, split: str = "val",
     image_column: str = "", label_column: str = "", hf_split: str = "validation",
-    check_images: Literal["full", "fast", "off"] = "full",
+    check_images: Literal["full", "fast", "off"] = "full", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Dataset:
     """Evaluation data mapped onto a checkpoint's classes. A folder with train/ and val/ is read
     from its ``split`` folder; a plain class-folder tree or CSV is used whole."""
@@ -377,10 +449,10 @@ def build_eval_dataset(
     _check_class_names(samples.class_names, class_names, str(root))
     remap = [class_names.index(n) for n in samples.class_names]
     samples.items = [(p, remap[label]) for p, label in samples.items]
-    samples = _scan(samples, check_images)
+    samples = _scan(samples, check_images, max_image_pixels)
     samples.report.print("files")
     _check(samples, "evaluation", need_classes=False)
-    return ImageListDataset(samples.items, transform)
+    return ImageListDataset(samples.items, transform, max_image_pixels)
 
 
 def _check_class_names(found: list[str], expected: list[str], where: str) -> None:

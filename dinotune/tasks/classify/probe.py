@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from dinotune.data.images import READER_VERSION
 from dinotune.data.loader import make_loader
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
@@ -71,8 +72,10 @@ def cached_features(model: torch.nn.Module, dataset: Dataset, *, cache_dir: Path
                     key_parts: dict[str, Any], batch_size: int, workers: int, device: torch.device,
                     precision: str, show_progress: bool = True) -> FeatureDataset:
     """Features of ``dataset`` from the cache, extracting and storing them on a miss."""
-    blob = json.dumps({**key_parts, "precision": precision, "items": dataset_signature(dataset)},
-                      sort_keys=True, default=str)
+    # the reader's version too: a cache made before a change in how files become pixels (EXIF
+    # orientation, 16-bit scaling) must not be reused
+    blob = json.dumps({**key_parts, "precision": precision, "reader": READER_VERSION,
+                       "items": dataset_signature(dataset)}, sort_keys=True, default=str)
     key = hashlib.sha1(blob.encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
     if path.is_file():

@@ -53,7 +53,7 @@ class ClassifyTask(Task):
             data=d.data, val_data=d.val_data, val_fraction=d.val_fraction, train_split=d.train_split,
             val_split=d.val_split, image_column=d.image_column, label_column=d.label_column,
             check_images=d.check_images, train_transform=classify_train_transform(size, augment),
-            eval_transform=self.eval_transform(), seed=self.cfg.train.seed,
+            eval_transform=self.eval_transform(), seed=self.cfg.train.seed, max_image_pixels=d.max_image_pixels,
         )
         items = getattr(data.train, "items", None)  # files; a Hugging Face dataset has its own fingerprint
         fingerprint = (files_fingerprint([p for p, _ in items]) if items is not None
@@ -139,8 +139,9 @@ class ClassifyTask(Task):
     # ------------------------------------------------------------------------------ inference
     def predict(self, run: TrainedRun, images: Any, settings: ClassifyInferenceConfig) -> list[dict[str, Any]]:
         """Top-k classes per image: ``[{"image", "predictions": [{"class", "index", "score"}]}]``."""
-        paths = readable_images(images, "full")
-        ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform())
+        limit = self.cfg.data.max_image_pixels
+        paths = readable_images(images, "full", max_pixels=limit)
+        ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform(), limit)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=0)
         names = run.bundle.class_names
         k = min(settings.top_k, len(names))
@@ -177,7 +178,8 @@ class ClassifyTask(Task):
         d = self.cfg.data
         return build_eval_dataset(data, class_names, self.eval_transform(pre_transform), split=split,
                                   image_column=d.image_column, label_column=d.label_column,
-                                  hf_split=d.val_split, check_images=d.check_images)
+                                  hf_split=d.val_split, check_images=d.check_images,
+                                  max_image_pixels=d.max_image_pixels)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: ClassifyInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
@@ -206,7 +208,7 @@ class ClassifyTask(Task):
             top = r["predictions"][0]
             titles.append(f"{top['class']} ({top['score']:.2f}) / {truth[r['image']]}")
             colours.append("green" if top["class"] == truth[r["image"]] else "red")
-        return [plot_image_grid([load_image(r["image"]) for r in preds], titles, Path(out_dir) / "samples.png",
+        return [plot_image_grid([load_image(r["image"], self.cfg.data.max_image_pixels) for r in preds], titles, Path(out_dir) / "samples.png",
                                 colours=colours)]
 
     def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:

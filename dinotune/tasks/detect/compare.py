@@ -165,7 +165,7 @@ def markdown_table(rows: dict[str, dict[str, Any]], data: str, n_images: int) ->
 
 def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],
                 yolo: Sequence[str], out: Path, images: str, subset: int, subset_seed: int, device: str,
-                yolo_image_size: int, batch_size: int | None, min_box_size: float) -> str:
+                yolo_image_size: int, batch_size: int | None, min_box_size: float, max_pixels: int) -> str:
     """Load the ground truth, wrap the detectors, compare, return the table."""
     if not runs and not yolo:
         raise ValueError("nothing to compare: pass --runs and/or --yolo")
@@ -173,7 +173,7 @@ def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names:
     categories = runs[0].bundle.categories if runs else None
     source = find_detection_data(data, "val" if split == "val" else "train", images, categories=categories,
                                  min_box_size=min_box_size)
-    source = scan_source(source, "fast")
+    source = scan_source(source, "fast", max_pixels)
     if subset:
         source = restrict(source, choose_subset(source, subset, subset_seed))
     for d in detectors[1:]:

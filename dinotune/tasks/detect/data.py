@@ -7,6 +7,7 @@ re-exported here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -17,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from dinotune.data.coco import find_coco_json, load_json
-from dinotune.data.images import load_image, scan_images
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, header_size, load_image, scan_images
 from dinotune.data.splits import SPLIT_ALIASES, subset_indices
 from dinotune.errors import DataError, ImageReadError
 from dinotune.ops import box_ops
@@ -34,9 +35,11 @@ from dinotune.utils import warn, write_json
 
 __all__ = [
     "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo",
-    "find_detection_data", "scan_source", "choose_subset", "restrict", "write_subset_file", "read_subset_file",
-    "DetectionDataset", "detection_collate", "describe",
+    "find_detection_data", "scan_source", "size_mismatch", "choose_subset", "restrict", "write_subset_file",
+    "read_subset_file", "DetectionDataset", "detection_collate", "describe",
 ]
+
+_MAX_FACTOR = 8.0  # an annotation size at most this many times the file's (or 1/8 of it) is a rescale
 
 
 # ------------------------------------------------------------------------------------ finding data
@@ -75,15 +78,56 @@ def find_detection_data(
     )
 
 
-def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"]) -> DetectionSource:
-    """``source`` without the images that do not decode (``full``) or whose header is broken
-    (``fast``); each one is named in ``source.report.skipped``."""
+def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"],
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DetectionSource:
+    """``source`` without the images that do not decode (``full``), whose header is broken
+    (``fast``), that have more than ``max_pixels`` pixels (never decoded), or whose file size
+    disagrees with the annotation's beyond a plausible rescale (``size_mismatch``); each one is
+    named with its reason in ``source.report.skipped``. Plausible rescales are kept (the dataset
+    rescales the boxes) and listed in a warning."""
     if mode == "off":
         return source
-    ok = scan_images([im.path for im in source.images], source.report.skipped, mode)
+    paths = [im.path for im in source.images]
+    ok = scan_images(paths, source.report.skipped, mode, max_pixels=max_pixels)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sizes = list(pool.map(lambda p_ok: header_size(p_ok[0]) if p_ok[1] else None, zip(paths, ok)))
+    rescaled = []
+    for i, (im, size) in enumerate(zip(source.images, sizes)):
+        if size is None or size == (im.width, im.height):
+            continue
+        problem = size_mismatch(size, (im.width, im.height))
+        if problem:
+            ok[i] = False
+            source.report.skipped.add(im.path, problem)
+        else:
+            rescaled.append(f"{im.path.name} ({size[0]}x{size[1]}, annotated as {im.width}x{im.height})")
+    if rescaled:
+        warn(f"{source.name}: {len(rescaled)} image file(s) differ in size from their annotation by a plausible "
+             "factor; their boxes are rescaled to the file: " + "; ".join(rescaled[:5])
+             + (" ..." if len(rescaled) > 5 else ""))
     if all(ok):
         return source
     return source.with_images([im for im, good in zip(source.images, ok) if good])
+
+
+def size_mismatch(file_size: tuple[int, int], annotated: tuple[int, int]) -> str | None:
+    """None when an image file of ``file_size`` can stand for one annotated at ``annotated``
+    (both ``(width, height)``): the same aspect ratio within 1% (or a pixel of rounding) and a
+    factor within [1/8, 8]; the boxes are then rescaled by it. Otherwise why the image is skipped:
+    the annotation is for another picture, or a huge size claimed to blow up memory."""
+    (fw, fh), (aw, ah) = file_size, annotated
+    if aw <= 0 or ah <= 0:
+        return f"the annotation gives the image the size {aw}x{ah}, which is empty"
+    rx, ry = fw / aw, fh / ah
+    same_aspect = abs(ah * rx - fh) <= max(1.0, 0.01 * fh) or abs(aw * ry - fw) <= max(1.0, 0.01 * fw)
+    if same_aspect and 1 / _MAX_FACTOR <= rx <= _MAX_FACTOR and 1 / _MAX_FACTOR <= ry <= _MAX_FACTOR:
+        return None
+    why = (f"the image file is {fw}x{fh} but its annotation says {aw}x{ah}"
+           + (f" (x{rx:.3g} wide, x{ry:.3g} high)" if same_aspect else " (a different aspect ratio)"))
+    if (fw, fh) == (ah, aw):
+        why += ("; width and height are swapped: images are read upright (EXIF orientation applied) "
+                "and annotations must be in that displayed frame")
+    return why + "; not a plausible rescale, so its boxes cannot be trusted"
 
 
 # ------------------------------------------------------------------------------------------ subsets
@@ -127,13 +171,21 @@ class DetectionDataset(Dataset):
     ``(tv_tensors.Image, {"boxes": BoundingBoxes xyxy, "labels": int64})`` (``train_transforms`` or
     ``eval_transforms``); the resize to ``image_size`` and the pad follow. ``pre_transform`` (PIL ->
     PIL of the same size, e.g. a corruption) runs on the decoded image before everything else. A file
-    that fails to decode at run time is reported once and replaced by the next readable image."""
+    that fails to decode at run time (or is over ``max_image_pixels``, or whose size disagrees with
+    its annotation beyond a plausible rescale, see ``size_mismatch``) is reported once and replaced
+    by the next readable image.
+
+    An image file of another size than its annotation (same aspect, factor within [1/8, 8]) is
+    used as it is: its boxes are rescaled to the file, never the image to the annotation (an
+    annotation may claim 20000x20000 pixels). ``orig_size`` and ``scale`` stay in the annotation's
+    frame, so predictions come back in the coordinates the ground truth uses."""
 
     def __init__(self, source: DetectionSource, transform: Callable | None, image_size: int,
-                 pre_transform: Callable | None = None):
+                 pre_transform: Callable | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.image_size = int(image_size)
         self.transform = transform
         self.pre_transform = pre_transform
+        self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
         self.source = source  # the ground truth COCO evaluation scores against
         self.categories = list(source.categories)
         self.name = source.name
@@ -161,7 +213,7 @@ class DetectionDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                pil = load_image(self.records[i].path)
+                pil = self._load(i)
             except ImageReadError as exc:
                 self._bad.add(i)
                 warn(f"skipped {exc} (replaced by another image)")
@@ -171,18 +223,29 @@ class DetectionDataset(Dataset):
             return self._item(i, pil)
         raise DataError(f"{self.name}: no image in the dataset could be decoded")
 
-    def _item(self, i: int, pil: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
-        rec, size = self.records[i], self.image_size
-        if pil.size != (rec.width, rec.height):  # the annotations are in the recorded size
+    def _load(self, i: int) -> Image.Image:
+        """The decoded image of record ``i``; ImageReadError when its size cannot be reconciled
+        with the annotation's (warned once when it can: the boxes are rescaled)."""
+        rec = self.records[i]
+        pil = load_image(rec.path, self.max_image_pixels)
+        if pil.size != (rec.width, rec.height):
+            problem = size_mismatch(pil.size, (rec.width, rec.height))
+            if problem:
+                raise ImageReadError(f"{rec.path}: {problem}")
             if i not in self._resized:
                 self._resized.add(i)
                 warn(f"{rec.path}: image is {pil.size[0]}x{pil.size[1]} but the annotations say "
-                     f"{rec.width}x{rec.height}; resized to match")
-            pil = pil.resize((rec.width, rec.height), Image.BILINEAR)
+                     f"{rec.width}x{rec.height}; boxes rescaled to the image")
+        return pil
+
+    def _item(self, i: int, pil: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec, size = self.records[i], self.image_size
+        boxes = self.boxes[i].clone()
+        if pil.size != (rec.width, rec.height):  # annotation frame -> the file's pixels (see _load)
+            boxes *= torch.tensor([pil.width / rec.width, pil.height / rec.height] * 2)
         image = tv_tensors.Image(F.pil_to_tensor(pil))
         target = {
-            "boxes": tv_tensors.BoundingBoxes(self.boxes[i].clone(), format="XYXY",
-                                              canvas_size=(rec.height, rec.width)),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(pil.height, pil.width)),
             "labels": self.labels[i].clone(),
         }
         if self.transform is not None:
@@ -196,6 +259,8 @@ class DetectionDataset(Dataset):
             "labels": labels.to(torch.int64),
             "image_id": int(rec.id),
             "orig_size": torch.tensor([rec.height, rec.width], dtype=torch.int64),
+            # canvas pixels per annotation pixel: the same as S / max(h, w) of the annotation when
+            # the file is a rescale of it (same aspect), so predictions map back to its frame
             "scale": size / max(rec.height, rec.width),
         }
 

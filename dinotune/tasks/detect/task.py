@@ -76,18 +76,20 @@ class DetectTask(Task):
             val = self._val_source(train)
             if val is not None and d.val_subset:
                 val = self._subset(val, d.val_subset, d.subset_seed, "", run_dir, "val_subset.json")
-        train = scan_source(train, d.check_images)
+        train = scan_source(train, d.check_images, d.max_image_pixels)
         train.report.print("train")
         info(describe(train))
         if val is not None and val is not train:
-            val = scan_source(val, d.check_images)
+            val = scan_source(val, d.check_images, d.max_image_pixels)
             val.report.print("val")
             info(describe(val))
         if not len(train):
             raise DataError(f"{train.name}: no usable training images")
         augment = d.augment and not d.overfit
-        train_ds = DetectionDataset(train, train_transforms(size) if augment else eval_transforms(), size)
-        val_ds = DetectionDataset(val, eval_transforms(), size) if val is not None else None
+        train_ds = DetectionDataset(train, train_transforms(size) if augment else eval_transforms(), size,
+                                    max_image_pixels=d.max_image_pixels)
+        val_ds = (DetectionDataset(val, eval_transforms(), size, max_image_pixels=d.max_image_pixels)
+                  if val is not None else None)
         meta = {"task": self.name, "categories": train.categories, "class_names": train.class_names,
                 "num_classes": len(train.categories), "head": self.cfg.model.head,
                 "data_fingerprint": files_fingerprint([im.path for im in train.images] + [train.name])}
@@ -174,7 +176,8 @@ class DetectTask(Task):
         "category", "bbox" (xywh, original pixels), "score"}]}]``. ``image_ids`` maps file names to COCO
         ids (test-dev image info); otherwise numeric file stems are used, else 1..N. ``draw``: a folder
         for the confidence histogram and each image with its boxes (``settings.draw_threshold``)."""
-        paths = readable_images(images, "fast")
+        limit = self.cfg.data.max_image_pixels
+        paths = readable_images(images, "fast", max_pixels=limit)
         ids = _image_ids(paths, image_ids)
         size = run.cfg.backbone.image_size
         categories = run.bundle.categories
@@ -186,7 +189,7 @@ class DetectTask(Task):
             chunk = paths[start: start + bs]
             canvases, scales, sizes = [], [], []
             for p in chunk:
-                pil = load_image(p)
+                pil = load_image(p, limit)
                 from torchvision import tv_tensors
                 from torchvision.transforms.v2 import functional as F
 
@@ -240,9 +243,11 @@ class DetectTask(Task):
                                      categories=run.bundle.categories, min_box_size=self.cfg.data.min_box_size)
         if subset:
             source = restrict(source, choose_subset(source, subset, subset_seed))
-        source = scan_source(source, self.cfg.data.check_images)
+        limit = self.cfg.data.max_image_pixels
+        source = scan_source(source, self.cfg.data.check_images, limit)
         source.report.print(split)
-        ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform)
+        ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform,
+                              max_image_pixels=limit)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers,
                              collate_fn=detection_collate)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 
 from dinotune.data.coco import check_categories
-from dinotune.data.images import SkipReport, header_size, is_image_file, list_image_files
+from dinotune.data.images import SkipReport, header_size, is_image_file, list_image_files, symlink_problem
+from dinotune.data.paths import join_inside
 from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 from dinotune.tasks.detect.coco import Annotation, DetectionReport, DetectionSource, ImageRecord, clamp_box
@@ -86,18 +87,36 @@ def _split_images(data: dict[str, Any], base: Path, root: Path, split: str, wher
         if p.is_dir():
             files += list_image_files(p, report, recursive=True)
         elif p.is_file() and p.suffix.lower() == ".txt":  # a list of image paths
-            for line in p.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    q = Path(line.strip()).expanduser()
-                    q = q if q.is_absolute() else (p.parent / q if line.startswith("./") else base / q)
-                    if not q.is_file():
-                        report.add(q, f"listed in {p} but missing")
-                    elif is_image_file(q):
-                        files.append(q)
+            files += _listed_images(p, base, report)
         else:
             raise DataError(f"{where}: {key}: {entry!r} -> {p} is not a folder or a .txt list of images")
     return sorted(files), f"{where} {key}"
 
+
+def _listed_images(list_file: Path, base: Path, report: SkipReport) -> list[Path]:
+    """The images of a ``.txt`` list, one path a line (ultralytics' rule: ``./x`` is relative to the
+    list's folder, other relative paths to the dataset root ``base``). A relative path that leaves
+    its folder is refused, naming the list, the line and the path (see ``dinotune.data.paths``);
+    absolute paths are allowed, as such lists are usually written by the user's own scripts."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{list_file}: cannot read the image list ({exc})") from None
+    files: list[Path] = []
+    for n, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        q = Path(text).expanduser()
+        if not q.is_absolute():
+            q, problem = join_inside(list_file.parent if text.startswith("./") else base, text)
+            if problem:
+                raise DataError(f"{list_file}, line {n}: {problem}")
+        if not q.is_file():
+            report.add(q, f"listed in {list_file} line {n} but " + (symlink_problem(q) or "missing"))
+        elif is_image_file(q):
+            files.append(q)
+    return files
 
 
 def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, float, float, int]]:

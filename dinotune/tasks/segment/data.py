@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dinotune.config import SegmentDataConfig
-from dinotune.data.images import ImageReadError, load_image
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, load_image
 from dinotune.data.transforms import normalize
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
 from dinotune.tasks.segment.layouts import (
@@ -40,9 +40,11 @@ from dinotune.tasks.segment.sources import (
     CocoShapes,
     DataError,
     MaskReadError,
+    MaskSummary,
     SegmentationSource,
     describe,
     load_mask,
+    mask_summary,
     rasterize_coco,
     read_mask_labels,
     scan_source,
@@ -52,7 +54,7 @@ from dinotune.utils import warn
 __all__ = [
     "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "VOC_CLASSES", "ADE20K_CLASSES",
     "read_voc", "read_ade20k", "read_folders", "read_coco_semantic", "find_segmentation_data", "load_mask",
-    "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
+    "MaskSummary", "mask_summary", "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
     "segmentation_collate", "eval_size",
 ]
 
@@ -89,13 +91,16 @@ class SegmentationDataset(Dataset):
     """Items per the segmentation contract. ``train``: ``S x S`` crops with augmentation (see
     ``train_transforms``); else evaluation items (image short side ``S`` rounded to multiples of
     ``patch_size``, or untouched with ``keep_full_resolution``; mask at the original resolution).
-    An image or mask that fails to decode at run time is reported once and replaced by the next
-    readable pair; a mask that does not fit its image (size, labels) raises DataError."""
+    An image or mask that fails to decode at run time (or an image over ``max_image_pixels``) is
+    reported once and replaced by the next readable pair; a mask that does not fit its image (size,
+    labels) raises DataError. Images are read upright (EXIF orientation applied), masks as stored."""
 
     def __init__(self, source: SegmentationSource, train: bool, image_size: int, patch_size: int,
                  augment: bool = True, keep_full_resolution: bool = False, pre_transform: Any = None,
-                 scale_range: tuple[float, float] | None = None):
+                 scale_range: tuple[float, float] | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.source = source
+        self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
         self.pre_transform = pre_transform  # PIL -> PIL before everything else (e.g. a corruption)
         self.train = bool(train)
         self.image_size = int(image_size)
@@ -123,7 +128,7 @@ class SegmentationDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                pil = load_image(self.source.pairs[i][0])
+                pil = load_image(self.source.pairs[i][0], self.max_image_pixels)
                 labels = read_mask_labels(self.source, i, pil.size)
             except ImageReadError as exc:  # MaskReadError included
                 self._bad.add(i)

@@ -13,6 +13,7 @@ import numpy as np
 
 from dinotune.data.coco import find_coco_json
 from dinotune.data.images import SkipReport, list_image_files
+from dinotune.data.paths import escape_problem
 from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
@@ -21,7 +22,7 @@ from dinotune.tasks.segment.sources import (
     MaskReadError,
     SegmentationSource,
     _bad_values,
-    _decode_mask,
+    mask_summary,
 )
 
 __all__ = ["VOC_CLASSES", "ADE20K_CLASSES", "read_voc", "read_ade20k", "read_folders", "find_segmentation_data"]
@@ -102,9 +103,7 @@ def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255) ->
     list_file = next((p for p in lists if p.is_file()), None)
     if list_file is None:
         raise DataError(f"{root}: no VOC {split} list (looked for {', '.join(str(p) for p in lists)})")
-    ids = [line.split()[0] for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not ids:
-        raise DataError(f"{list_file}: the list is empty")
+    ids = _voc_ids(list_file)
     pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
     for what, k in (("images", 0), ("masks", 1)):
         missing = [p[k] for p in pairs if not p[k].is_file()]
@@ -112,6 +111,29 @@ def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255) ->
             raise DataError(f"{list_file}: {len(missing)} of {len(pairs)} listed {what} are missing: "
                             + ", ".join(str(p) for p in missing[:_SHOW]) + (" ..." if len(missing) > _SHOW else ""))
     return SegmentationSource(str(root), pairs, list(VOC_CLASSES), ignore_index, "index")
+
+
+def _voc_ids(list_file: Path) -> list[str]:
+    """The image ids of a VOC split list (first word of each line). An id is a file stem inside
+    ``JPEGImages/`` and ``SegmentationClass/``: one that would lead outside them (``../x``, an
+    absolute path) is refused naming the list, the line and the id."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{list_file}: cannot read the list ({exc})") from None
+    ids = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        ident = line.split()[0]
+        problem = escape_problem(f"{ident}.jpg")  # the file names the id becomes
+        if problem:
+            raise DataError(f"{list_file}, line {n}: image id {ident!r} leads outside JPEGImages/ and "
+                            f"SegmentationClass/ ({ident}.jpg {problem}); a VOC id is a file stem inside them")
+        ids.append(ident)
+    if not ids:
+        raise DataError(f"{list_file}: the list is empty")
+    return ids
 
 
 def _ade_root(root: Path) -> Path:
@@ -166,9 +188,9 @@ def read_folders(root: str | Path, split: str = "train", num_classes: int = 0,
 
 
 def _max_label(pairs: list[tuple[Path, Path]], ignore_index: int) -> int:
+    """The largest label in the masks (each read once; the scan that follows reuses the reads)."""
     def one(pair: tuple[Path, Path]) -> int:
-        raw = _decode_mask(pair[1], pair[0], "index")
-        values = np.unique(raw)
+        values = mask_summary(pair[1], pair[0], "index").values.astype(np.int64)
         values = values[values != ignore_index]
         if (values < 0).any():
             raise DataError(f"{pair[1]}: negative label values {_bad_values(values[values < 0])}")
@@ -182,7 +204,6 @@ def _max_label(pairs: list[tuple[Path, Path]], ignore_index: int) -> int:
     if top < 0:
         raise DataError(f"{pairs[0][1].parent}: the masks hold no labels (only the ignore index {ignore_index})")
     return top
-
 
 
 def find_segmentation_data(

@@ -2,27 +2,38 @@
 
 ``load_mask`` turns an image / mask pair into an ``H x W`` label array and refuses masks that do not
 fit their image or hold labels outside ``0..K-1``; errors are ``DataError`` naming the file(s), the
-problem and the values. ``scan_source`` checks a whole split up front. The readers that build a
-source from a dataset layout live in ``layouts.py`` (VOC, ADE20K, folders) and ``coco_masks.py``.
+problem and the values. ``scan_source`` checks a whole split up front, every mask's size and
+labels included (a bad mask must not wait for the epoch that happens to draw it); what it learns of
+a mask file is cached per process by path, size and modification time (``mask_summary``), so a
+second scan (validation, evaluation, the class count of a folder layout) costs nothing. Images are
+read upright (EXIF orientation applied), masks as stored: a mask has its image's displayed size.
+The readers that build a source from a dataset layout live in ``layouts.py`` (VOC, ADE20K,
+folders) and ``coco_masks.py``.
 """
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
-from PIL import Image
 
-from dinotune.data.images import SkipReport, check_image, describe_error, header_size
+from dinotune.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    PixelLimitError,
+    SkipReport,
+    check_image,
+    describe_error,
+    header_size,
+    open_image,
+)
 from dinotune.errors import DataError, ImageReadError, MaskReadError
 
 __all__ = [
-    "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "load_mask", "read_mask_labels",
-    "rasterize_coco", "scan_source", "describe",
+    "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "MaskSummary", "load_mask", "mask_summary",
+    "read_mask_labels", "rasterize_coco", "scan_source", "describe",
 ]
 
 MaskKind = Literal["index", "ade20k", "coco"]
@@ -82,25 +93,110 @@ def _label_dtype(source: SegmentationSource) -> type:
     return np.uint8 if 0 <= source.ignore_index <= 255 and source.num_classes <= 256 else np.int64
 
 
-def _decode_mask(mask_path: Path, image_path: Path, kind: MaskKind) -> np.ndarray:
-    """The raw values of a label PNG (palette indices, not colours), or an error naming it."""
+_MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _size_error(mask_path: Path, mask_size: tuple[int, int], image_path: Path,
+                image_size: tuple[int, int]) -> DataError:
+    """The one message for a mask whose size is not its image's (both ``(width, height)``)."""
+    swapped = ("; width and height are swapped: images are read upright (their EXIF orientation "
+               "applied) and masks as stored, so a mask must be in the displayed frame"
+               if tuple(mask_size) == tuple(image_size)[::-1] else "")
+    return DataError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
+                     f"{image_size[0]}x{image_size[1]} (width x height); a mask must have its image's size{swapped}")
+
+
+def _decode_mask(mask_path: Path, image_path: Path, kind: MaskKind,
+                 image_size: tuple[int, int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The raw values of a label PNG (palette indices, not colours; never EXIF-turned), or an error
+    naming it. Mode and size (``image_size``: its image's, when known) are checked from the header,
+    before anything is decoded; so is the pixel limit."""
     if not mask_path.is_file():
         raise DataError(f"{mask_path}: mask file not found (the mask of {image_path})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(mask_path) as im:
-                im.load()
-                mode = im.mode
-                if mode in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N"):
-                    raw = np.array(im if mode != "1" else im.convert("L"))
-                    return (raw > 0).astype(np.uint8) if mode == "1" else raw
+        with open_image(mask_path, max_pixels) as im:
+            mode = im.mode
+            if mode not in _MASK_MODES:
+                hint = " (VOC masks are palette PNGs: keep them as they are, do not convert them to RGB)" \
+                    if kind == "index" and mode in ("RGB", "RGBA") else ""
+                raise DataError(f"{mask_path}: mask has image mode {mode!r}; expected a single-channel label "
+                                f"image (palette or grayscale PNG whose values are class indices){hint}")
+            if image_size is not None and im.size != tuple(image_size):
+                raise _size_error(mask_path, im.size, image_path, image_size)
+            im.load()
+            raw = np.array(im if mode != "1" else im.convert("L"))
+            return (raw > 0).astype(np.uint8) if mode == "1" else raw
+    except DataError:
+        raise
+    except PixelLimitError as exc:
+        raise MaskReadError(str(exc)) from None
     except Exception as exc:  # PIL raises many types on bad data
         raise MaskReadError(f"{mask_path}: {describe_error(mask_path, exc)}") from None
-    hint = " (VOC masks are palette PNGs: keep them as they are, do not convert them to RGB)" \
-        if kind == "index" and mode in ("RGB", "RGBA") else ""
-    raise DataError(f"{mask_path}: mask has image mode {mode!r}; expected a single-channel label image "
-                    f"(palette or grayscale PNG whose values are class indices){hint}")
+
+
+@dataclass(frozen=True)
+class MaskSummary:
+    """What validating a mask file needs: its stored size and its distinct raw values."""
+
+    width: int
+    height: int
+    values: np.ndarray  # sorted distinct raw values
+
+
+# (path, bytes, mtime_ns) -> summary: each mask file is decoded once per process while unchanged.
+_MASK_CACHE: dict[tuple[str, int, int], MaskSummary] = {}
+
+
+def _distinct(raw: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a histogram for 8 / 16-bit masks (several times faster than unique)."""
+    if raw.dtype in (np.uint8, np.uint16):
+        return np.flatnonzero(np.bincount(raw.ravel(), minlength=1)).astype(raw.dtype)
+    return np.unique(raw)
+
+
+def mask_summary(mask_path: Path, image_path: Path, kind: MaskKind,
+                 image_size: tuple[int, int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> MaskSummary:
+    """Size and distinct values of a mask file, from the per-process cache or decoded once (see
+    ``_decode_mask``; its errors). ``image_size``: the size the mask must have."""
+    try:
+        st = mask_path.stat()
+    except OSError:
+        raise DataError(f"{mask_path}: mask file not found (the mask of {image_path})") from None
+    key = (str(mask_path), st.st_size, st.st_mtime_ns)
+    summary = _MASK_CACHE.get(key)
+    if summary is None:
+        raw = _decode_mask(mask_path, image_path, kind, image_size, max_pixels)
+        summary = _MASK_CACHE[key] = MaskSummary(raw.shape[1], raw.shape[0], _distinct(raw))
+    if image_size is not None and (summary.width, summary.height) != tuple(image_size):
+        raise _size_error(mask_path, (summary.width, summary.height), image_path, image_size)
+    return summary
+
+
+def _bad_values(values: np.ndarray, limit: int = _SHOW) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return shown + (f", ... ({len(values)} distinct values in all)" if len(values) > limit else "")
+
+
+def _invalid(raw: np.ndarray, kind: MaskKind, k: int, ignore: int) -> np.ndarray:
+    """The distinct raw values of ``raw`` (a mask, or its distinct values) that are neither a
+    class nor ignored: ADE20K ``v`` is class ``v - 1`` and 0 is ignore; index masks hold classes."""
+    raw = raw.astype(np.int64, copy=False)
+    if kind == "ade20k":
+        label = raw - 1
+        bad = (raw != 0) & (label != ignore) & ((label < 0) | (label >= k))
+    else:
+        bad = (raw != ignore) & ((raw < 0) | (raw >= k))
+    return np.unique(raw[bad])
+
+
+def _label_error(mask_path: Path, bad: np.ndarray, kind: MaskKind, k: int, ignore: int) -> DataError:
+    if kind == "ade20k":
+        return DataError(f"{mask_path}: ADE20K mask values {_bad_values(bad)} are outside 0..{k} "
+                         f"(0 = ignore, 1..{k} = the {k} classes)")
+    return DataError(f"{mask_path}: label values {_bad_values(bad)} are outside 0..{k - 1} ({k} classes) "
+                     f"and not the ignore index {ignore}")
 
 
 def rasterize_coco(shapes: CocoShapes, ignore_index: int = 255, dtype: type = np.uint8) -> np.ndarray:
@@ -121,11 +217,6 @@ def rasterize_coco(shapes: CocoShapes, ignore_index: int = 255, dtype: type = np
     return out
 
 
-def _bad_values(values: np.ndarray, limit: int = _SHOW) -> str:
-    shown = ", ".join(str(int(v)) for v in values[:limit])
-    return shown + (f", ... ({len(values)} distinct values in all)" if len(values) > limit else "")
-
-
 def read_mask_labels(source: SegmentationSource, index: int,
                      image_size: tuple[int, int] | None = None) -> np.ndarray:
     """``H x W`` labels of pair ``index`` (``0..K-1`` or ``ignore_index``; uint8 when they fit, else
@@ -137,28 +228,20 @@ def read_mask_labels(source: SegmentationSource, index: int,
     if source.mask_kind == "coco":
         shapes = source.coco[index]
         if image_size is not None and tuple(image_size) != (shapes.width, shapes.height):
+            swapped = ("; width and height are swapped: images are read upright (their EXIF orientation "
+                       "applied) and the JSON must describe that displayed frame"
+                       if tuple(image_size) == (shapes.height, shapes.width) else "")
             raise DataError(f"{source.name}: {image_path.name} is {shapes.width}x{shapes.height} in the JSON "
-                            f"but the image file {image_path} is {image_size[0]}x{image_size[1]}")
+                            f"but the image file {image_path} is {image_size[0]}x{image_size[1]}{swapped}")
         return rasterize_coco(shapes, ignore, dtype)
     if mask_path is None:
         raise DataError(f"{image_path}: no mask file for this image in {source.name}")
-    raw = _decode_mask(mask_path, image_path, source.mask_kind)
-    if image_size is not None and (raw.shape[1], raw.shape[0]) != tuple(image_size):
-        raise DataError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
-                        f"{image_size[0]}x{image_size[1]} (width x height); a mask must have its image's size")
+    raw = _decode_mask(mask_path, image_path, source.mask_kind, image_size)
+    bad = _invalid(_distinct(raw), source.mask_kind, k, ignore)
+    if len(bad):
+        raise _label_error(mask_path, bad, source.mask_kind, k, ignore)
     if source.mask_kind == "ade20k":
-        raw = raw.astype(np.int64)
-        labels = np.where(raw == 0, ignore, raw - 1)
-        bad = np.unique(raw[(labels != ignore) & ((labels < 0) | (labels >= k))])
-        if len(bad):
-            raise DataError(f"{mask_path}: ADE20K mask values {_bad_values(bad)} are outside 0..{k} "
-                            f"(0 = ignore, 1..{k} = the {k} classes)")
-        return labels.astype(dtype)
-    valid = (raw == ignore) | ((raw >= 0) & (raw < k))
-    if not valid.all():
-        bad = np.unique(raw[~valid])
-        raise DataError(f"{mask_path}: label values {_bad_values(bad)} are outside 0..{k - 1} ({k} classes) "
-                        f"and not the ignore index {ignore}")
+        return np.where(raw == 0, ignore, raw.astype(np.int64) - 1).astype(dtype)
     return raw.astype(dtype, copy=False)
 
 
@@ -173,11 +256,13 @@ def load_mask(source: SegmentationSource, index: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ scans
-def _check_pair(source: SegmentationSource, index: int, mode: Literal["full", "fast"]
+def _check_pair(source: SegmentationSource, index: int, mode: Literal["full", "fast"], max_pixels: int
                 ) -> tuple[str | None, str | None, str | None]:
-    """(image problem, mask problem, DataError text) of one pair."""
+    """(image problem, mask problem, DataError text) of one pair. The mask is decoded in either
+    mode (once per process, see ``mask_summary``): a label out of range must be found before
+    training, not in whichever epoch first draws it."""
     image_path, mask_path = source.pairs[index]
-    problem = check_image(image_path, mode)
+    problem = check_image(image_path, mode, max_pixels)
     if problem:
         return problem, None, None
     size = header_size(image_path)
@@ -187,18 +272,12 @@ def _check_pair(source: SegmentationSource, index: int, mode: Literal["full", "f
             if size != (c.width, c.height):
                 read_mask_labels(source, index, size)  # raises with the message
             return None, None, None
-        if mode == "full":
-            read_mask_labels(source, index, size)
-            return None, None, None
-        if mask_path is None or not mask_path.is_file():
-            read_mask_labels(source, index, size)  # raises: missing mask
-        problem = check_image(mask_path, "fast")
-        if problem:
-            return None, problem, None
-        msize = header_size(mask_path)
-        if msize != size:
-            raise DataError(f"{mask_path}: mask is {msize[0]}x{msize[1]} but its image {image_path} is "
-                            f"{size[0]}x{size[1]} (width x height); a mask must have its image's size")
+        if mask_path is None:
+            read_mask_labels(source, index, size)  # raises: no mask
+        values = mask_summary(mask_path, image_path, source.mask_kind, size, max_pixels).values
+        bad = _invalid(values, source.mask_kind, source.num_classes, source.ignore_index)
+        if len(bad):
+            raise _label_error(mask_path, bad, source.mask_kind, source.num_classes, source.ignore_index)
     except MaskReadError as exc:
         return None, str(exc).split(": ", 1)[-1], None
     except DataError as exc:
@@ -207,15 +286,16 @@ def _check_pair(source: SegmentationSource, index: int, mode: Literal["full", "f
 
 
 def scan_source(source: SegmentationSource, mode: Literal["full", "fast", "off"] = "fast",
-                workers: int = 8) -> SegmentationSource:
-    """``source`` without the pairs whose image (or mask file) does not decode (``full``) or has a
-    broken header (``fast``), each named with its reason in ``source.report``. Masks whose size
-    differs from their image's are refused (DataError listing them); ``full`` also decodes every
-    mask and refuses labels outside ``0..K-1``."""
+                workers: int = 8, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SegmentationSource:
+    """``source`` without the pairs whose image (or mask file) does not decode (``full``), has a
+    broken header (``fast``) or more than ``max_pixels`` pixels, each named with its reason in
+    ``source.report``. In both modes every mask is read (cached per process) and a mask whose
+    size differs from its image's or that holds labels outside ``0..K-1`` (other than the ignore
+    index) is refused: a DataError listing them, before any training."""
     if mode == "off" or not len(source):
         return source
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda i: _check_pair(source, i, mode), range(len(source))))
+        results = list(pool.map(lambda i: _check_pair(source, i, mode, max_pixels), range(len(source))))
     errors = [e for _, _, e in results if e]
     if errors:
         raise DataError(f"{len(errors)} of {len(source)} image/mask pairs in {source.name} cannot be used: "

@@ -65,7 +65,8 @@ class SegmentTask(Task):
         return SegmentationDataset(source, train=train, image_size=self.cfg.backbone.image_size,
                                    patch_size=patch_size, augment=augment,
                                    keep_full_resolution=not train and self.cfg.model.inference == "slide",
-                                   pre_transform=pre_transform, scale_range=tuple(self.cfg.data.scale_range))
+                                   pre_transform=pre_transform, scale_range=tuple(self.cfg.data.scale_range),
+                                   max_image_pixels=self.cfg.data.max_image_pixels)
 
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d = self.cfg.data
@@ -90,11 +91,11 @@ class SegmentTask(Task):
         if val is not None and val.class_names != train.class_names:
             raise DataError(f"{val.name}: classes {val.class_names[:10]} differ from the training data's "
                             f"{train.class_names[:10]}")
-        train = scan_source(train, d.check_images)
+        train = scan_source(train, d.check_images, max_pixels=d.max_image_pixels)
         train.report.print("files")
         info(describe(train))
         if val is not None and val is not train:
-            val = scan_source(val, d.check_images)
+            val = scan_source(val, d.check_images, max_pixels=d.max_image_pixels)
             val.report.print("files")
             info(describe(val))
         if not len(train):
@@ -226,13 +227,14 @@ class SegmentTask(Task):
         from dinotune.viz.draw import save_image
         from dinotune.viz.segmentation import overlay, palette, save_mask_png
 
-        paths = readable_images(images, "fast")
+        limit = self.cfg.data.max_image_pixels
+        paths = readable_images(images, "fast", max_pixels=limit)
         names = run.bundle.class_names
         pal = palette(len(names), run.meta.get("ignore_index", self.cfg.data.ignore_index))
         run.bundle.model.eval()
         results = []
         for p in progress(paths, len(paths) > 1, desc="predicting"):
-            image = load_image(p)
+            image = load_image(p, limit)
             mask = self.predict_mask(run, image)
             counts = np.bincount(mask.ravel(), minlength=len(names))
             classes = {names[c]: round(float(v) / mask.size, 5) for c, v in enumerate(counts) if v}
@@ -270,7 +272,7 @@ class SegmentTask(Task):
         if len(source.class_names) != len(names):
             raise DataError(f"the checkpoint was trained for {len(names)} classes but {source.name} has "
                             f"{len(source.class_names)}")
-        source = scan_source(source, self.cfg.data.check_images)
+        source = scan_source(source, self.cfg.data.check_images, max_pixels=self.cfg.data.max_image_pixels)
         source.report.print("files")
         ds = self._dataset(source, False, run.bundle.model.patch_size, pre_transform=pre_transform)
         loader = self._eval_loader(ds, settings.batch_size)
@@ -297,7 +299,7 @@ class SegmentTask(Task):
         files = []
         for index in list(range(0, len(source), step))[:samples]:
             image_path = source.pairs[index][0]
-            image = load_image(image_path)
+            image = load_image(image_path, self.cfg.data.max_image_pixels)
             gt = load_mask(source, index)
             pred = self.predict_mask(run, image)
             files.append(comparison_figure(image, gt, pred, run.bundle.class_names,
