@@ -208,6 +208,7 @@ def _eval_worker(rank: int, world: int, init_file: str, out: str, data: dict) ->
         distributed.broadcast_buffers(bn)
         result["buffers"] = bn.running_mean.tolist()
         (Path(out) / f"{rank}.json").write_text(json.dumps(result, default=str))
+        dist.barrier()  # leave together: tearing Gloo down while the peer is gone can abort the process
     finally:
         dist.destroy_process_group()
 
