@@ -139,6 +139,16 @@ def _refuse_inapplicable(given: dict[str, str], accepted: set[str], task: str) -
         raise ConfigError(f"{', '.join(wrong)} does not apply to {task} runs")
 
 
+def _data_name(data: str) -> str:
+    """A short name for evaluation outputs: the dataset's folder (for a file such as a data.yaml
+    or ``annotations/instances_val.json``, the folder that holds the dataset), never the file."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        path = path.parent.parent if path.parent.name == "annotations" else path.parent
+    name = path.resolve().name if str(data) not in ("", ".") else Path.cwd().name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or str(data))) or "data"
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from dinotune import api
     from dinotune.utils import write_json
@@ -150,14 +160,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ns.corruptions:
         from dinotune.robustness import evaluate_corruptions
 
-        out_dir = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"corruptions-{Path(ns.data).name or 'data'}"
+        out_dir = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"corruptions-{_data_name(ns.data)}"
         evaluate_corruptions(loaded, ns.data, split=ns.split, names=ns.corruption_names, severities=ns.severities,
                              seed=ns.corruption_seed, out_dir=out_dir, **options)
         print((out_dir / "corruptions.md").read_text())
         print(f"wrote {out_dir / 'corruptions.json'} and {out_dir / 'corruptions.png'}", file=sys.stderr)
         return 0
     metrics = loaded.evaluate(ns.data, split=ns.split, **options)
-    out = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"{Path(ns.data).name or 'data'}-{ns.split}.json"
+    out = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"{_data_name(ns.data)}-{ns.split}.json"
     write_json(out, metrics)
     files = loaded.task.report(out.parent, metrics, loaded.meta)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
@@ -181,15 +191,16 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags},
                          loaded.predict_option_names(), loaded.task.name)
     results = loaded.predict(ns.images, **{k: v for k, v in options.items() if v is not None})
-    fmt = ns.format or (Path(ns.out).suffix.lstrip(".") if ns.out else "json")
+    fmt = ns.format or (Path(ns.out).suffix.lstrip(".").lower() if ns.out else "") or "json"
     if fmt not in ("json", "csv"):
-        raise ConfigError(f"--format must be json or csv, got {fmt!r}")
+        raise ConfigError(f"--out {ns.out}: cannot tell the format from the extension '.{fmt}'; name the file "
+                          "*.json or *.csv, or pass --format json|csv")
     text = loaded.task.format_predictions(results, fmt)
     if ns.out:
         from dinotune.utils import atomic_write_text
 
         atomic_write_text(Path(ns.out), text)
-        print(f"wrote predictions for {len(results)} images to {ns.out}", file=sys.stderr)
+        print(f"wrote predictions for {len(results)} images to {ns.out} ({fmt.upper()})", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

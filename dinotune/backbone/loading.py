@@ -117,12 +117,13 @@ def _from_hub(repo_id: str) -> PreTrainedModel:
     except OSError:
         pass
     if not hub_reachable():
-        sizes = "|".join(s for s in ARCHS if s != "tiny")
+        sizes = "|".join(ARCHS)
         raise BackboneLoadError(
             f"cannot reach the Hugging Face hub to download {repo_id!r} (offline, or "
             "HF_HUB_OFFLINE is set) and it is not in the local cache. On a machine with network run "
             f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass "
-            f"--model DIR; or try the architecture with random weights: --model random:{{{sizes}}}"
+            f"--model DIR; or try an architecture with random weights: --model random:{{{sizes}}} "
+            "(tiny: 4 blocks, quick on a CPU)"
         )
     try:
         cfg = AutoConfig.from_pretrained(repo_id)

@@ -39,7 +39,7 @@ from dinotune.adapters import ADAPTER_WEIGHTS, BACKBONE_WEIGHTS, load_adapter, s
 from dinotune.config import AdapterConfig, ConfigError, save_yaml
 from dinotune.config.io import load_run_config
 from dinotune.errors import CheckpointError, DinotuneError
-from dinotune.utils import space_problem, write_json
+from dinotune.utils import file_mode, space_problem, write_json
 
 HEAD_WEIGHTS = "head.safetensors"
 META = "meta.json"
@@ -97,6 +97,8 @@ def _staging(folder: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         yield tmp
+        for written in tmp.iterdir():  # safetensors writes owner-only files; a shared run must stay readable
+            os.chmod(written, file_mode())
         _swap(tmp, folder, old)
     except DinotuneError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -134,66 +134,97 @@ def plot_confusion_matrix(
     return _save(fig, path)
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Save loss and validation-metric curves against the epoch as a two-panel PNG.
+# Counts written beside validation metrics: bookkeeping, and on a shared axis they flatten every score.
+_COUNT_KEYS = ("count", "pixels", "images")
+# Line styles for many series on one axis: no two series share colour and dash pattern.
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+            "tab:gray", "tab:olive", "tab:cyan")
+_DASHES = ("-", "--", ":", "-.")
 
-    Args:
-        history: per-epoch records as written to ``metrics.jsonl``, e.g.
-            ``{"epoch": 1, "train/loss": 0.9, "val/loss": 1.0, "val/top1": 0.5, "lr/head": 1e-3}``.
-            Left panel: every ``train/*`` or ``val/*`` key containing ``"loss"``. Right panel:
-            every other ``val/*`` key. Other keys (``lr/*``, ...) are ignored. A record
-            without ``"epoch"`` is placed at its 1-based position; missing keys, strings,
-            lists, NaN and inf are skipped, so partial or resumed histories still plot.
-        path: output PNG; parent folders are created.
 
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    loss_series: dict[str, tuple[list[float], list[float]]] = {}
-    metric_series: dict[str, tuple[list[float], list[float]]] = {}
+def _metric_family(name: str) -> str:
+    """The panel a validation metric goes to: COCO's AP and AR families apart (each has a dozen
+    members of different scale), everything else together."""
+    if name.startswith("AP") or name == "map50":
+        return "average precision (AP family)"
+    if name.startswith("AR"):
+        return "average recall (AR family)"
+    return "validation metrics"
+
+
+def training_curve_panels(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """``{panel title: {series key: (epochs, values)}}`` for ``plot_training_curves``: the total
+    losses on their own axis (``train/loss``, ``val/loss``), the loss components on another (they
+    are small next to the weighted total), and validation metrics by family."""
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for idx, record in enumerate(history):
         if not isinstance(record, Mapping):
             continue
         x = _as_float(record.get("epoch"))
         x = float(idx + 1) if x is None else x
         for key, value in record.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or not key.startswith(("train/", "val/")):
                 continue
-            if key.startswith(("train/", "val/")) and "loss" in key:
-                target = loss_series
-            elif key.startswith("val/") and not key.endswith("count"):
-                # sample counts are bookkeeping, and on a shared axis they flatten every score
-                target = metric_series
+            name = key.split("/", 1)[1]
+            if name == "loss":
+                title = "loss"
+            elif "loss" in name:
+                title = "loss components"
+            elif key.startswith("val/") and not name.endswith(_COUNT_KEYS):
+                title = _metric_family(name)
             else:
                 continue
             y = _as_float(value)
             if y is None:
                 continue
-            xs, ys = target.setdefault(key, ([], []))
+            xs, ys = panels.setdefault(title, {}).setdefault(key, ([], []))
             xs.append(x)
             ys.append(y)
+    return panels
 
-    fig = _new_figure(12.0, 4.5)
-    panels = (
-        (fig.add_subplot(1, 2, 1), loss_series, "loss", "no loss values"),
-        (fig.add_subplot(1, 2, 2), metric_series, "validation metrics", "no validation metrics"),
-    )
-    for ax, series, title, empty in panels:
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Save the curves of a run against the epoch, one panel per kind of number.
+
+    Args:
+        history: per-epoch records as written to ``metrics.jsonl``, e.g.
+            ``{"epoch": 1, "train/loss": 0.9, "val/loss": 1.0, "val/top1": 0.5, "lr/head": 1e-3}``.
+            Panels (see ``training_curve_panels``): the total loss, the loss components (when the
+            task logs any), and the validation metrics by family (detection: AP family, AR family,
+            the rest). Other keys (``lr/*``, counts) are left out. A record without ``"epoch"``
+            is placed at its 1-based position; missing keys, strings, lists, NaN and inf are
+            skipped, so partial or resumed histories still plot.
+        path: output PNG; parent folders are created.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    panels = training_curve_panels(history)
+    order = ["loss", "loss components", "average precision (AP family)", "average recall (AR family)",
+             "validation metrics"]
+    titles = [t for t in order if t in panels] or ["loss"]
+    if "validation metrics" not in panels and not any("family" in t for t in titles):
+        titles.append("validation metrics")  # an empty panel says there were none
+    cols = min(3, len(titles))
+    rows = math.ceil(len(titles) / cols)
+    fig = _new_figure(5.0 * cols + 1.0, 4.2 * rows)
+    for i, title in enumerate(titles):
+        ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_title(title)
+        series = panels.get(title, {})
         if not series:
-            _placeholder(ax, empty)
+            _placeholder(ax, "no loss values" if title == "loss" else "no validation metrics")
             continue
-        for key in sorted(series):
+        for j, key in enumerate(sorted(series)):
             xs, ys = series[key]
-            order = np.argsort(xs, kind="stable")
+            order_ = np.argsort(xs, kind="stable")
             # Markers make a one-epoch run visible; for long runs they only add noise.
-            ax.plot(
-                np.asarray(xs)[order], np.asarray(ys)[order], label=key,
-                marker="o" if len(xs) <= 50 else None, markersize=3,
-            )
+            ax.plot(np.asarray(xs)[order_], np.asarray(ys)[order_], label=key, color=_COLOURS[j % len(_COLOURS)],
+                    linestyle=_DASHES[(j // len(_COLOURS)) % len(_DASHES)],
+                    marker="o" if len(xs) <= 50 else None, markersize=3)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
     fig.tight_layout()
     return _save(fig, path)
 
