@@ -89,3 +89,22 @@ def test_offline_hint_names_every_random_size(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(BackboneLoadError, match=r"random:\{tiny\|small\|base\|large\|giant\}"):
         loading.load_dinov2("facebook/dinov2-small")
+
+
+def test_the_model_is_resolved_before_any_data_is_scanned(tiny_folder, monkeypatch, tmp_path):
+    """An offline hub id is refused in seconds, not after scanning thousands of images."""
+    from dinotune.backbone import loading
+    from dinotune.errors import BackboneLoadError
+    from dinotune.tasks.classify import task as classify_task
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
+
+    def scanned(**_):
+        raise AssertionError("the data was scanned before the model was resolved")
+
+    monkeypatch.setattr(classify_task, "build_classification_data", scanned)
+    opts = {**tiny_options(tmp_path / "run"), "model": "facebook/dinov2-small"}
+    with pytest.raises(BackboneLoadError, match="cannot reach the Hugging Face hub"):
+        dinotune.train(task="classify", data=str(tiny_folder), **opts)
+    assert not (tmp_path / "run").exists()
