@@ -268,9 +268,10 @@ def predict(run: str | Path | LoadedRun, images: str | Path | Sequence[str | Pat
 
 
 def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out: str | Path | None = None,
-            samples: int = 8, **load_options: Any) -> list[Path]:
+            samples: int = 8, draw_threshold: float | None = None, **load_options: Any) -> list[Path]:
     """Charts of a run into ``out`` (default ``RUN/analysis``): training curves, the task's metric
-    charts (from evaluating ``data``, else the best validation epoch) and drawn sample predictions."""
+    charts (from evaluating ``data``, else the best validation epoch) and drawn sample predictions
+    (``draw_threshold``: detection boxes to draw, default the run's ``inference.draw_threshold``)."""
     from dinotune.viz.plots import plot_training_curves
 
     run_dir = Path(run).expanduser()
@@ -280,6 +281,9 @@ def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out
     if history:
         files.append(plot_training_curves(history, out_dir / "training_curves.png"))
     loaded = load(run_dir, **load_options)
+    if draw_threshold is not None and "draw_threshold" not in loaded.predict_option_names():
+        raise ConfigError(f"--draw-threshold does not apply to {loaded.task.name} runs")
+    settings, _ = loaded.settings(draw_threshold=draw_threshold)
     if data:
         metrics = loaded.evaluate(data, split=split)
     elif (run_dir / "best_metrics.json").is_file():
@@ -291,17 +295,20 @@ def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out
         files += loaded.task.report(out_dir, metrics, loaded.meta)
     sample_data = data or loaded.cfg.data.val_data or loaded.cfg.data.data
     if samples and sample_data:
-        files += loaded.task.sample_charts(loaded, sample_data, split, out_dir, samples)
+        files += loaded.task.sample_charts(loaded, sample_data, split, out_dir, samples, settings)
     return files
 
 
 def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] = (), out: str | Path,
             split: str = "val", images: str = "", subset: int = 0, subset_seed: int = 0, device: str = "auto",
-            batch_size: int | None = None, yolo_image_size: int | None = None) -> str:
+            batch_size: int | None = None, yolo_image_size: int | None = None,
+            class_map: str | Path | dict[Any, Any] | None = None) -> str:
     """Detection runs and YOLO baselines scored on the same images by the same metric code;
     writes ``compare.json``, ``compare.md`` and charts into ``out``, returns the Markdown table.
     ``batch_size`` / ``yolo_image_size`` default to the inference section of the (first) run's
-    config, else the detection config's defaults."""
+    config, else the detection config's defaults. ``class_map``: YOLO class (index or name) ->
+    dataset category name, as ``"0=person,1=bicycle"``, a JSON file or a dict; classes not in it
+    are matched by name, and a YOLO model with no class in common with the data is refused."""
     from dinotune.config import DetectConfig
     from dinotune.tasks.detect.compare import run_compare
 
@@ -311,7 +318,7 @@ def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] =
                        out=Path(out), images=images, subset=subset, subset_seed=subset_seed, device=device,
                        yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
                        batch_size=batch_size, min_box_size=defaults.data.min_box_size,
-                       max_pixels=defaults.data.max_image_pixels)
+                       max_pixels=defaults.data.max_image_pixels, class_map=class_map)
 
 
 def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,

@@ -182,12 +182,13 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
     loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
     options: dict[str, Any] = {"batch_size": ns.batch_size, "top_k": ns.top_k, "score_threshold": ns.score_threshold,
-                               "draw_threshold": ns.draw_threshold, "draw": ns.draw, "masks": ns.masks}
+                               "draw_threshold": ns.draw_threshold, "draw": ns.draw, "masks": ns.masks,
+                               "category_ids": ns.category_ids}
     if ns.image_info:
         info = json.loads(Path(ns.image_info).read_text())
         options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
     flags = {"top_k": "--top-k", "score_threshold": "--score-threshold", "draw_threshold": "--draw-threshold",
-             "draw": "--draw", "masks": "--masks", "image_ids": "--image-info"}
+             "draw": "--draw", "masks": "--masks", "image_ids": "--image-info", "category_ids": "--category-ids"}
     _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags},
                          loaded.predict_option_names(), loaded.task.name)
     results = loaded.predict(ns.images, **{k: v for k, v in options.items() if v is not None})
@@ -210,7 +211,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
     from dinotune import api
 
     files = api.analyze(ns.run, data=ns.data, split=ns.split, out=ns.out, samples=ns.samples,
-                        device=ns.device, model=ns.model)
+                        device=ns.device, model=ns.model, draw_threshold=ns.draw_threshold)
     for f in files:
         print(f"wrote {f}")
     return 0
@@ -230,7 +231,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     table = api.compare(data=ns.data, split=ns.split, runs=ns.runs or [], yolo=ns.yolo or [], out=Path(ns.out),
                         images=ns.images, subset=ns.subset, subset_seed=ns.subset_seed, device=ns.device,
-                        yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size)
+                        yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size, class_map=ns.class_map)
     print(table)
     return 0
 
@@ -332,13 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detection: drop detections scoring below this (default: the run's "
                              "inference.score_threshold, 0 unless set at training)")
     p_pred.add_argument("--draw", metavar="DIR",
-                        help="detection: write each image with its boxes into DIR/samples; segmentation: colour "
-                             "overlays into DIR")
+                        help="detection: write each image with its boxes, and confidence_histogram.png, into DIR; "
+                             "segmentation: colour overlays into DIR")
     p_pred.add_argument("--masks", metavar="DIR",
                         help="segmentation: write each label map as a palette PNG (pixel values = class indices)")
     p_pred.add_argument("--draw-threshold", type=float, default=None,
                         help="detection: only draw boxes scoring at least this (default: the run's "
                              "inference.draw_threshold)")
+    p_pred.add_argument("--category-ids", choices=["coco", "yolo"], default=None,
+                        help="detection: category_id in the results: coco = the dataset's ids (YOLO data: class "
+                             "index + 1), yolo = the 0-based YOLO class index (default: the run's "
+                             "inference.category_ids)")
     p_pred.add_argument("--image-info", metavar="JSON",
                         help="detection: COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids")
     add_load_flags(p_pred)
@@ -352,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_an.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
     p_an.add_argument("--out", help="output folder (default: RUN/analysis)")
     p_an.add_argument("--samples", type=int, default=8, help="images to draw (default: 8)")
+    p_an.add_argument("--draw-threshold", type=float, default=None,
+                      help="detection: draw boxes scoring at least this (default: the run's inference.draw_threshold)")
     p_an.add_argument("--model", help="where the base backbone weights are, if not where training found them")
     p_an.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p_an.set_defaults(func=cmd_analyze)
@@ -365,7 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--images", default="", help="COCO image folder, if not found next to the JSON")
     p_cmp.add_argument("--runs", nargs="+", metavar="RUN", help="dinotune detection runs")
     p_cmp.add_argument("--yolo", nargs="+", metavar="WEIGHTS",
-                       help="ultralytics weights (yolov8n.pt ...) or model YAMLs; needs pip install 'dinotune[yolo]'")
+                       help="ultralytics weights (yolov8n.pt ...) or model YAMLs (random weights: their rows are "
+                            "marked so); needs pip install 'dinotune[yolo]'")
+    p_cmp.add_argument("--class-map", metavar="MAP", default=None,
+                       help="YOLO class -> dataset category: MODEL_CLASS=CATEGORY pairs (class index or name, e.g. "
+                            "0=person,1=bicycle) or a JSON file {\"0\": \"person\"}; other classes are matched by "
+                            "name. Needed when a model shares no class name with the data (a model YAML names its "
+                            "classes 0..79)")
     p_cmp.add_argument("--yolo-image-size", type=int, default=None,
                        help="YOLO inference size (default: inference.compare_image_size of the first run, else "
                             f"{DetectConfig().inference.compare_image_size})")

@@ -43,15 +43,16 @@ def _sklearn_reference(logits: torch.Tensor, targets: torch.Tensor, k: int) -> d
         "per_class": list(zip(pc, rc, fc, sc)),
         "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
     }
-    if k > 2:
-        # top_k_accuracy_score requires k < n_classes to mean anything; k >= K is always 1.
-        ref["top5"] = top_k_accuracy_score(y, scores, k=min(5, k), labels=labels) if k > 5 else 1.0
+    if k > 5:
+        # top-k means something only for k < K (k >= K is always 1), so only then is it reported.
+        ref["top5"] = top_k_accuracy_score(y, scores, k=5, labels=labels)
     return ref
 
 
 def _assert_matches(res: dict, ref: dict) -> None:
     for key in ("top1", "precision_macro", "recall_macro", "f1_macro", "accuracy_balanced"):
         assert res[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert ("top5" in res) == ("top5" in ref)
     if "top5" in ref:
         assert res["top5"] == pytest.approx(ref["top5"], abs=1e-12)
     assert res["confusion"] == ref["confusion"]
@@ -71,7 +72,7 @@ def test_hand_computed_example():
     #   target c, logits [3, 1, 2] -> pred a (rank 1: a top-2 hit)
     #   target a, logits [5, 0, 1] -> pred a (rank 0)
     # Confusion (rows true, cols predicted): a: [2, 1, 0], b: [0, 2, 0], c: [1, 0, 0].
-    # top1 = 4/6, top2 = 5/6, top3 = 6/6.
+    # top1 = 4/6, top2 = 5/6 (top3 and top5 are not reported: with K = 3 they are 1 whatever the model).
     # precision: a = 2/3 (column a sums to 3), b = 2/3, c = 0 (never predicted).
     # recall:    a = 2/3, b = 2/2 = 1, c = 0/1 = 0.
     # f1 = 2tp / (predicted + support): a = 4/6 = 2/3, b = 4/5, c = 0.
@@ -88,8 +89,7 @@ def test_hand_computed_example():
     assert res["count"] == 6
     assert res["top1"] == pytest.approx(4 / 6)
     assert res["top2"] == pytest.approx(5 / 6)
-    assert res["top3"] == 1.0
-    assert res["top5"] == 1.0  # k clamped to K = 3
+    assert "top3" not in res and "top5" not in res
     assert res["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
     assert res["precision_macro"] == pytest.approx(4 / 9)
     assert res["recall_macro"] == pytest.approx(5 / 9)
@@ -140,15 +140,16 @@ def test_neither_predicted_nor_present_class_has_zero_f1():
     assert res["f1_macro"] == pytest.approx(2 / 3)
 
 
-def test_topk_clamped_when_fewer_classes_than_k():
-    # Worst case for top-1 (the true class always scores lowest) yet top-3 = top-5 = 1 with K = 3.
+def test_topk_left_out_when_not_below_the_number_of_classes():
+    # Worst case for top-1 (the true class always scores lowest) yet top-3 = top-5 = 1 with K = 3:
+    # such a top-k says nothing about the model, so it is not reported at all.
     logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
     targets = torch.tensor([0, 1, 2])
-    m = ClassificationMetrics(3, topk=(1, 3, 5))
+    m = ClassificationMetrics(3, topk=(1, 2, 3, 5))
     m.update(logits, targets)
     res = m.compute()
-    assert res["top1"] == 0.0
-    assert res["top3"] == 1.0 and res["top5"] == 1.0
+    assert res["top1"] == 0.0 and res["top2"] == 0.0
+    assert "top3" not in res and "top5" not in res
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns that k >= n_classes is trivially perfect
         assert top_k_accuracy_score(targets.numpy(), logits.numpy(), k=3, labels=[0, 1, 2]) == 1.0
@@ -216,7 +217,7 @@ def test_roc_auc_ties_hand_computed_and_sklearn():
     probs = torch.softmax(logits.double(), 1)[:, 1].numpy()
     assert res["roc_auc"] == pytest.approx(0.875, abs=1e-12)
     assert res["roc_auc"] == pytest.approx(roc_auc_score(targets.numpy(), probs), abs=1e-12)
-    assert res["top5"] == 1.0  # k = min(5, K) = 2 covers both classes
+    assert "top5" not in res  # k = 5 >= K = 2 would cover both classes: not reported
 
 
 def test_roc_auc_heavy_ties_random_matches_sklearn():

@@ -84,7 +84,7 @@ def test_predict_writes_coco_results_with_original_ids(coco_run, tmp_path):
         x, y, w, h = r["bbox"]
         W, H = sizes[r["image_id"]]
         assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= W + 0.01 and y + h <= H + 0.01
-    assert len(list((draw / "samples").glob("*.jpg"))) == 80
+    assert len(list(draw.glob("*.jpg"))) == 80  # straight into --draw DIR, as segmentation
     # the same through CSV
     assert main(["predict", str(run), str(coco / "val2017" / "000000005001.jpg"), "--format", "csv",
                  "--out", str(tmp_path / "r.csv"), "--top-k", "5", "--device", "cpu"]) == 0
@@ -241,12 +241,16 @@ def test_compare_cli_with_a_run_and_yolo(coco_run, tmp_path, capsys):
     pytest.importorskip("ultralytics")
     coco, run = coco_run
     out = tmp_path / "cmp"
+    # a model built from a YAML names its classes '0'..'79': refused without a class map
     assert main(["compare", "--data", str(coco), "--runs", str(run), "--yolo", "yolov8n.yaml", "--subset", "4",
-                 "--yolo-image-size", "160", "--out", str(out), "--device", "cpu"]) == 0
+                 "--yolo-image-size", "160", "--out", str(out), "--device", "cpu"]) == 2
+    assert "--class-map" in capsys.readouterr().err
+    assert main(["compare", "--data", str(coco), "--runs", str(run), "--yolo", "yolov8n.yaml", "--subset", "4",
+                 "--yolo-image-size", "160", "--out", str(out), "--device", "cpu", "--class-map", "0=person"]) == 0
     saved = json.loads((out / "compare.json").read_text())
     assert saved["images"] == 4
     names = list(saved["detectors"])
-    assert names[0].startswith("dinotune:run") and names[1] == "yolo:yolov8n.yaml"
+    assert names[0].startswith("dinotune:run") and names[1] == "yolo:yolov8n.yaml (random weights)"
     assert "AP50" in capsys.readouterr().out
 
 

@@ -30,6 +30,20 @@ def test_run_files_keep_the_umask_permissions(tiny_folder, tmp_path):
     assert all(m == 0o644 for m in modes.values()), {k: oct(m) for k, m in modes.items() if m != 0o644}
 
 
+def test_feature_cache_keeps_the_umask_permissions(tiny_folder, tmp_path):
+    # safetensors writes its files 0600; the cache is shared across runs (--cache-dir), so a
+    # teammate's run must be able to read it
+    old = os.umask(0o022)
+    try:
+        dinotune.train(task="classify", data=str(tiny_folder), adapter="none", cache_features=True,
+                       cache_dir=str(tmp_path / "cache"), **tiny_options(tmp_path / "run", epochs=1))
+    finally:
+        os.umask(old)
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert cached and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in cached), \
+        {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in cached}
+
+
 def _detection_history(epochs: int = 3) -> list[dict]:
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     return [{"epoch": e, "train/loss": 30.0 - e, "train/loss_ce": 0.6, "train/loss_bbox": 0.4,

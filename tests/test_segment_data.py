@@ -62,12 +62,13 @@ def random_image(h: int, w: int, seed: int) -> Image.Image:
 
 
 def voc_mask(h: int, w: int) -> np.ndarray:
-    """Background, a class-1 block and a class-15 block, each outlined by 255 boundaries."""
+    """Background, a class-1 block and a class-20 block (Pascal's top label: a real VOC split reaches it),
+    each outlined by 255 boundaries."""
     m = np.zeros((h, w), np.uint8)
     m[5:25, 5:25] = 255
     m[6:24, 6:24] = 1
     m[h - 25:h - 5, w - 30:w - 5] = 255
-    m[h - 24:h - 6, w - 29:w - 6] = 15
+    m[h - 24:h - 6, w - 29:w - 6] = 20
     return m
 
 
@@ -103,7 +104,7 @@ def test_voc_palette_masks_read_as_indices_with_255_kept(voc_root):
     for i in range(len(src)):
         m = load_mask(src, i)
         assert m.ndim == 2  # indices, not RGB colours
-        assert set(np.unique(m).tolist()) == {0, 1, 15, 255}
+        assert set(np.unique(m).tolist()) == {0, 1, 20, 255}
         h, w = m.shape
         np.testing.assert_array_equal(m, voc_mask(h, w))
     val = find_segmentation_data(voc_root, "val")
@@ -267,7 +268,7 @@ def test_training_items_square_and_valid(voc_root):
         assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
         assert item["mask"].shape == (S, S) and item["mask"].dtype == torch.int64
         values = set(item["mask"].unique().tolist())
-        assert values <= {0, 1, 15, 255}, values  # nearest neighbour: no blended labels
+        assert values <= {0, 1, 20, 255}, values  # nearest neighbour: no blended labels
         assert item["index"] == k % len(ds)
     assert abs(float(ds[0]["image"].mean())) < 3  # normalised, not 0..255 / 0..1
     batch = segmentation_collate(patch_size=14, batch=[ds[0], ds[1]])
@@ -278,7 +279,7 @@ def test_training_items_square_and_valid(voc_root):
     item = plain[0]
     assert item["image"].shape == evaluated["image"].shape and min(item["image"].shape[-2:]) == S
     assert item["mask"].shape == item["image"].shape[-2:]
-    assert set(item["mask"].unique().tolist()) <= {0, 1, 15, 255}
+    assert set(item["mask"].unique().tolist()) <= {0, 1, 20, 255}
     # items of different sizes are padded by the training collate: image 0, mask ignore
     small = {"image": torch.zeros(3, S, S), "mask": torch.zeros(S, S, dtype=torch.int64), "index": 9}
     batch = segmentation_collate(patch_size=14, batch=[item, small], train=True)

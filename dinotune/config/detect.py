@@ -98,6 +98,12 @@ class DetectInferenceConfig:
     score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)", ge=0, le=1)
     draw_threshold: float = opt(0.3, "predict --draw / analyze: only draw boxes scoring at least this", ge=0, le=1)
     compare_image_size: int = opt(640, "compare: inference size of the YOLO baselines", ge=1)
+    category_ids: Literal["coco", "yolo"] = opt(
+        "coco",
+        "category_id written by predict: coco = the dataset's category ids (COCO data: its own ids; YOLO data: "
+        "class index + 1, as COCO tools need ids from 1); yolo = the 0-based class index (the position in "
+        "data.yaml names)",
+    )
 
 
 def _detect_optim() -> OptimConfig:

@@ -27,8 +27,15 @@ class SegmentDataConfig:
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
-    num_classes: int = opt(0, "image/mask folders: number of classes (0 = largest label in the masks + 1)", ge=0)
-    class_names: list[str] = opt([], "image/mask folders: class names, in label order")
+    num_classes: int = opt(
+        0, "number of classes, for VOC, ADE20K and image/mask folder layouts (0 = from the data: the largest "
+        "mask label + 1, or Pascal VOC's 21 when the labels reach 20, or ADE20K's 150; COCO: refused, its "
+        "classes are the JSON's categories)", ge=0,
+    )
+    class_names: list[str] = opt(
+        [], "class names in label order, for VOC, ADE20K and image/mask folder layouts (default: Pascal's / "
+        "ADE20K's names where the classes are theirs, else class_<i>; COCO: refused)",
+    )
     ignore_index: int = opt(255, "mask value excluded from the loss and the metrics", ge=0, le=255)
     subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json", ge=0)
     val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)", ge=0)

@@ -99,3 +99,25 @@ def build_scheduler(
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+FEW_STEPS = 20
+
+
+def few_steps_warning(total_steps: int, steps_per_epoch: int, warmup_epochs: float, batch_size: int) -> str | None:
+    """A warning when a phase makes fewer than ``FEW_STEPS`` optimizer steps, else None.
+
+    On a small set (64 images, batch 32: 2 steps per epoch) four epochs are 8 steps, the first
+    two spent in warm-up and the last ones decayed towards zero, and a head learning from random
+    moves too little: every image gets the majority class and the training loss sits at the
+    entropy of the class priors. Measured on 64 imbalanced images (40/12/8/4) with random:tiny:
+    3 epochs at the defaults stay at loss 1.08 (the priors' entropy is 1.04); ``--lr 1e-2`` with
+    ``--batch-size 8`` reaches train accuracy 1.0 in 2 epochs."""
+    if total_steps >= FEW_STEPS:
+        return None
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
+    return (f"this run makes only {total_steps} optimizer steps ({steps_per_epoch} per epoch at batch size "
+            f"{batch_size}{f', {warmup} of them warm-up' if warmup else ''}); a head learning from scratch "
+            "usually needs more: use a smaller --batch-size, more --epochs or a higher --lr (1e-2 for the head "
+            "on small sets)")
+

@@ -28,10 +28,18 @@ from torch.utils.data import DataLoader
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import METRICS_FILE, RunLogger, progress
-from dinotune.engine.optim import Phase, build_optimizer, build_phases, build_scheduler, phase_at, set_trainable
+from dinotune.engine.optim import (
+    Phase,
+    build_optimizer,
+    build_phases,
+    build_scheduler,
+    few_steps_warning,
+    phase_at,
+    set_trainable,
+)
 from dinotune.errors import CheckpointError, DinotuneError, NonFiniteLossError
 from dinotune.models.bundle import ModelBundle
-from dinotune.utils import get_rng_state, info, set_rng_state, space_problem, write_json
+from dinotune.utils import get_rng_state, info, set_rng_state, space_problem, warn, write_json
 
 
 class TrainableTask(Protocol):
@@ -171,6 +179,10 @@ class Trainer:
         optimizer = build_optimizer(self.model, self.cfg.adapter, self.cfg.optim, phase)
         per_epoch = math.ceil(len(self.train_loader) / self.cfg.optim.accumulate)
         scheduler = build_scheduler(optimizer, self.cfg.optim, phase.epochs * per_epoch, per_epoch)
+        few = few_steps_warning(phase.epochs * per_epoch, per_epoch, self.cfg.optim.warmup_epochs,
+                                self.cfg.train.batch_size * self.cfg.optim.accumulate)
+        if few and saved is None and self.dist.is_main:
+            warn(few)
         if saved is not None and saved["phase"] == index:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -339,8 +351,12 @@ class Trainer:
         return record[key] > best[key] if mode == "max" else record[key] < best[key]
 
     def _summary(self, record: dict[str, Any], improved: bool, eta: float) -> str:
+        """The epoch line: losses, the monitored metric, then other validation scores, at most 5.
+        Counts (``val/images``, ``val/count``, ``val/pixels``) are bookkeeping, not scores: printed
+        as ``1234.0000`` they would read as one, so they stay in the logs only."""
         monitor = f"val/{self.task.monitor}"
-        keys = ["train/loss", "val/loss", monitor] + [k for k in record if k.startswith("val/")]
+        counts = {"val/images", "val/count", "val/pixels"}
+        keys = ["train/loss", "val/loss", monitor] + [k for k in record if k.startswith("val/") and k not in counts]
         keys = list(dict.fromkeys(k for k in keys if k in record))[:5]
         parts = [f"{k} {record[k]:.4f}" for k in keys if _is_scalar(record[k])]
         mark = " (best)" if improved else ""

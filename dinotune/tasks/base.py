@@ -174,8 +174,10 @@ class Task(ABC):
         """Charts of ``metrics`` written into ``out_dir``; returns the files."""
         return []
 
-    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
-        """Pictures of ``samples`` predictions on ``data``; returns the files."""
+    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int,
+                      settings: Any = None) -> list[Path]:
+        """Pictures of ``samples`` predictions on ``data``; returns the files. ``settings``: the
+        resolved inference section (thresholds to draw with), None for the run's own."""
         return []
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:

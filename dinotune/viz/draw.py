@@ -43,6 +43,25 @@ def draw_detections(
     return out
 
 
+def side_by_side(panels: Sequence[tuple[str, Image.Image]], gap: int = 8) -> Image.Image:
+    """``panels`` (title, image) placed left to right on white, each under its title, e.g. ground
+    truth | prediction: one picture a reader compares at a glance. Images of unequal height are
+    top-aligned."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_h = max((probe.textbbox((0, 0), t, font=font)[3] for t, _ in panels), default=0) + 6
+    width = sum(im.width for _, im in panels) + gap * (len(panels) - 1)
+    height = max((im.height for _, im in panels), default=0) + title_h
+    out = Image.new("RGB", (max(1, width), max(1, height)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for title, im in panels:
+        draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+        out.paste(im.convert("RGB"), (x, title_h))
+        x += im.width + gap
+    return out
+
+
 def save_image(image: Image.Image, path: str | Path, quality: int = 90) -> Path:
     """Write ``image`` atomically; the format follows the suffix (JPEG by default)."""
     import io

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ClassificationMetrics", "format_per_class_table", "roc_auc_binary"]
+__all__ = ["ClassificationMetrics", "collapse_warning", "format_per_class_table", "roc_auc_binary"]
 
 
 class ClassificationMetrics:
@@ -24,9 +24,10 @@ class ClassificationMetrics:
     Args:
         num_classes: ``K``, the number of logits per sample (at least 1).
         class_names: ``K`` names used in ``per_class``; defaults to ``"0" .. "K-1"``.
-        topk: the ``k`` of the top-k accuracies to report as ``top{k}``. A ``k`` larger than
-            ``K`` is clamped to ``K`` but keeps its name, so ``top5`` exists (and is 1.0) even
-            for three classes. ``top1`` is always reported.
+        topk: the ``k`` of the top-k accuracies to report as ``top{k}``, for ``k < K`` only:
+            with ``k >= K`` every true class is among the top ``k``, so ``top{k}`` would be 1.0
+            whatever the model does (a ``top5`` of 1.0 printed for four classes reads as a
+            result). ``top1`` is always reported.
 
     Example:
         >>> m = ClassificationMetrics(3, ["cat", "dog", "fox"])
@@ -58,7 +59,7 @@ class ClassificationMetrics:
         self.num_classes = num_classes
         self.class_names = class_names
         # top1 is always reported: it is the accuracy, and the trainer selects checkpoints on it.
-        self.topk = tuple(sorted(set(ks) | {1}))
+        self.topk = tuple(kk for kk in sorted(set(ks) | {1}) if kk == 1 or kk < num_classes)
         self.reset()
 
     def reset(self) -> None:
@@ -121,7 +122,7 @@ class ClassificationMetrics:
         pred = logits.argmax(1).cpu()
 
         for kk in self.topk:
-            self._hits[kk] += int((rank < min(kk, k)).sum())
+            self._hits[kk] += int((rank < kk).sum())
         # bincount on CPU: it has no deterministic CUDA kernel and B is small anyway.
         self._confusion += torch.bincount(targets_cpu * k + pred, minlength=k * k).view(k, k)
         self._count += int(targets_cpu.numel())
@@ -137,8 +138,9 @@ class ClassificationMetrics:
         Returns:
             A JSON-serialisable dict (plain floats, ints and lists):
 
-            - ``top{k}`` for every requested ``k`` (``top1``, ``top5`` by default): fraction
-              of samples whose true class is among the ``min(k, K)`` highest logits.
+            - ``top{k}`` for every requested ``k`` below ``K`` (``top1``, and ``top5`` from six
+              classes on, by default): fraction of samples whose true class is among the ``k``
+              highest logits.
             - ``precision_macro``, ``recall_macro``, ``f1_macro``: unweighted means over all
               ``K`` classes; a class never predicted has precision 0, a class with no
               support has recall 0, and f1 is 0 where both are 0.
@@ -195,6 +197,32 @@ class ClassificationMetrics:
     def summary_table(self, result: dict[str, Any]) -> str:
         """Per-class table of ``result`` (from ``compute()``); see ``format_per_class_table``."""
         return format_per_class_table(result)
+
+
+def collapse_warning(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> str | None:
+    """A warning when every image was predicted as one class though the labels hold several, else None.
+
+    A model that answers the majority class everywhere scores that class's share as top-1, which
+    can look like a result on an imbalanced set; training loss then sits at the entropy of the
+    class priors. Said once per evaluation, with the majority share to compare top-1 against and
+    what usually gets training moving.
+
+    Args:
+        confusion: ``K x K`` counts, rows true classes, columns predictions (``compute()["confusion"]``).
+        class_names: the ``K`` names.
+    """
+    cm = torch.as_tensor(confusion, dtype=torch.int64)
+    predicted, support = cm.sum(0), cm.sum(1)
+    if int((predicted > 0).sum()) != 1 or int((support > 0).sum()) < 2:
+        return None
+    n = int(support.sum())
+    pred, major = int(predicted.argmax()), int(support.argmax())
+    share = int(support[major]) / n
+    return (f"all {n} evaluated images were predicted as {class_names[pred]!r}, though their labels hold "
+            f"{int((support > 0).sum())} classes; the most common, {class_names[major]!r}, is {share:.1%} of them "
+            f"({int(support[major])} of {n}), so top-1 {int(cm[pred, pred]) / n:.3f} is what answering one class "
+            "gives. The model has collapsed to one class: try --loss focal, balancing the classes (more images "
+            "of the rare ones), more --epochs or a higher --lr (a small set makes few optimizer steps per epoch)")
 
 
 def roc_auc_binary(scores: Tensor, targets: Tensor) -> float | None:

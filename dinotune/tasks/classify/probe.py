@@ -22,7 +22,7 @@ from dinotune.data.images import READER_VERSION
 from dinotune.data.loader import make_loader
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
-from dinotune.utils import info
+from dinotune.utils import file_mode, info
 
 
 class FeatureDataset(Dataset):
@@ -87,6 +87,7 @@ def cached_features(model: torch.nn.Module, dataset: Dataset, *, cache_dir: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    os.chmod(tmp, file_mode())  # safetensors writes 0600; a shared cache must be readable by the team
     os.replace(tmp, path)  # readers never see half a cache file
     info(f"{split}: cached {len(labels)} x {feats.shape[1]} features in {path}")
     return FeatureDataset(feats, labels)

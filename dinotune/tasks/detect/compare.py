@@ -9,13 +9,15 @@ run, a single-object run and a YOLO model are judged identically. Runs arrive lo
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from dinotune.errors import ConfigError, DataError
 from dinotune.ops import box_ops
 from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.detect.coco import DetectionSource
@@ -37,6 +39,10 @@ class Detections:
 
 
 class Detector(Protocol):
+    """``name`` heads its table row; ``detect`` gives one ``Detections`` per path. A detector may
+    also have ``notes`` (lines the table prints under it: what was dropped, random weights) and
+    ``dropped`` (detections left out because their class is not the dataset's)."""
+
     name: str
 
     def detect(self, paths: Sequence[Path]) -> list[Detections]: ...
@@ -54,7 +60,8 @@ class RunDetector:
         self.batch_size = batch_size
 
     def detect(self, paths: Sequence[Path]) -> list[Detections]:
-        preds = self.loaded.predict(list(paths), batch_size=self.batch_size)
+        # the dataset's category ids, whatever category_ids the run was trained with
+        preds = self.loaded.predict(list(paths), batch_size=self.batch_size, category_ids="coco")
         by_path = {p["image"]: p for p in preds}
         out = []
         for path in paths:
@@ -69,22 +76,32 @@ class YoloDetector:
     """An ultralytics YOLO model (``.pt`` weights or a model ``.yaml`` with random weights).
 
     YOLO class names are matched to the dataset's category names (COCO-trained YOLO and COCO use
-    the same names); classes the dataset lacks are dropped and counted."""
+    the same names), after ``class_map`` (see ``parse_class_map``). Detections of classes the
+    dataset lacks are dropped and counted; a model with no class in common is refused, since its
+    row would be all zeros for a reason the table cannot show. A model built from a YAML has random
+    weights: its name says so."""
 
     def __init__(self, weights: str, categories: list[dict[str, Any]], image_size: int, device: str = "auto",
-                 conf: float = 0.001):
+                 conf: float = 0.001, class_map: Mapping[str, str] | None = None):
         try:
             from ultralytics import YOLO
         except ImportError:
             raise ImportError("YOLO baselines need ultralytics: pip install 'dinotune[yolo]'") from None
         _undo_pil_patch()
         self.model = YOLO(weights)
-        self.name = f"yolo:{Path(weights).name}"
+        self.random_weights = Path(weights).suffix.lower() in (".yaml", ".yml")
+        self.name = f"yolo:{Path(weights).name}" + (" (random weights)" if self.random_weights else "")
         self.image_size, self.conf = image_size, conf
         self.device = None if device == "auto" else device
-        by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories}
-        self.class_to_category = {int(k): by_name.get(str(v).lower()) for k, v in self.model.names.items()}
+        self.class_names = {int(k): str(v) for k, v in self.model.names.items()}
+        self.class_to_category = match_classes(self.class_names, categories, class_map or {}, self.name,
+                                               self.random_weights)
         self.dropped = 0
+        self.dropped_by_class: dict[int, int] = {}
+        self.notes: list[str] = []
+        if self.random_weights:
+            self.notes.append(f"{self.name}: built from {Path(weights).name}, untrained; its row is a floor, "
+                              "not a baseline (pass .pt weights for a trained YOLO)")
 
     def detect(self, paths: Sequence[Path]) -> list[Detections]:
         out = []
@@ -92,12 +109,92 @@ class YoloDetector:
             r = self.model.predict(str(path), imgsz=self.image_size, conf=self.conf, device=self.device,
                                    verbose=False, max_det=100)[0]
             cls = r.boxes.cls.cpu().long().tolist()
-            cats = [self.class_to_category.get(c) for c in cls]
-            keep = torch.tensor([c is not None for c in cats], dtype=torch.bool)
-            self.dropped += int((~keep).sum())
-            out.append(Detections(r.boxes.xyxy.cpu().float()[keep], r.boxes.conf.cpu().float()[keep],
-                                  torch.tensor([c for c in cats if c is not None], dtype=torch.int64)))
+            out.append(self._keep_known(cls, r.boxes.xyxy.cpu().float(), r.boxes.conf.cpu().float()))
+        if self.dropped:
+            self.notes.append(drop_note(self.name, self.dropped, sum(len(d.scores) for d in out) + self.dropped,
+                                        {self.class_names.get(c, str(c)): n for c, n in self.dropped_by_class.items()}))
         return out
+
+    def _keep_known(self, cls: list[int], boxes: torch.Tensor, scores: torch.Tensor) -> Detections:
+        """One image's detections in the dataset's ids; the others counted by class."""
+        cats = [self.class_to_category.get(c) for c in cls]
+        keep = torch.tensor([c is not None for c in cats], dtype=torch.bool)
+        for c, cat in zip(cls, cats):
+            if cat is None:
+                self.dropped += 1
+                self.dropped_by_class[c] = self.dropped_by_class.get(c, 0) + 1
+        return Detections(boxes[keep].reshape(-1, 4), scores[keep],
+                          torch.tensor([c for c in cats if c is not None], dtype=torch.int64))
+
+
+def _few(names: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(repr(x) for x in list(names)[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def parse_class_map(spec: str | Path | Mapping[Any, Any] | None) -> dict[str, str]:
+    """``--class-map``: model class (index or name) -> dataset category name, given as
+    ``"0=person,1=bicycle"``, as a JSON file holding such an object (``{"0": "person"}``), or as a
+    mapping. Needed when the model's class names are not the dataset's (a model built from a YAML
+    calls its classes '0'..'79'; a model trained with other spellings)."""
+    if spec is None or (isinstance(spec, (str, Mapping)) and not spec):
+        return {}
+    if isinstance(spec, Mapping):
+        return {str(k).strip(): str(v).strip() for k, v in spec.items()}
+    text = str(spec).strip()
+    path = Path(text).expanduser()
+    if text.lower().endswith(".json") or path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--class-map {text}: cannot read it as a JSON file ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--class-map {text}: expected a JSON object {{model class: dataset category}}")
+        return parse_class_map(data)
+    pairs = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--class-map: {item!r} is not MODEL_CLASS=DATASET_CATEGORY "
+                              "(e.g. --class-map 0=person,1=bicycle, or a JSON file)")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def match_classes(model_names: dict[int, str], categories: list[dict[str, Any]], class_map: Mapping[str, str],
+                  model: str, random_weights: bool = False) -> dict[int, int | None]:
+    """Model class index -> the dataset's category id (None: not in the dataset). ``class_map``
+    entries win; the other classes are matched by name, ignoring case. Refuses a map entry naming
+    an unknown class or category, and a model with no class in common with the dataset."""
+    by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories}
+    data_names = [str(c["name"]) for c in categories]
+    mapping = {k: by_name.get(v.lower()) for k, v in model_names.items()}
+    by_class = {v.lower(): k for k, v in model_names.items()}
+    for key, target in class_map.items():
+        index = int(key) if key.isdigit() and int(key) in model_names else by_class.get(key.lower())
+        if index is None:
+            raise ConfigError(f"--class-map {key}={target}: {key!r} is neither a class index nor a class name of "
+                              f"{model} (its classes: {_few(list(model_names.values()))})")
+        if target.lower() not in by_name:
+            raise ConfigError(f"--class-map {key}={target}: {target!r} is not a category of the dataset "
+                              f"(its categories: {_few(data_names)})")
+        mapping[index] = by_name[target.lower()]
+    if not any(v is not None for v in mapping.values()):
+        why = " It is built from a model YAML: random weights, and classes named by number." if random_weights else ""
+        raise DataError(f"{model}: none of its {len(model_names)} classes ({_few(list(model_names.values()))}) is a "
+                        f"category of the dataset ({_few(data_names)}), so every detection would be dropped and its "
+                        f"row would be all zeros.{why} Map its classes with --class-map MODEL_CLASS=CATEGORY,... "
+                        f"(e.g. --class-map 0={data_names[0]}) or a JSON file")
+    return mapping
+
+
+def drop_note(name: str, dropped: int, total: int, by_class: Mapping[str, int]) -> str:
+    """The line saying how many detections a detector lost to classes the dataset lacks, and which."""
+    top = sorted(by_class.items(), key=lambda kv: -kv[1])[:5]
+    most = ", ".join(f"{c!r} {n}" for c, n in top)
+    return (f"{name}: dropped {dropped} of {total} detections whose class is not a category of the dataset "
+            f"(by name or --class-map; most: {most}); they count neither as hits nor as false positives. "
+            "Map classes with --class-map")
 
 
 def _undo_pil_patch() -> None:
@@ -129,19 +226,25 @@ def compare(detectors: Sequence[Detector], source: DetectionSource, out_dir: Pat
     from dinotune.viz.plots import plot_grouped_bars
 
     paths = [im.path for im in source.images]
-    rows = {}
+    rows, notes = {}, []
     for det in detectors:
         t0 = time.perf_counter()
         found = det.detect(paths)
         seconds = time.perf_counter() - t0
         metrics = score(source, found)
         metrics["images_per_s"] = len(paths) / seconds if seconds else None
+        if getattr(det, "dropped", None) is not None:
+            metrics["dropped_detections"] = det.dropped
         rows[det.name] = metrics
         info(f"{det.name}: AP {metrics.get('AP') or 0:.4f}, AP50 {metrics.get('AP50') or 0:.4f}, "
              f"single-object accuracy {metrics.get('accuracy', 0):.4f}")
+        for note in getattr(det, "notes", ()):
+            warn(note)
+            notes.append(note)
     out_dir = Path(out_dir)
-    write_json(out_dir / "compare.json", {"data": source.name, "images": len(paths), "detectors": rows})
-    table = markdown_table(rows, source.name, len(paths))
+    write_json(out_dir / "compare.json", {"data": source.name, "images": len(paths), "detectors": rows,
+                                          "notes": notes})
+    table = markdown_table(rows, source.name, len(paths), notes)
     (out_dir / "compare.md").write_text(table)
     coco = {n: {k: r.get(k) for k in ("AP", "AP50", "AP75", "AR100")} for n, r in rows.items()}
     single = {n: {k: r.get(k) for k in ("accuracy", "f1", "mean_iou", "map50")} for n, r in rows.items()}
@@ -150,7 +253,7 @@ def compare(detectors: Sequence[Detector], source: DetectionSource, out_dir: Pat
     return {"rows": rows, "table": table}
 
 
-def markdown_table(rows: dict[str, dict[str, Any]], data: str, n_images: int) -> str:
+def markdown_table(rows: dict[str, dict[str, Any]], data: str, n_images: int, notes: Sequence[str] = ()) -> str:
     def cell(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -160,15 +263,22 @@ def markdown_table(rows: dict[str, dict[str, Any]], data: str, n_images: int) ->
              "| detector | " + " | ".join(SHOWN) + " | images/s |", "|---" * (len(SHOWN) + 2) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(r.get(k)) for k in SHOWN) + f" | {cell(r.get('images_per_s'))} |")
+    if notes:
+        lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
 def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],
                 yolo: Sequence[str], out: Path, images: str, subset: int, subset_seed: int, device: str,
-                yolo_image_size: int, batch_size: int | None, min_box_size: float, max_pixels: int) -> str:
-    """Load the ground truth, wrap the detectors, compare, return the table."""
+                yolo_image_size: int, batch_size: int | None, min_box_size: float, max_pixels: int,
+                class_map: str | Path | Mapping[Any, Any] | None = None) -> str:
+    """Load the ground truth, wrap the detectors, compare, return the table. ``class_map``: YOLO
+    class -> dataset category (``parse_class_map``), for every YOLO model."""
     if not runs and not yolo:
         raise ValueError("nothing to compare: pass --runs and/or --yolo")
+    mapping = parse_class_map(class_map)  # refuse a malformed map before any image is read
+    if mapping and not yolo:
+        raise ConfigError("--class-map maps YOLO classes to the dataset's categories; it needs --yolo")
     detectors: list[Detector] = [RunDetector(r, n, batch_size) for r, n in zip(runs, run_names)]
     categories = runs[0].bundle.categories if runs else None
     source = find_detection_data(data, "val" if split == "val" else "train", images, categories=categories,
@@ -179,7 +289,7 @@ def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names:
     for d in detectors[1:]:
         if [c["id"] for c in d.loaded.bundle.categories] != [c["id"] for c in source.categories]:
             warn(f"{d.name} was trained on other categories than {detectors[0].name}; ids are matched as-is")
-    detectors += [YoloDetector(w, source.categories, yolo_image_size, device) for w in yolo]
+    detectors += [YoloDetector(w, source.categories, yolo_image_size, device, class_map=mapping) for w in yolo]
     result = compare(detectors, source, Path(out))
     info(f"wrote {Path(out) / 'compare.json'}, compare.md and charts")
     return result["table"]

@@ -10,13 +10,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
-from dinotune.config import DetectConfig, DetectInferenceConfig
+from dinotune.config import LIGHTWEIGHT_PRESET, DetectConfig, DetectInferenceConfig
 from dinotune.data.images import load_image, readable_images
 from dinotune.data.loader import make_loader
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
-from dinotune.errors import DataError
+from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.ops import box_ops
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
@@ -85,6 +85,9 @@ class DetectTask(Task):
             info(describe(val))
         if not len(train):
             raise DataError(f"{train.name}: no usable training images")
+        if self.cfg.model.head == "detr":
+            for src in (train, val) if val is not None and val is not train else (train,):
+                _warn_if_crowded(src, self.cfg.model.num_queries, self.cfg.model.lightweight)
         augment = d.augment and not d.overfit
         train_ds = DetectionDataset(train, train_transforms(size) if augment else eval_transforms(), size,
                                     max_image_pixels=d.max_image_pixels)
@@ -167,6 +170,7 @@ class DetectTask(Task):
         images = sum(p["images"] for p in parts)
         metrics: dict[str, Any] = {"loss": sum(p["loss_sum"] for p in parts) / max(1, images)}
         metrics.update(detection_metrics(dataset.source, [r for p in parts for r in p["results"]]))
+        metrics["images"] = int(images)  # how many images these numbers rest on (a subset, skipped files)
         return metrics
 
     # ------------------------------------------------------------------------------ inference
@@ -174,8 +178,12 @@ class DetectTask(Task):
                 image_ids: dict[str, int] | None = None, draw: str | Path | None = None) -> list[dict[str, Any]]:
         """Detections per image: ``[{"image", "image_id", "width", "height", "detections": [{"category_id",
         "category", "bbox" (xywh, original pixels), "score"}]}]``. ``image_ids`` maps file names to COCO
-        ids (test-dev image info); otherwise numeric file stems are used, else 1..N. ``draw``: a folder
-        for the confidence histogram and each image with its boxes (``settings.draw_threshold``)."""
+        ids (test-dev image info); otherwise numeric file stems are used, else 1..N. ``category_id``
+        follows ``settings.category_ids``: the dataset's ids (``coco``; YOLO data: class index + 1)
+        or the 0-based class index (``yolo``). ``draw``: a folder that receives each image with its
+        boxes (``settings.draw_threshold``) and the confidence histogram."""
+        if settings.category_ids not in ("coco", "yolo"):
+            raise ConfigError(f"--category-ids {settings.category_ids!r}: choose coco or yolo (inference.category_ids)")
         limit = self.cfg.data.max_image_pixels
         paths = readable_images(images, "fast", max_pixels=limit)
         ids = _image_ids(paths, image_ids)
@@ -204,26 +212,27 @@ class DetectTask(Task):
                 keep = d["scores"] >= settings.score_threshold
                 boxes = box_ops.xyxy_to_xywh(d["boxes"][keep]).tolist()[:settings.top_k]
                 out.append({"image": str(p), "image_id": ids[str(p)], "width": w, "height": h, "detections": [
-                    {"category_id": int(categories[int(lab)]["id"]), "category": categories[int(lab)]["name"],
+                    {"category_id": _category_id(categories, int(lab), settings.category_ids),
+                     "category": categories[int(lab)]["name"],
                      "bbox": [round(v, 2) for v in box], "score": round(float(s), 5)}
                     for lab, s, box in zip(d["labels"][keep].tolist(), d["scores"][keep].tolist(), boxes)]})
         if draw:
-            from dinotune.tasks.detect.analysis import prediction_charts
-
-            files = prediction_charts(out, Path(draw), run.bundle.class_names, samples=len(out),
-                                      score_threshold=max(settings.score_threshold, settings.draw_threshold))
-            info(f"drew {len(files) - 1} images into {Path(draw) / 'samples'}")
+            _draw(out, Path(draw), run.bundle.class_names, settings)
         return out
 
     def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
-        """COCO results JSON (a flat list, test-dev style), or CSV one row per detection."""
+        """COCO results JSON (a flat list, test-dev style), or CSV one row per detection.
+
+        Each JSON result also carries ``file_name`` (the image path as predicted, as the CSV's
+        ``image`` column): image ids of a plain folder are 1..N, meaningless without it.
+        pycocotools' ``loadRes`` ignores the extra key."""
         import csv
         import io
         import json
 
         if fmt == "json":
-            flat = [{"image_id": r["image_id"], "category_id": d["category_id"], "bbox": d["bbox"],
-                     "score": d["score"]} for r in results for d in r["detections"]]
+            flat = [{"image_id": r["image_id"], "file_name": r["image"], "category_id": d["category_id"],
+                     "bbox": d["bbox"], "score": d["score"]} for r in results for d in r["detections"]]
             return json.dumps(flat) + "\n"
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -252,11 +261,15 @@ class DetectTask(Task):
                              collate_fn=detection_collate)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
 
-    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
-        """Confidence histogram over up to 64 images and ``samples`` images with detections drawn."""
-        from dinotune.tasks.detect.analysis import prediction_charts
+    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int,
+                      settings: DetectInferenceConfig | None = None) -> list[Path]:
+        """The confidence histogram over up to 64 images, and ``samples`` figures of ground truth |
+        prediction (``out_dir/samples/<stem>.jpg``, as classification and segmentation samples show
+        the truth too). Boxes are drawn from ``settings.draw_threshold`` (default: the run's
+        inference section)."""
+        from dinotune.tasks.detect.analysis import blank_drawing_note, confidence_histogram, truth_figures
 
-        d = self.cfg.data
+        d, settings = self.cfg.data, settings or run.cfg.inference
         try:
             source = find_detection_data(data, "val" if split == "val" else "train",
                                          d.val_images if split == "val" else d.train_images,
@@ -264,11 +277,19 @@ class DetectTask(Task):
         except DataError as exc:
             warn(f"no sample pictures: {exc}")
             return []
-        paths = [im.path for im in source.images[: max(samples, 64)]]
-        settings = self.cfg.inference
-        preds = self.predict(run, paths, settings)
-        return prediction_charts(preds, Path(out_dir), run.bundle.class_names, samples=samples,
-                                 score_threshold=max(settings.score_threshold, settings.draw_threshold))
+        picked = source.images[: max(samples, 64)]
+        preds = self.predict(run, [im.path for im in picked], settings)
+        truth = {str(im.path): ([a.bbox for a in source.annotations.get(im.id, ())],
+                                [a.label for a in source.annotations.get(im.id, ())], (im.width, im.height))
+                 for im in picked}
+        threshold, _ = _draw_threshold(settings)
+        shown = preds[:samples]
+        files = [confidence_histogram(preds, Path(out_dir))]
+        files += truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold)
+        note = blank_drawing_note(shown, threshold, "inference.draw_threshold", settings.score_threshold)
+        if note:
+            warn(f"analyze: {note}")
+        return files
 
     def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
         from dinotune.tasks.detect.analysis import metric_charts
@@ -287,3 +308,51 @@ def _image_ids(paths: list[Path], mapping: dict[str, int] | None) -> dict[str, i
     if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
         return {str(p): int(p.stem) for p in paths}
     return {str(p): i + 1 for i, p in enumerate(paths)}
+
+
+def _category_id(categories: list[dict[str, Any]], label: int, scheme: str) -> int:
+    """The ``category_id`` a prediction carries: the dataset's id, or (``yolo``) the class index."""
+    return label if scheme == "yolo" else int(categories[label]["id"])
+
+
+def _draw_threshold(settings: DetectInferenceConfig) -> tuple[float, str]:
+    """The score a box needs to be drawn, and the flag that sets it (the higher threshold wins)."""
+    if settings.score_threshold > settings.draw_threshold:
+        return settings.score_threshold, "--score-threshold"
+    return settings.draw_threshold, "--draw-threshold"
+
+
+def _draw(results: list[dict[str, Any]], folder: Path, names: list[str], settings: DetectInferenceConfig) -> None:
+    """``predict --draw``: each image with its boxes and the confidence histogram, straight into
+    ``folder`` (as segmentation's overlays), and a warning when no box reached the threshold, so an
+    empty drawing is not taken for a broken model."""
+    from dinotune.tasks.detect.analysis import (
+        blank_drawing_note,
+        confidence_histogram,
+        draw_predictions,
+        images_without_boxes,
+    )
+
+    threshold, flag = _draw_threshold(settings)
+    files = draw_predictions(results, folder, names, threshold)
+    confidence_histogram(results, folder)
+    note = blank_drawing_note(results, threshold, flag, settings.score_threshold)
+    if note:
+        warn(f"drew {len(files)} images into {folder}, but {note}")
+        return
+    blank = images_without_boxes(results, threshold)
+    info(f"drew {len(files)} images into {folder}"
+         + (f" ({blank} without a box scoring {threshold:g} or more)" if blank else ""))
+
+
+def _warn_if_crowded(source: DetectionSource, num_queries: int, lightweight: bool) -> None:
+    """Warn when images hold more objects than the DETR decoder has queries: each query predicts
+    one object, so the extra objects are never matched and recall is capped, silently."""
+    counts = [len(source.targets(im.id)) for im in source.images]
+    over = sum(1 for c in counts if c > num_queries)
+    if not over:
+        return
+    preset = " (set by --lightweight)" if lightweight and num_queries == LIGHTWEIGHT_PRESET["model.num_queries"] else ""
+    warn(f"{source.name}: up to {max(counts)} objects in one image, and {over} of {len(counts)} images hold more "
+         f"than the detector's {num_queries} object queries{preset}; the extra objects can never be detected. "
+         f"Raise --num-queries to at least {max(counts)}")

@@ -1,12 +1,19 @@
 """YOLO folders: ``data.yaml`` (``names``, optional ``path`` / ``train`` / ``val``), images in
-``images/<split>/`` and one ``labels/<split>/<stem>.txt`` per image with lines ``class cx cy w h``
-normalised to [0, 1]. An image without a label file has no objects. Category ids are class index
-+ 1, so COCO-style evaluation works; image ids are 1..M in sorted file order.
+``images/<split>/`` (or ``<split>/images/``, Roboflow's layout) and one ``labels/<split>/<stem>.txt``
+per image with lines ``class cx cy w h`` normalised to [0, 1] (or ``class x1 y1 x2 y2 ...``
+polygons, read as their box). An image without a label file has no objects. Split entries of the
+yaml are resolved as ultralytics does (see ``_split_entry``), Roboflow's ``../train/images`` included.
+
+Category ids are class index + 1 (YOLO class 0 is ``category_id`` 1): COCO evaluation and results
+files need ids, and COCO's start at 1 (many detection tools keep 0 for background). Predictions
+carry these ids unless ``inference.category_ids`` is ``yolo`` (``--category-ids yolo``), which
+writes the class index itself. Image ids are 1..M in sorted file order.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -82,15 +89,33 @@ def _split_images(data: dict[str, Any], base: Path, root: Path, split: str, wher
     entries = data[key] if isinstance(data[key], list) else [data[key]]
     files: list[Path] = []
     for entry in entries:
-        p = Path(str(entry)).expanduser()
-        p = p if p.is_absolute() else base / p
+        p, tried = _split_entry(str(entry), base)
         if p.is_dir():
             files += list_image_files(p, report, recursive=True)
         elif p.is_file() and p.suffix.lower() == ".txt":  # a list of image paths
             files += _listed_images(p, base, report)
         else:
-            raise DataError(f"{where}: {key}: {entry!r} -> {p} is not a folder or a .txt list of images")
+            raise DataError(f"{where}: {key}: {entry!r} -> {' or '.join(map(str, tried))} is not a folder or a "
+                            ".txt list of images")
     return sorted(files), f"{where} {key}"
+
+
+def _split_entry(entry: str, base: Path) -> tuple[Path, list[Path]]:
+    """Where a data.yaml split entry points, and the paths tried (for the error message).
+
+    Ultralytics' rule (``check_det_dataset``): relative to the dataset root ``base``; when that does
+    not exist and the entry starts with ``../``, the same path without it. Roboflow exports write
+    ``train: ../train/images`` next to a ``train/`` folder, so the second try is the one that
+    exists. These entries are the user's own configuration, so ``..`` is allowed here (unlike the
+    file names inside annotation files and image lists, see ``dinotune.data.paths``)."""
+    p = Path(entry).expanduser()
+    if p.is_absolute():
+        return p, [p]
+    first = Path(os.path.normpath(base / p))
+    if first.exists() or not entry.replace("\\", "/").startswith("../"):
+        return first, [first]
+    second = Path(os.path.normpath(base / entry[3:]))
+    return second, [first, second]
 
 
 def _listed_images(list_file: Path, base: Path, report: SkipReport) -> list[Path]:

@@ -24,6 +24,7 @@ from dinotune.tasks.segment.sources import (
     _bad_values,
     mask_summary,
 )
+from dinotune.utils import info
 
 __all__ = ["VOC_CLASSES", "ADE20K_CLASSES", "read_voc", "read_ade20k", "read_folders", "find_segmentation_data"]
 
@@ -93,10 +94,12 @@ def _voc_root(root: Path) -> Path:
     return root
 
 
-def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255) -> SegmentationSource:
-    """Pascal VOC: ``ImageSets/Segmentation/<split>.txt`` lists ids; ``JPEGImages/<id>.jpg`` and
-    ``SegmentationClass/<id>.png`` (palette PNGs read as indices: 0 = background, 1..20 the
-    classes, 255 = object boundaries = ignore). ``root`` may also be ``VOCdevkit/``."""
+def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255, num_classes: int = 0,
+             class_names: Sequence[str] = ()) -> SegmentationSource:
+    """Pascal VOC layout: ``ImageSets/Segmentation/<split>.txt`` lists ids; ``JPEGImages/<id>.jpg``
+    and ``SegmentationClass/<id>.png`` (palette PNGs read as indices, 255 = object boundaries =
+    ignore). ``root`` may also be ``VOCdevkit/``. Many tools export custom data in this layout, so
+    the classes are not assumed to be Pascal's: see ``_voc_classes``."""
     root = _voc_root(Path(root).expanduser())
     names = (split,) if split != "val" else _VAL_ALIASES
     lists = [root / "ImageSets" / "Segmentation" / f"{n}.txt" for n in names]
@@ -110,7 +113,42 @@ def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255) ->
         if missing:
             raise DataError(f"{list_file}: {len(missing)} of {len(pairs)} listed {what} are missing: "
                             + ", ".join(str(p) for p in missing[:_SHOW]) + (" ..." if len(missing) > _SHOW else ""))
-    return SegmentationSource(str(root), pairs, list(VOC_CLASSES), ignore_index, "index")
+    classes = _voc_classes(root, pairs, num_classes, class_names, ignore_index)
+    return SegmentationSource(str(root), pairs, classes, ignore_index, "index")
+
+
+def _voc_classes(root: Path, pairs: list[tuple[Path, Path]], num_classes: int, class_names: Sequence[str],
+                 ignore_index: int) -> list[str]:
+    """The classes of a VOC-layout split: the user's (``--class-names`` / ``--num-classes``), else
+    read off the masks. Pascal VOC's 21 names only when the labels reach exactly 20 (``tvmonitor``,
+    present in every real VOC split): a custom 4-class set exported in this layout holds 0..3 and
+    must not be called background / aeroplane / bicycle / bird."""
+    given = _given_classes(root, num_classes, class_names, VOC_CLASSES)
+    if given is not None:
+        return given
+    top = _max_label(pairs, ignore_index)
+    if top == len(VOC_CLASSES) - 1:
+        return list(VOC_CLASSES)
+    info(f"{root}: the masks hold labels 0..{top}, so {top + 1} classes (class_0 .. class_{top}), not Pascal "
+         f"VOC's 21 (its labels reach 20); name them with --class-names, or pass --num-classes 21 for Pascal's")
+    return [f"class_{i}" for i in range(top + 1)]
+
+
+def _given_classes(where: Path, num_classes: int, class_names: Sequence[str],
+                   standard: Sequence[str] = ()) -> list[str] | None:
+    """The classes the user gave: ``--class-names`` (whose count must equal a ``--num-classes``
+    also given), or ``--num-classes`` alone, named as the layout's ``standard`` classes when the
+    count is theirs (21 for VOC, 150 for ADE20K), else ``class_<i>``. None when neither was given:
+    the layout decides."""
+    names = [str(n) for n in class_names]
+    if num_classes and names and len(names) != num_classes:
+        raise DataError(f"{where}: --class-names gives {len(names)} names but --num-classes is {num_classes}; "
+                        "give one name per class")
+    if names:
+        return names
+    if num_classes:
+        return list(standard) if len(standard) == num_classes else [f"class_{i}" for i in range(num_classes)]
+    return None
 
 
 def _voc_ids(list_file: Path) -> list[str]:
@@ -143,10 +181,12 @@ def _ade_root(root: Path) -> Path:
     return root
 
 
-def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255) -> SegmentationSource:
+def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255, num_classes: int = 0,
+                class_names: Sequence[str] = ()) -> SegmentationSource:
     """ADE20K SceneParsing (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
-    ``annotations/{training,validation}/*.png``; value 0 ("other") is ignored, ``v`` -> label ``v - 1``
-    for the 150 classes."""
+    ``annotations/{training,validation}/*.png``; value 0 ("other") is ignored, ``v`` -> label ``v - 1``.
+    The 150 SceneParsing classes unless ``--class-names`` / ``--num-classes`` say otherwise (a
+    custom set in this layout: values ``1..K``)."""
     root = _ade_root(Path(root).expanduser())
     sub = {"train": "training", "training": "training"}.get(split, "validation")
     image_dir, mask_dir = root / "images" / sub, root / "annotations" / sub
@@ -155,7 +195,8 @@ def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255)
             raise DataError(f"{root}: ADE20K folder {d} not found")
     report = SkipReport()
     pairs = _pair_by_stem(image_dir, mask_dir, report)
-    return SegmentationSource(str(root), pairs, list(ADE20K_CLASSES), ignore_index, "ade20k", report=report)
+    classes = _given_classes(root, num_classes, class_names, ADE20K_CLASSES) or list(ADE20K_CLASSES)
+    return SegmentationSource(str(root), pairs, classes, ignore_index, "ade20k", report=report)
 
 
 def _folder_layouts(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -176,14 +217,9 @@ def read_folders(root: str | Path, split: str = "train", num_classes: int = 0,
         raise DataError(f"{root}: no image / mask folders for split {split!r} (looked for {looked})")
     report = SkipReport()
     pairs = _pair_by_stem(layout[0], layout[1], report)
-    names = [str(n) for n in class_names]
-    if num_classes and names and len(names) != num_classes:
-        raise DataError(f"{root}: {len(names)} class names given for {num_classes} classes")
-    k = num_classes or len(names)
-    if not k:
-        k = _max_label(pairs, ignore_index) + 1
-    if not names:
-        names = [f"class_{i}" for i in range(k)]
+    names = _given_classes(root, num_classes, class_names)
+    if names is None:
+        names = [f"class_{i}" for i in range(_max_label(pairs, ignore_index) + 1)]
     return SegmentationSource(str(layout[0].parent), pairs, names, ignore_index, "index", report=report)
 
 
@@ -215,12 +251,19 @@ def find_segmentation_data(
     ignore_index: int = 255,
     *,
     categories: list[dict[str, Any]] | None = None,
+    known_classes: Sequence[str] | None = None,
 ) -> SegmentationSource:
     """One split of: Pascal VOC (``JPEGImages/`` + ``SegmentationClass/``), ADE20K
     (``images/training`` or ``annotations/training``), COCO (a ``.json`` file, or a folder with
     ``annotations/instances_<split>*.json``; ``images`` = its image folder, found when empty;
-    ``categories`` = a checkpoint's category list), else image / mask folders (``num_classes`` and
-    ``class_names`` apply to these only)."""
+    ``categories`` = a checkpoint's category list), else image / mask folders.
+
+    ``num_classes`` / ``class_names`` (``--num-classes`` / ``--class-names``) are honoured by every
+    mask layout; COCO takes its classes from the JSON's categories, so giving them there is an
+    error, never silently ignored. ``known_classes``: classes fixed already (the training split's
+    when reading validation data, a checkpoint's when evaluating): a mask layout takes them instead
+    of reading the flags or the masks, so both splits index the same classes (COCO keeps its
+    ``categories`` rule)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not str(data):
@@ -228,19 +271,21 @@ def find_segmentation_data(
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"segmentation data not found: {path}")
+    if known_classes is not None:
+        num_classes, class_names = 0, list(known_classes)
     if path.is_file():
         if path.suffix.lower() == ".json":
-            return read_coco_semantic(path, images or None, categories, ignore_index)
+            return _read_coco(path, images, categories, ignore_index, num_classes, class_names, known_classes)
         raise DataError(f"{path}: expected a COCO instances .json or a folder (VOC, ADE20K, images/ + masks/)")
     voc = _voc_root(path)
     if (voc / "JPEGImages").is_dir() and (voc / "SegmentationClass").is_dir():
-        return read_voc(voc, split, ignore_index)
+        return read_voc(voc, split, ignore_index, num_classes, class_names)
     ade = _ade_root(path)
     if (ade / "images" / "training").is_dir() or (ade / "annotations" / "training").is_dir():
-        return read_ade20k(ade, split, ignore_index)
+        return read_ade20k(ade, split, ignore_index, num_classes, class_names)
     json_file, looked = find_coco_json(path, split)
     if json_file is not None:
-        return read_coco_semantic(json_file, images or None, categories, ignore_index)
+        return _read_coco(json_file, images, categories, ignore_index, num_classes, class_names, known_classes)
     if any(i.is_dir() and m.is_dir() for i, m in _folder_layouts(path, split)):
         return read_folders(path, split, num_classes, class_names, ignore_index)
     folders = ", ".join(f"{i.relative_to(path)}/ + {m.relative_to(path)}/" for i, m in _folder_layouts(path, split))
@@ -250,3 +295,18 @@ def find_segmentation_data(
         f"folders ({folders})"
     )
 
+
+def _read_coco(json_file: Path, images: str | Path, categories: list[dict[str, Any]] | None, ignore_index: int,
+               num_classes: int, class_names: Sequence[str], known_classes: Sequence[str] | None
+               ) -> SegmentationSource:
+    """COCO semantic masks; ``--num-classes`` / ``--class-names`` cannot change what the JSON's
+    categories define, so they are refused by name (before the JSON is read) rather than ignored.
+    Classes fixed by other data (``known_classes``) are compared by the caller, not refused here."""
+    if known_classes is None:
+        given = [flag for flag, value in (("--num-classes", num_classes), ("--class-names", list(class_names)))
+                 if value]
+        if given:
+            raise DataError(f"{json_file}: {' and '.join(given)} cannot be applied to COCO data: its classes are "
+                            "the JSON's categories (background + one per category, in id order); leave "
+                            f"{'them' if len(given) > 1 else 'it'} out")
+    return read_coco_semantic(json_file, images or None, categories, ignore_index)

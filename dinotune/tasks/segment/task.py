@@ -55,10 +55,15 @@ class SegmentTask(Task):
         return "mIoU"
 
     # ---------------------------------------------------------------------------------- data
-    def _find(self, data: str, split: str, images: str = "", categories=None) -> SegmentationSource:
+    def _find(self, data: str, split: str, images: str = "", categories=None,
+              known_classes: Sequence[str] | None = None) -> SegmentationSource:
+        """One split, its classes from ``--num-classes`` / ``--class-names`` or the data, or
+        ``known_classes`` (the training split's, a checkpoint's): a validation split whose masks
+        happen to lack the top labels must still index the same classes as training."""
         d = self.cfg.data
         return find_segmentation_data(data, split, images, num_classes=d.num_classes, class_names=d.class_names,
-                                      ignore_index=d.ignore_index, categories=categories)
+                                      ignore_index=d.ignore_index, categories=categories,
+                                      known_classes=known_classes)
 
     def _dataset(self, source: SegmentationSource, train: bool, patch_size: int, augment: bool = True,
                  pre_transform: Callable | None = None) -> SegmentationDataset:
@@ -77,7 +82,8 @@ class SegmentTask(Task):
             info(f"overfit mode: training and evaluating on the same {len(train)} images, no augmentation")
         else:
             try:
-                val = self._find(d.val_data or d.data, "val", d.val_images, categories=train.categories)
+                val = self._find(d.val_data or d.data, "val", d.val_images, categories=train.categories,
+                                 known_classes=train.class_names)
             except DataError as exc:
                 if d.val_data:
                     raise
@@ -196,8 +202,10 @@ class SegmentTask(Task):
         metrics = SegmentationMetrics(len(bundle.class_names), self.cfg.data.ignore_index, bundle.class_names)
         for p in parts:
             metrics.add_confusion(p["confusion"])
-        out = {"loss": sum(p["loss_sum"] for p in parts) / max(1, sum(p["images"] for p in parts))}
+        images = sum(p["images"] for p in parts)
+        out = {"loss": sum(p["loss_sum"] for p in parts) / max(1, images)}
         out.update(metrics.compute())
+        out["images"] = int(images)  # how many images the numbers rest on (a subset, a shard gathered)
         return out
 
     # ------------------------------------------------------------------------------ inference
@@ -266,7 +274,7 @@ class SegmentTask(Task):
         """mIoU and friends of ``run`` on a dataset whose classes must match the checkpoint's
         (``subset``: a reproducible random subset of that many images)."""
         names = run.bundle.class_names
-        source = self._find(data, "val" if split == "val" else "train", images, run.bundle.categories)
+        source = self._find(data, "val" if split == "val" else "train", images, run.bundle.categories, names)
         if subset and subset < len(source):
             source = source.subset(subset_indices(len(source), subset, subset_seed))
         if len(source.class_names) != len(names):
@@ -286,12 +294,14 @@ class SegmentTask(Task):
             return []
         return [plot_bars(ious, Path(out_dir) / "per_class_iou.png", f"IoU per class (mIoU {metrics['mIoU']:.3f})", "IoU")]
 
-    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int) -> list[Path]:
+    def sample_charts(self, run: TrainedRun, data: str, split: str, out_dir: Path, samples: int,
+                      settings: Any = None) -> list[Path]:
         """Image | ground truth | prediction figures for ``samples`` evaluation images."""
         from dinotune.viz.segmentation import comparison_figure
 
         try:
-            source = self._find(data, "val" if split == "val" else "train", "", run.bundle.categories)
+            source = self._find(data, "val" if split == "val" else "train", "", run.bundle.categories,
+                                run.bundle.class_names)
         except DataError as exc:
             warn(f"no sample pictures: {exc}")
             return []
