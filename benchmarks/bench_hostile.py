@@ -23,7 +23,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 import time

@@ -15,8 +15,15 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dinotune.backbone.channels import (
+    INPUT_EMBEDDING_WEIGHTS,
+    adapted_embedding,
+    input_embedding_state,
+    load_input_embedding_state,
+)
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import AdapterConfig, ConfigError
+from dinotune.errors import CheckpointError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,6 +37,9 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def _alias_matches(name: str, alias: str) -> bool:
+    # transformers 5 names both families' blocks alike: ``<prefix>.layer.N.attention.{q,k,v,o}_proj``
+    # (DINOv2 prefix ``encoder``, DINOv3 ``model``) and ``.mlp.{fc1,fc2}`` (DINOv2) /
+    # ``.mlp.{up_proj,down_proj}`` (DINOv3) / ``.mlp.{gate_proj,up_proj,down_proj}`` (SwiGLU, both)
     leaf = name.rsplit(".", 1)[-1]
     if alias == "attention":  # every projection of the attention (q/k/v/o, or 4.x query/key/value/dense)
         return ".attention." in name
@@ -44,7 +54,9 @@ def resolve_targets(backbone: DinoBackbone, targets: list[str], last_n_blocks: i
     """Full names of the ``nn.Linear`` modules to adapt.
 
     ``targets`` holds aliases (``attention``, ``qkv``, ``mlp``) or module names (``q_proj``,
-    ``fc1``), matched against the installed transformers' own module names.
+    ``fc1``, ``up_proj``), matched against the installed transformers' own module names, so the
+    same aliases work on DINOv2 and DINOv3; a name the backbone lacks is refused with the names it
+    has. ``last_n_blocks`` keeps the matches in the last N blocks.
     """
     names = [n for n in _linear_names(backbone.hf_model()) if _BLOCK.search(n)]
     first_block = backbone.num_layers - last_n_blocks if last_n_blocks else 0
@@ -103,12 +115,17 @@ def is_peft(backbone: DinoBackbone) -> bool:
 
 
 def trainable_backbone_parameters(backbone: DinoBackbone, cfg: AdapterConfig) -> list[tuple[str, nn.Parameter]]:
-    """The backbone parameters an optimizer should update for this adapter kind."""
+    """The backbone parameters an optimizer should update for this adapter kind. A patch embedding
+    widened for N-band input (``backbone/channels.py``) is new, so it trains with LoRA and DoRA
+    too; with ``none`` the backbone, that layer included, stays frozen (a head-only probe, whose
+    features may be cached: the widened layer starts from the pretrained kernels, not at random)."""
     if cfg.kind == "none":
         return []
     if cfg.kind == "full":
         return [(n, p) for n, p in backbone.named_parameters() if not n.endswith("mask_token")]
-    return [(n, p) for n, p in backbone.named_parameters() if "lora_" in n]
+    conv = adapted_embedding(backbone)
+    widened = {id(p) for p in conv.parameters()} if conv is not None else set()
+    return [(n, p) for n, p in backbone.named_parameters() if "lora_" in n or id(p) in widened]
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -132,7 +149,9 @@ def format_parameter_count(counts: dict[str, int]) -> str:
 
 
 def save_adapter(backbone: DinoBackbone, cfg: AdapterConfig, folder: Path) -> None:
-    """Write the adapter (LoRA/DoRA) or the whole backbone (full) into ``folder``; nothing for none."""
+    """Write the adapter (LoRA/DoRA) or the whole backbone (full) into ``folder``; nothing for none.
+    A widened patch embedding (N-band input) is written beside them (``input_embedding.safetensors``)
+    for every kind but ``full``, whose backbone file holds it already."""
     if cfg.kind in ("lora", "dora"):
         from peft import get_peft_model_state_dict
 
@@ -144,10 +163,14 @@ def save_adapter(backbone: DinoBackbone, cfg: AdapterConfig, folder: Path) -> No
     elif cfg.kind == "full":
         sd = {k: v.detach().contiguous().cpu() for k, v in backbone.hf_model().state_dict().items()}
         save_file(sd, str(folder / BACKBONE_WEIGHTS))
+    embedding = input_embedding_state(backbone)
+    if embedding and cfg.kind != "full":
+        save_file(embedding, str(folder / INPUT_EMBEDDING_WEIGHTS))
 
 
 def load_adapter(backbone: DinoBackbone, cfg: AdapterConfig, folder: Path) -> None:
-    """Load what ``save_adapter`` wrote onto a backbone already adapted with ``cfg``."""
+    """Load what ``save_adapter`` wrote onto a backbone already adapted with ``cfg`` (and widened
+    to the run's bands: ``backbone/channels.py``)."""
     if cfg.kind in ("lora", "dora"):
         from peft import set_peft_model_state_dict
 
@@ -159,6 +182,15 @@ def load_adapter(backbone: DinoBackbone, cfg: AdapterConfig, folder: Path) -> No
     elif cfg.kind == "full":
         sd = load_file(str(folder / BACKBONE_WEIGHTS))
         backbone.hf_model().load_state_dict(sd, strict=True)
+    path = folder / INPUT_EMBEDDING_WEIGHTS
+    if cfg.kind != "full" and path.is_file():
+        try:
+            load_input_embedding_state(backbone, load_file(str(path)), str(path))
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+    elif cfg.kind != "full" and adapted_embedding(backbone) is not None:
+        raise CheckpointError(f"{path} is missing: the model takes N-band input, and its widened patch "
+                              "embedding is saved there")
 
 
 def merge_adapter(backbone: DinoBackbone) -> None:

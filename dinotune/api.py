@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
+from dinotune.backbone.channels import adapt_input_to_meta
 from dinotune.config import ConfigError, build_config, check_ranges, load_yaml, save_yaml
 from dinotune.config.io import load_run_config
 from dinotune.config.tools import PcaConfig
@@ -118,6 +119,8 @@ def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path,
         if saved and saved != data.meta.get("data_fingerprint"):
             warn(f"the training data changed since {run_dir} started (files added, removed or modified under "
                  f"{cfg.data.data}); the run resumes on the data as it is now")
+    # N-band data: the patch embedding is widened to the data's bands before the model is built
+    adapt_input_to_meta(backbone, data.meta, trainable=cfg.adapter.kind != "none")
     bundle = task.build_model(data.meta, backbone)
     info(f"backbone {cfg.backbone.model} ({backbone.num_layers} blocks, width {backbone.embed_dim}, "
          f"patch {backbone.patch_size}), adapter {cfg.adapter.kind}; device {device}, precision {precision}")
@@ -244,6 +247,7 @@ def load(run: str | Path, *, checkpoint_name: str = "best", device: str = "auto"
     if meta.get("backbone_fingerprint") and fingerprint != meta["backbone_fingerprint"]:
         warn(f"the base backbone weights ({model or cfg.backbone.model}) differ from the ones this run "
              "was trained on; predictions will not match the training results")
+    adapt_input_to_meta(backbone, meta, trainable=cfg.adapter.kind != "none")  # the run's bands, if not RGB
     bundle = task.build_model(meta, backbone)
     checkpoint.load_weights(folder, bundle.model, cfg.adapter)
     if merge:
@@ -330,8 +334,10 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
     unreadable files are reported and skipped, and only the first ``max_images`` are used.
     ``image_size`` defaults to the run's ``backbone.image_size``, else ``PcaConfig.image_size``.
     ``out`` is the PNG path; an existing folder or a suffix-less path gets ``pca.png`` inside."""
+    from dinotune.backbone.channels import adapt_input
     from dinotune.backbone.model import DinoBackbone
-    from dinotune.data.images import load_image, readable_images
+    from dinotune.data.bands import InputSpec, check_band_counts, is_band_file, make_spec, read_input, stretch_to_rgb
+    from dinotune.data.images import readable_images
     from dinotune.viz.pca import pca_features, pca_figure
 
     defaults = PcaConfig()
@@ -347,11 +353,19 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
         loaded = load(spec, device=device)
         backbone = loaded.model.backbone
         image_size = image_size or loaded.cfg.backbone.image_size
+        bands = InputSpec.from_meta(loaded.meta)
+        check_band_counts(paths, bands.layout, expected=bands.in_channels)
     else:
         backbone = DinoBackbone.from_spec(str(model)).to(select_device(device))
         image_size = image_size or defaults.image_size
-    pictures = [load_image(p) for p in paths]
-    maps = pca_features(backbone, pictures, image_size, foreground_threshold=foreground_threshold)
+        # band arrays under a plain backbone: their own statistics, the first three bands as RGB
+        count = check_band_counts(paths)  # one band count for all
+        arrays = any(is_band_file(p) for p in paths)
+        bands = make_spec(count, arrays=True, paths=paths) if arrays else InputSpec()
+        adapt_input(backbone, bands.in_channels, bands.rgb_bands, trainable=False)
+    inputs = [read_input(p, layout=bands.layout) for p in paths]
+    maps = pca_features(backbone, inputs, image_size, foreground_threshold=foreground_threshold, spec=bands)
+    pictures = [stretch_to_rgb(x, bands.rgb_bands) for x in inputs]  # band arrays: RGB bands, 2-98 % stretch
     out = Path(out).expanduser()
     if out.is_dir() or not out.suffix:
         out = out / "pca.png"

@@ -244,23 +244,27 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from dinotune.backbone.registry import ARCHS, HUB_IDS, RANDOM_SPECS
+    from dinotune.backbone.registry import HUB_ARCH, HUB_FAMILIES, RANDOM_FAMILIES, arch_summary
 
-    print("hub ids (need network or a local cache):")
-    for h in HUB_IDS:
-        print(f"  {h}")
-    print("random-weight architectures (tests, demos):")
-    for s in RANDOM_SPECS:
-        a = ARCHS[s.split(":")[1].split("-")[0]]
-        print(f"  {s:22s} width {a.hidden_size}, {a.num_layers} blocks, {a.num_heads} heads")
-    print("also: a local Hugging Face folder, or an official .pth (dinov2_vits14_pretrain.pth ...)")
+    print("Hugging Face hub ids (downloaded once, then read from the local cache):")
+    for family, ids in HUB_FAMILIES.items():
+        print(f"  {family}")
+        for h in ids:
+            print(f"    {h:45s} {arch_summary(HUB_ARCH[h])}")
+    print("random-weight architectures (tests, demos; --init-seed picks the weights):")
+    for family, specs in RANDOM_FAMILIES.items():
+        print(f"  {family}")
+        for s in specs:
+            print(f"    {s:26s} {arch_summary(s.split(':', 1)[1])}")
+    print("also: a local Hugging Face folder of either family, or an official .pth checkpoint "
+          "(dinov2_vits14_pretrain.pth, dinov3_vits16_pretrain_lvd1689m-*.pth ...)")
     return 0
 
 
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dinotune", description="Fine-tune DINOv2 (LoRA, DoRA, full or frozen) for vision tasks.",
+        prog="dinotune", description="Fine-tune DINOv2 / DINOv3 (LoRA, DoRA, full or frozen) for vision tasks.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
@@ -413,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_pca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p_pca.set_defaults(func=cmd_pca)
 
-    p_models = sub.add_parser("models", help="list the backbones --model accepts")
+    p_models = sub.add_parser("models", help="list the backbones --model accepts (DINOv2, DINOv3), by family")
     p_models.set_defaults(func=cmd_models)
     return parser
 

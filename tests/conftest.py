@@ -65,6 +65,43 @@ def make_class_folders(root: Path, classes: list[str], n_per_class: int, size: i
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards and tensor init: one torch thread is as fast on an idle machine and 5-100x
+    faster when other processes keep the (2) cores busy (intra-op threads then spin). Modules use
+    it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# LayerScale (timm ``gamma``, transformers DINOv3 ``lambda1``) and learned tokens of either layout
+_LAYERSCALE = ("gamma", "lambda1")
+_TOKENS = ("cls_token", "reg_token", "register_tokens", "mask_token", "pos_embed")
+
+
+@torch.no_grad()
+def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter with seeded random values of a sensible scale, for parity tests
+    between two implementations. Default inits leave LayerScale at 1e-5 (near-identity blocks),
+    norms at 1 / 0, biases at 0 and gates near 0: any of these would hide a dropped or swapped
+    tensor, so nothing of them is kept."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if name.endswith(_LAYERSCALE):  # random magnitude and sign
+            p.copy_(r * 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(r * 0.2 + 1.0)
+        elif name.endswith("bias"):
+            p.copy_(r * 0.1)
+        elif name.endswith(_TOKENS):
+            p.copy_(r * 0.5)
+        else:  # linear / conv weights: unit-variance outputs
+            p.copy_(r * p[0].numel() ** -0.5)
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     """``train/`` and ``val/`` class folders, 2 classes, 6 + 3 images each."""

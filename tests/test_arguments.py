@@ -21,8 +21,9 @@ from dinotune.engine.run_folder import RunFolder
 from dinotune.errors import CheckpointError, DataError
 from tests.conftest import make_class_folders, make_trainer, tiny_options
 
-# integer fields that take any value (block indices count from the end when negative)
-UNBOUNDED = {"model.fpn_layers"}
+# numeric fields that take any finite value (block indices count from the end when negative; a band's
+# mean is in the data's own units, negative for some float data)
+UNBOUNDED = {"model.fpn_layers", "bands.mean"}
 
 
 def _numeric_fields(cls):

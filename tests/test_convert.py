@@ -12,7 +12,6 @@ The position-embedding grid equals the input grid everywhere, so neither side in
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -24,51 +23,17 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from dinotune.backbone import BackboneLoadError, DinoBackbone, load_dinov2  # noqa: E402
 from dinotune.backbone.convert import CheckpointFormatError, load_official_checkpoint  # noqa: E402
 from dinotune.backbone.registry import RANDOM_SPECS  # noqa: E402
+from tests.conftest import randomize_parameters  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMG = 98  # 7 x 7 patches of 14 px: small, and the timm pos_embed grid equals the input grid
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The work here is tensor init and tiny forwards: one thread is as fast on an idle machine
-    and 5-8x faster when another process keeps the (2) cores busy (intra-op threads then spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Overwrite every parameter with seeded random values of a sensible scale.
-
-    timm's own init leaves LayerScale at ``init_values`` (1e-5: blocks would be near-identity),
-    norms at 1/0, biases at 0 and the SwiGLU gate near 0; any of these would hide a dropped or
-    swapped tensor, so nothing of the default init is kept.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(shape, std, mean=0.0):
-        return torch.randn(shape, generator=g) * std + mean
-
-    for name, p in model.named_parameters():
-        if name.endswith("gamma"):  # LayerScale: random magnitude and sign
-            p.copy_(rnd(p.shape, 0.5))
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(rnd(p.shape, 0.2, 1.0))
-        elif name.endswith("bias"):
-            p.copy_(rnd(p.shape, 0.1))
-        elif name in ("cls_token", "reg_token", "pos_embed"):
-            p.copy_(rnd(p.shape, 0.5))
-        else:  # linear / conv weights: unit-variance outputs
-            fan_in = p[0].numel()
-            p.copy_(rnd(p.shape, fan_in**-0.5))
 
 
 def _timm_to_official(tsd: dict[str, Tensor], swiglu: bool, seed: int = 123) -> dict[str, Tensor]:
@@ -112,7 +77,7 @@ def _timm_to_official(tsd: dict[str, Tensor], swiglu: bool, seed: int = 123) -> 
 
 def _timm_dinov2(name: str, seed: int) -> nn.Module:
     model = timm.create_model(name, pretrained=False, img_size=IMG, num_classes=0)
-    _randomize(model, seed)
+    randomize_parameters(model, seed)
     return model.eval()
 
 
@@ -139,7 +104,7 @@ def _tiny_swiglu_vit(seed: int, embed_dim: int = 64, depth: int = 2) -> nn.Modul
         num_classes=0,
     )
     assert model.blocks[0].mlp.fc1.out_features == 2 * hidden
-    _randomize(model, seed)
+    randomize_parameters(model, seed)
     return model.eval()
 
 
@@ -216,7 +181,7 @@ def test_swiglu_reg4_with_two_heads_matches_timm(tmp_path):
         mlp_ratio=2 * ((int(128 * 4 * 2 / 3) + 7) // 8 * 8) / 128, mlp_layer=SwiGLUPacked,
         act_layer=nn.SiLU, num_classes=0, reg_tokens=4, no_embed_class=True,
     )
-    _randomize(model, seed=4)
+    randomize_parameters(model, seed=4)
     _check_parity(tmp_path, model.eval(), swiglu=True, n_reg=4)
 
 
@@ -232,7 +197,7 @@ def small_official() -> dict[str, Tensor]:
         img_size=IMG, patch_size=14, embed_dim=128, depth=4, num_heads=2, init_values=1e-5,
         num_classes=0,
     )
-    _randomize(model, seed=5)
+    randomize_parameters(model, seed=5)
     return _timm_to_official(model.eval().state_dict(), swiglu=False)
 
 

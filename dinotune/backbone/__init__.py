@@ -1,6 +1,7 @@
-"""DINOv2 backbones: loading (hub, local folder, official .pth, random) and features for heads."""
+"""DINOv2 / DINOv3 backbones: loading (hub, local folder, official .pth, random) and features for heads."""
 
-from dinotune.backbone.loading import BackboneLoadError, load_dinov2
-from dinotune.backbone.model import DinoBackbone, Features, to_map
+from dinotune.backbone.loading import BackboneLoadError, load_backbone_model, load_dinov2
+from dinotune.backbone.model import DinoBackbone, Features, final_norm, patch_embedding, to_map
 
-__all__ = ["BackboneLoadError", "DinoBackbone", "Features", "load_dinov2", "to_map"]
+__all__ = ["BackboneLoadError", "DinoBackbone", "Features", "final_norm", "load_backbone_model", "load_dinov2",
+           "patch_embedding", "to_map"]

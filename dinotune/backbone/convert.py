@@ -1,4 +1,5 @@
-"""Official DINOv2 checkpoints (torch-hub ``.pth``, fused ``qkv``) -> Hugging Face DINOv2 weights.
+"""Official DINOv2 checkpoints (torch-hub ``.pth``, fused ``qkv``) -> Hugging Face DINOv2 weights
+(official DINOv3 checkpoints are told apart by their tensors and go to ``convert_dinov3``).
 
 The official layout (facebookresearch/dinov2, ``DinoVisionTransformer``) names its tensors
 ``cls_token``, ``pos_embed``, ``register_tokens``, ``mask_token``, ``patch_embed.proj.*``,
@@ -16,6 +17,11 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
+from dinotune.backbone.convert_dinov3 import (
+    convert_dinov3_state_dict,
+    is_dinov3_state_dict,
+    official_dinov3_config,
+)
 from dinotune.backbone.registry import make_config
 from dinotune.errors import CheckpointFormatError
 
@@ -107,7 +113,7 @@ def convert_official_state_dict(sd: dict[str, Tensor], num_layers: int) -> dict[
 
 
 def load_official_checkpoint(path: str | Path) -> torch.nn.Module:
-    """Build a transformers DINOv2 model from an official ``.pth`` file (weights only)."""
+    """Build a transformers DINOv2 or DINOv3 model from an official ``.pth`` file (weights only)."""
     from transformers import AutoModel
 
     path = Path(path)
@@ -118,18 +124,23 @@ def load_official_checkpoint(path: str | Path) -> torch.nn.Module:
     if not isinstance(raw, dict):
         raise CheckpointFormatError(f"{path}: holds a {type(raw).__name__}, not a state dict")
     sd = _strip_prefixes(raw)
-    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight") if k not in sd]
+    dinov3 = is_dinov3_state_dict(sd)
+    needed = ("cls_token", "patch_embed.proj.weight", "norm.weight") + (() if dinov3 else ("pos_embed",))
+    missing = [k for k in needed if k not in sd]
     if missing or not any(k.endswith("attn.qkv.weight") for k in sd):
         raise CheckpointFormatError(
-            f"{path}: not an official DINOv2 checkpoint (missing {', '.join(missing) or 'blocks.*.attn.qkv'}); "
-            "Hugging Face folders are passed as a directory instead"
+            f"{path}: not an official DINOv2 checkpoint, nor a DINOv3 one (missing "
+            f"{', '.join(missing) or 'blocks.*.attn.qkv'}); Hugging Face folders are passed as a directory instead"
         )
     try:
-        cfg = official_config(sd)
+        if dinov3:
+            cfg = official_dinov3_config(sd)
+            hf_sd = convert_dinov3_state_dict(sd, cfg)
+        else:
+            cfg = official_config(sd)
+            hf_sd = convert_official_state_dict(sd, cfg.num_hidden_layers)
     except CheckpointFormatError as exc:  # shape problems: say which file they are in
         raise CheckpointFormatError(f"{path}: {exc}") from None
-    try:
-        hf_sd = convert_official_state_dict(sd, cfg.num_hidden_layers)
     except KeyError as exc:
         raise CheckpointFormatError(f"{path}: missing tensor {exc.args[0]}") from None
     model = AutoModel.from_config(cfg)

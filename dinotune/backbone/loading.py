@@ -1,8 +1,10 @@
-"""Turn a ``--model`` string into a transformers DINOv2 model.
+"""Turn a ``--model`` string into a transformers DINOv2 or DINOv3 model.
 
-Accepted forms: a hub id, a local Hugging Face folder, an official ``.pth`` checkpoint, or
-``random:<size>[-reg4]``. The hub path fails fast when the hub cannot be reached: transformers'
-own retries take about 50 s to give up, and the user needs a hint, not a trace.
+Accepted forms: a hub id, a local Hugging Face folder, an official ``.pth`` checkpoint (DINOv2 or
+DINOv3 layout, told apart by its tensors), or ``random:<size>[-reg4]`` / ``random:dinov3-<size>``.
+The hub path fails fast when the hub cannot be reached: transformers' own retries take about 50 s
+to give up, and the user needs a hint, not a trace. The DINOv3 repos are gated: a refused download
+(HTTP 401 / 403) says how to get access instead of showing huggingface_hub's trace.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from dinotune.backbone.convert import load_official_checkpoint
 from dinotune.backbone.registry import (
-    ARCHS,
-    DINOV2_MODEL_TYPES,
+    DINOV3_PREFIX,
+    MODEL_TYPES,
     RANDOM_SPECS,
     arch_config,
+    family_of,
     model_choices_text,
+    random_choices_for,
 )
 from dinotune.errors import BackboneLoadError
 from dinotune.utils import warn
 
+_FAMILY_NAME = {"dinov2": "DINOv2", "dinov3": "DINOv3"}
 
 
-def load_dinov2(spec: str, init_seed: int = 0) -> PreTrainedModel:
-    """Load a DINOv2 model (``Dinov2Model`` or ``Dinov2WithRegistersModel``) in eval mode."""
+def load_backbone_model(spec: str, init_seed: int = 0) -> PreTrainedModel:
+    """Load a DINOv2 (``Dinov2Model`` / ``Dinov2WithRegistersModel``) or DINOv3
+    (``DINOv3ViTModel``) model in eval mode."""
     spec = spec.strip()
     if spec.startswith("random:"):
         return _random_model(spec, init_seed)
@@ -49,6 +55,10 @@ def load_dinov2(spec: str, init_seed: int = 0) -> PreTrainedModel:
     raise BackboneLoadError(f"unknown --model {spec!r}: expected {model_choices_text()}")
 
 
+# The name the DINOv2-only releases used; it loads either family.
+load_dinov2 = load_backbone_model
+
+
 def _random_model(spec: str, init_seed: int) -> PreTrainedModel:
     name = spec.split(":", 1)[1]
     try:
@@ -57,8 +67,9 @@ def _random_model(spec: str, init_seed: int) -> PreTrainedModel:
         raise BackboneLoadError(
             f"unknown random size {name!r}: choose one of {', '.join(RANDOM_SPECS)}"
         ) from None
+    arch = f"{_FAMILY_NAME[family_of(cfg.model_type)]}-{name.removeprefix(DINOV3_PREFIX)}"
     warn(
-        f"--model {spec}: the DINOv2-{name} architecture with RANDOM weights (seed {init_seed}), "
+        f"--model {spec}: the {arch} architecture with RANDOM weights (seed {init_seed}), "
         "not pretrained features; use it for tests and demos only"
     )
     # A fixed seed makes the "base weights" reproducible, so a saved adapter + head can be put
@@ -70,10 +81,10 @@ def _random_model(spec: str, init_seed: int) -> PreTrainedModel:
     return model.eval()
 
 
-def _check_dinov2(model_type: str, where: str) -> None:
-    if model_type not in DINOV2_MODEL_TYPES:
+def _check_family(model_type: str, where: str) -> None:
+    if model_type not in MODEL_TYPES:
         raise BackboneLoadError(
-            f"{where} holds a {model_type!r} model, not DINOv2 ({' or '.join(DINOV2_MODEL_TYPES)})"
+            f"{where} holds a {model_type!r} model, not DINOv2 or DINOv3 ({', '.join(MODEL_TYPES)})"
         )
 
 
@@ -84,7 +95,7 @@ def _from_folder(path: Path) -> PreTrainedModel:
             "(save_pretrained / huggingface-cli download output)"
         )
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_dinov2(cfg.model_type, str(path))
+    _check_family(cfg.model_type, str(path))
     try:
         return AutoModel.from_pretrained(path, local_files_only=True).eval()
     except OSError as exc:
@@ -109,25 +120,72 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _refusal(exc: BaseException) -> tuple[str | None, int | None]:
+    """What the hub refused, read off ``exc`` and the exceptions it was raised from (transformers
+    wraps huggingface_hub's errors in an OSError): ``"gated"`` (a gated repo, access not granted),
+    ``"denied"`` (another HTTP 401 / 403), ``"missing"`` (no such repo, or a private one) or None;
+    and the HTTP status when one was given."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    seen: set[int] = set()
+    kind: str | None = None
+    status: int | None = None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        status = status or getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, GatedRepoError) or "gated repo" in str(exc).lower():
+            kind = "gated"
+        elif isinstance(exc, RepositoryNotFoundError):
+            kind = kind or "missing"
+        elif isinstance(exc, HfHubHTTPError) and status in (401, 403):
+            kind = kind or "denied"
+        exc = exc.__cause__ or exc.__context__
+    return kind, status
+
+
+def _hub_error(repo_id: str, exc: BaseException) -> BackboneLoadError:
+    kind, status = _refusal(exc)
+    http = f"HTTP {status}" if status else "HTTP 401 / 403"
+    page = f"https://huggingface.co/{repo_id}"
+    access = (f"accept the licence on the model page {page} (signed in to your Hugging Face account), "
+              "then log in here with `huggingface-cli login` or set HF_TOKEN to a token of that account")
+    if kind == "gated":
+        return BackboneLoadError(
+            f"{repo_id!r} is a gated model and this machine has no access to it ({http}). To get access: "
+            f"{access}. Without access: a local copy with --model DIR, or random weights with "
+            f"--model {random_choices_for(repo_id)}"
+        )
+    if kind == "denied":
+        return BackboneLoadError(
+            f"the Hugging Face hub refused to send {repo_id!r} ({http}: not logged in, or a token without "
+            f"access). If it is gated: {access}"
+        )
+    if kind == "missing":
+        return BackboneLoadError(
+            f"{repo_id!r} was not found on the Hugging Face hub (a typo? a private repo needs "
+            f"`huggingface-cli login` or HF_TOKEN); --model takes {model_choices_text()}"
+        )
+    return BackboneLoadError(f"could not download {repo_id!r} from the hub: {exc}")
+
+
 def _from_hub(repo_id: str) -> PreTrainedModel:
     try:  # the local cache first: works offline, costs no request
         cfg = AutoConfig.from_pretrained(repo_id, local_files_only=True)
-        _check_dinov2(cfg.model_type, repo_id)
+        _check_family(cfg.model_type, repo_id)
         return AutoModel.from_pretrained(repo_id, local_files_only=True).eval()
     except OSError:
         pass
     if not hub_reachable():
-        sizes = "|".join(ARCHS)
         raise BackboneLoadError(
             f"cannot reach the Hugging Face hub to download {repo_id!r} (offline, or "
             "HF_HUB_OFFLINE is set) and it is not in the local cache. On a machine with network run "
             f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass "
-            f"--model DIR; or try an architecture with random weights: --model random:{{{sizes}}} "
+            f"--model DIR; or try an architecture with random weights: --model {random_choices_for(repo_id)} "
             "(tiny: 4 blocks, quick on a CPU)"
         )
     try:
         cfg = AutoConfig.from_pretrained(repo_id)
-        _check_dinov2(cfg.model_type, repo_id)
+        _check_family(cfg.model_type, repo_id)
         return AutoModel.from_pretrained(repo_id).eval()
-    except OSError as exc:
-        raise BackboneLoadError(f"could not download {repo_id!r} from the hub: {exc}") from None
+    except OSError as exc:  # huggingface_hub's HTTP errors are OSErrors too
+        raise _hub_error(repo_id, exc) from None

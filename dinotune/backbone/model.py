@@ -1,10 +1,11 @@
-"""``DinoBackbone``: a DINOv2 model that returns features for heads, never logits.
+"""``DinoBackbone``: a DINOv2 or DINOv3 model that returns features for heads, never logits.
 
 Features follow the official ``get_intermediate_layers(x, n, reshape, return_class_token,
-norm=True)``: intermediate layers pass through the final LayerNorm, register tokens are split
-off, and patch tokens can be read as a ``B x C x H/p x W/p`` map (``p`` = ``patch_size``, read
-from the model's config). Any input whose sides are multiples of ``p`` works: transformers
-interpolates the position embeddings.
+norm=True)`` of both families: intermediate layers pass through the final LayerNorm (DINOv2's
+``layernorm``, DINOv3's ``norm``), register tokens are split off, and patch tokens can be read as a
+``B x C x H/p x W/p`` map (``p`` = ``patch_size``, read from the model's config: 14 for DINOv2, 16
+for DINOv3). Any input whose sides are multiples of ``p`` works, square or not: DINOv2's position
+embeddings are interpolated by transformers, DINOv3's RoPE is computed for the grid at hand.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dinotune.backbone.loading import load_dinov2
+from dinotune.backbone.loading import load_backbone_model
+from dinotune.backbone.registry import family_of
 from dinotune.errors import ConfigError
 
-# Learned tokens and position embeddings: parameters, but not weights AdamW should shrink.
+# Learned tokens and position embeddings: parameters, but not weights AdamW should shrink. Both
+# families name their tokens alike in transformers (DINOv3 has no position table: RoPE).
 _NO_DECAY = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 
@@ -62,21 +65,49 @@ def to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def patch_embedding(model: nn.Module) -> nn.Conv2d:
+    """The patch-embedding convolution of a transformers DINOv2 (``embeddings.patch_embeddings
+    .projection``) or DINOv3 (``embeddings.patch_embeddings``) model, PEFT-wrapped or not."""
+    embed = _unwrap(model).embeddings.patch_embeddings
+    return embed if isinstance(embed, nn.Conv2d) else embed.projection
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The LayerNorm after the last block: DINOv2's ``layernorm``, DINOv3's ``norm``."""
+    m = _unwrap(model)
+    return m.layernorm if hasattr(m, "layernorm") else m.norm
+
+
+def _patch_side(patch_size: int | Sequence[int]) -> int:
+    if isinstance(patch_size, int):
+        return patch_size
+    sides = set(patch_size)
+    if len(sides) != 1:
+        raise ConfigError(f"non-square patches {tuple(patch_size)} are not supported")
+    return sides.pop()
+
+
 class DinoBackbone(nn.Module):
-    """Wraps a transformers DINOv2 model (possibly inside a PEFT wrapper) as ``self.model``."""
+    """Wraps a transformers DINOv2 or DINOv3 model (possibly inside a PEFT wrapper) as
+    ``self.model``; ``family`` is ``"dinov2"`` or ``"dinov3"``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         cfg = self.config
+        self.family: str = family_of(cfg.model_type) or "dinov2"
         self.embed_dim: int = cfg.hidden_size
-        self.patch_size: int = cfg.patch_size
+        self.patch_size: int = _patch_side(cfg.patch_size)
         self.num_layers: int = cfg.num_hidden_layers
         self.num_register_tokens: int = getattr(cfg, "num_register_tokens", 0) or 0
 
     @classmethod
     def from_spec(cls, spec: str, init_seed: int = 0) -> "DinoBackbone":
-        return cls(load_dinov2(spec, init_seed=init_seed))
+        return cls(load_backbone_model(spec, init_seed=init_seed))
 
     @property
     def config(self):
@@ -84,8 +115,11 @@ class DinoBackbone(nn.Module):
 
     def hf_model(self) -> nn.Module:
         """The underlying transformers model, unwrapped from PEFT if adapted."""
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return _unwrap(self.model)
+
+    def patch_embedding(self) -> nn.Conv2d:
+        """The patch-embedding convolution (``C x in_channels x p x p``), either family."""
+        return patch_embedding(self.model)
 
     def check_image_size(self, size: int, key: str = "image size") -> None:
         """Raise ConfigError unless ``size`` is a positive multiple of the patch size (naming
@@ -126,8 +160,9 @@ class DinoBackbone(nn.Module):
         # intermediate hidden states cost memory; ask for them only when a head needs them
         need_hidden = idx != [self.num_layers - 1]
         out = self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
-        # hidden_states[0] is the embedding output, hidden_states[i + 1] block i's (pre-norm).
-        norm = self.hf_model().layernorm
+        # Both families: hidden_states[0] is the embedding output, hidden_states[i + 1] block i's
+        # (pre-norm); last_hidden_state is the last block's after the final norm.
+        norm = final_norm(self.model)
         first = 1 + self.num_register_tokens
         layer_tokens = [
             out.last_hidden_state if i == self.num_layers - 1 else norm(out.hidden_states[i + 1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dinotune.config.bands import BandLayout, BandsConfig
 from dinotune.config.base import (
     PYRAMID_SCALES,
     AdapterConfig,
@@ -62,7 +63,7 @@ from dinotune.config.segment import (
 
 __all__ = [
     "PYRAMID_SCALES", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common", "check_ranges", "range_text",
-    "BackboneConfig", "AdapterConfig", "OptimConfig", "TrainConfig",
+    "BackboneConfig", "AdapterConfig", "OptimConfig", "TrainConfig", "BandsConfig", "BandLayout",
     "ClassifyConfig", "ClassifyDataConfig", "ClassifyHeadConfig", "ClassifyInferenceConfig",
     "DetectConfig", "DetectDataConfig", "DetectModelConfig", "DetectLossConfig", "DetectInferenceConfig",
     "LIGHTWEIGHT_PRESET",

@@ -81,11 +81,14 @@ class BackboneConfig:
     model: str = opt(
         "facebook/dinov2-small",
         "backbone: a hub id (facebook/dinov2-{small,base,large,giant}, "
-        "facebook/dinov2-with-registers-*), a local Hugging Face folder, an official DINOv2 .pth "
-        "checkpoint, or random:{tiny,small,base,large,giant}[-reg4] for random weights",
+        "facebook/dinov2-with-registers-*, facebook/dinov3-{vits16,vits16plus,vitb16,vitl16,vith16plus,"
+        "vit7b16}-pretrain-lvd1689m (gated), facebook/dinov3-{vitl16,vit7b16}-pretrain-sat493m), a local "
+        "Hugging Face folder, an official DINOv2 / DINOv3 .pth checkpoint, or random:{tiny,small,base,"
+        "large,giant}[-reg4] / random:dinov3-{tiny,small,small-plus,base,large,huge-plus,7b} for random "
+        "weights (`dinotune models` lists them)",
     )
     image_size: int = opt(224, "input side in pixels; must be a multiple of the backbone's patch size "
-                          "(14 for DINOv2)", gt=0)
+                          "(14 for DINOv2, 16 for DINOv3)", gt=0)
     init_seed: int = opt(0, "seed of the random initialisation used by random:* models", ge=0)
 
 
@@ -101,7 +104,7 @@ class AdapterConfig:
     targets: list[str] = opt(
         ["attention"],
         "modules to adapt: attention (q,k,v,o projections), qkv, mlp, or module names such as "
-        "q_proj fc1",
+        "q_proj fc1 (DINOv2) / q_proj up_proj (DINOv3)",
     )
     last_n_blocks: int = opt(0, "adapt only the last N transformer blocks (0 = all)", ge=0)
 
@@ -144,6 +147,9 @@ def validate_common(cfg: Any) -> None:
     # that the size is a multiple of the patch size is checked when the backbone is built: the
     # patch size is the model's (DINOv2 14, other families differ)
     check_ranges(cfg)
+    bands = getattr(cfg, "bands", None)  # the N-band section (config/bands.py), in every task config
+    if bands is not None:
+        bands.validate()
     if cfg.train.two_stage and cfg.adapter.kind == "none":
         raise ConfigError(
             "--two-stage unfreezes the adapters in stage 2, so it needs --adapter lora, dora or full"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
     AdapterConfig,
     BackboneConfig,
@@ -82,6 +83,7 @@ class ClassifyConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    bands: BandsConfig = field(default_factory=BandsConfig)
     head: ClassifyHeadConfig = field(default_factory=ClassifyHeadConfig)
     inference: ClassifyInferenceConfig = field(default_factory=ClassifyInferenceConfig)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
     PYRAMID_SCALES,
     AdapterConfig,
@@ -127,6 +128,7 @@ class DetectConfig:
     optim: OptimConfig = field(default_factory=_detect_optim)
     train: TrainConfig = field(default_factory=_detect_train)
     data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    bands: BandsConfig = field(default_factory=BandsConfig)
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     loss: DetectLossConfig = field(default_factory=DetectLossConfig)
     inference: DetectInferenceConfig = field(default_factory=DetectInferenceConfig)

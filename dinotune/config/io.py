@@ -38,6 +38,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        elif isinstance(value, (list, tuple)) and inner in (int, float):  # --rgb-bands 3,2,1 as well as 3 2 1
+            value = [part for v in value for part in (v.replace(",", " ").split() if isinstance(v, str) else [v])]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [coerce(v, inner, key) for v in value]
@@ -70,6 +72,8 @@ ADDED_KEYS = frozenset({
     "inference.batch_size", "inference.top_k", "inference.score_threshold", "inference.draw_threshold",
     "inference.compare_image_size", "inference.window_batch", "model.single_dropout", "model.single_hidden",
     "data.scale_range", "data.max_image_pixels",
+    # N-band input (multispectral): runs from before read pictures as RGB, which these defaults keep
+    "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",
 })
 
 _INCOMPLETE_HINT = ("a config.yaml dinotune saves holds every key, so this one was cut or edited. Restore "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
     AdapterConfig,
     BackboneConfig,
@@ -106,6 +107,7 @@ class SegmentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=_segment_train)
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
+    bands: BandsConfig = field(default_factory=BandsConfig)
     model: SegmentModelConfig = field(default_factory=SegmentModelConfig)
     loss: SegmentLossConfig = field(default_factory=SegmentLossConfig)
     inference: SegmentInferenceConfig = field(default_factory=SegmentInferenceConfig)

@@ -1,4 +1,5 @@
 """Robust image reading: every format PIL opens, converted to RGB; bad files reported and skipped.
+Band arrays (``.npy``, multi-band TIFF) are listed and checked here too, and read by ``data/arrays.py``.
 
 Real folders hold GIFs, palette PNGs with transparency, CMYK JPEGs, 16-bit PNGs, phone photos
 stored sideways with an EXIF orientation tag, truncated downloads, empty files, broken symlinks,
@@ -33,11 +34,13 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dinotune.data.arrays import BandLayout, band_header, is_band_file
 from dinotune.errors import ImageReadError
 from dinotune.utils import info, warn
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
+    ".npy",  # band arrays (data/arrays.py), as are TIFFs that are not plain pictures
 }
 # Known non-image clutter that is skipped without a warning.
 _SILENT = {".ds_store", "thumbs.db", "desktop.ini"}
@@ -146,8 +149,12 @@ def upright_image(im: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open ``path`` fully decoded as an upright RGB image, or raise ImageReadError naming the file
-    (PixelLimitError, before decoding, when it has more than ``max_pixels`` pixels; 0 = no limit)."""
+    (PixelLimitError, before decoding, when it has more than ``max_pixels`` pixels; 0 = no limit).
+    Band arrays (``.npy``, multi-band TIFF) are not pictures: ``data.bands.read_input`` reads both."""
     path = Path(path)
+    if is_band_file(path):
+        raise ImageReadError(f"{path}: a band array (.npy / multi-band TIFF), not a picture; it is read with all "
+                             "its bands (dinotune.data.bands.read_input)")
     try:
         with open_image(path, max_pixels) as im:
             method = _UPRIGHT.get(exif_orientation(im))  # read before load, as header_size does
@@ -199,10 +206,16 @@ def describe_error(path: Path, exc: Exception) -> str:
 
 
 def check_image(path: Path, mode: Literal["full", "fast"] = "full",
-                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, layout: BandLayout = "auto") -> str | None:
     """None if ``path`` decodes, else the problem. ``full`` decodes JPEGs at 1/8 scale (cheap,
     yet it reads every byte, so truncation is caught); ``fast`` only parses the header. Either
-    refuses an image over ``max_pixels`` from its header, without decoding it."""
+    refuses an image over ``max_pixels`` from its header, without decoding it. Band arrays
+    (``.npy``, multi-band TIFF) are read with their own reader (all of them when ``full``:
+    truncation and NaN / inf values are found too)."""
+    if is_band_file(path):
+        from dinotune.data.bands import check_band_file
+
+        return check_band_file(path, mode, max_pixels, layout)
     try:
         with open_image(path, max_pixels) as im:
             if mode == "fast":
@@ -242,8 +255,11 @@ class SkipReport:
 def header_size(path: Path, upright: bool = True) -> tuple[int, int] | None:
     """``(width, height)`` from the image header (no decoding), or None if it cannot be read.
     ``upright``: as displayed, after the EXIF orientation (what ``load_image`` returns); False for
-    masks, which are label maps read as stored."""
+    masks, which are label maps read as stored. Band arrays: their height and width."""
     try:
+        if is_band_file(path):
+            header = band_header(path)
+            return header.width, header.height
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's bomb warning: the size is all we read here
             with Image.open(path) as im:
@@ -298,7 +314,7 @@ def list_image_files(folder: Path, report: SkipReport, recursive: bool = False) 
 
 def scan_images(
     paths: Iterable[Path], report: SkipReport, mode: Literal["full", "fast", "off"] = "full",
-    workers: int = 8, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    workers: int = 8, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, layout: BandLayout = "auto",
 ) -> list[bool]:
     """Check every path (in threads; PIL releases the GIL while decoding). Returns ok flags and
     records each bad file in ``report`` (images over ``max_pixels`` included, never decoded)."""
@@ -306,7 +322,7 @@ def scan_images(
     if mode == "off":
         return [True] * len(paths)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(lambda p: check_image(p, mode, max_pixels), paths))
+        problems = list(pool.map(lambda p: check_image(p, mode, max_pixels, layout), paths))
     for p, problem in zip(paths, problems):
         if problem:
             report.add(p, problem)
@@ -334,12 +350,12 @@ def collect_images(inputs: str | Path | Iterable[str | Path], report: SkipReport
 
 def readable_images(inputs: str | Path | Iterable[str | Path],
                     mode: Literal["full", "fast", "off"] = "fast",
-                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, layout: BandLayout = "auto") -> list[Path]:
     """The image files named by ``inputs`` that pass ``check_image``; the others are reported and
     counted. Raises ImageReadError when none is left."""
     report = SkipReport()
     paths = collect_images(inputs, report)
-    ok = scan_images(paths, report, mode, max_pixels=max_pixels)
+    ok = scan_images(paths, report, mode, max_pixels=max_pixels, layout=layout)
     report.print("inputs")
     paths = [p for p, good in zip(paths, ok) if good]
     if not paths:

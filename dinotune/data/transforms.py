@@ -1,46 +1,99 @@
-"""DINOv2 image preprocessing (ImageNet mean / std; sizes are multiples of the patch size) and
-classification augmentation."""
+"""DINOv2 image preprocessing (sizes are multiples of the patch size) and classification
+augmentation, for pictures and for band arrays alike.
+
+Pictures arrive as PIL RGB images and are normalised with the ImageNet mean / std (the default
+``InputSpec``); band arrays arrive as float32 ``C x H x W`` tensors in their own units and are
+normalised with their per-band statistics. The same ``v2`` pipeline serves both: resizing,
+cropping, flips and quarter turns work on any channel count, ``ToDtype(scale=True)`` turns uint8
+pictures into [0, 1] and leaves float arrays alone. No colour jitter is applied anywhere, so no
+band is ever treated as if it were red, green or blue.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinotune.data.bands import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandomQuarterTurn", "classify_eval_transform",
+           "classify_train_transform", "denormalize", "normalize", "spatial_augmentations"]
 
 
-def normalize() -> v2.Normalize:
-    return v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def normalize(spec: InputSpec | None = None) -> v2.Normalize:
+    """Per-band normalisation of ``spec`` (ImageNet's for the default, RGB pictures)."""
+    spec = spec or InputSpec()
+    return v2.Normalize(mean=list(spec.mean), std=list(spec.std))
 
 
-def classify_eval_transform(image_size: int) -> v2.Compose:
+class RandomQuarterTurn(v2.Transform):
+    """Rotate by 0, 90, 180 or 270 degrees (each with probability 1/4): exact for any channel count
+    (no resampling), and applied alike to the image and to its masks and boxes (``tv_tensors``).
+    Overhead imagery has no "up", so every quarter turn is as plausible as the original."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"angle": 90 * int(torch.randint(4, ()))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["angle"] == 0:
+            return inpt
+        return self._call_kernel(F.rotate, inpt, angle=params["angle"], expand=True)
+
+
+def spatial_augmentations(spec: InputSpec | None) -> list[v2.Transform]:
+    """Geometric augmentation besides the horizontal flip every task uses: for band arrays
+    (overhead imagery) vertical flips and quarter turns too; nothing for pictures (as before)."""
+    if spec is None or not spec.arrays:
+        return []
+    return [v2.RandomVerticalFlip(), RandomQuarterTurn()]
+
+
+def _to_image() -> v2.Transform:
+    """PIL pictures -> uint8 tensors; band tensors (already ``tv_tensors.Image``) pass unchanged."""
+    return v2.ToImage()
+
+
+def classify_eval_transform(image_size: int, spec: InputSpec | None = None) -> v2.Compose:
     """Resize the short side to ``size * 256/224`` and center-crop ``size`` (the DINOv2 / ImageNet
-    evaluation protocol)."""
+    evaluation protocol), then normalise with ``spec``'s statistics (ImageNet's by default)."""
     return v2.Compose([
-        v2.ToImage(),
+        _to_image(),
         v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        normalize(),
+        normalize(spec),
     ])
 
 
-def classify_train_transform(image_size: int, augment: bool = True) -> v2.Compose:
-    """Random resized crop + horizontal flip; without ``augment`` the evaluation transform."""
+def classify_train_transform(image_size: int, augment: bool = True, spec: InputSpec | None = None) -> v2.Compose:
+    """Random resized crop + horizontal flip (+ vertical flip and quarter turns for band arrays);
+    without ``augment`` the evaluation transform."""
     if not augment:
-        return classify_eval_transform(image_size)
+        return classify_eval_transform(image_size, spec)
     return v2.Compose([
-        v2.ToImage(),
+        _to_image(),
         v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
+        *spatial_augmentations(spec),
         v2.ToDtype(torch.float32, scale=True),
-        normalize(),
+        normalize(spec),
     ])
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """``B x 3 x H x W`` normalised images back to [0, 1] for display."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(-1, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+def denormalize(images: torch.Tensor, spec: InputSpec | None = None) -> torch.Tensor:
+    """``B x C x H x W`` normalised images back to the reader's units: [0, 1] for pictures (clamped,
+    for display), raw band values for band arrays."""
+    spec = spec or InputSpec()
+    mean = torch.tensor(spec.mean, device=images.device, dtype=images.dtype).view(-1, 1, 1)
+    std = torch.tensor(spec.std, device=images.device, dtype=images.dtype).view(-1, 1, 1)
+    out = images * std + mean
+    return out if spec.arrays else out.clamp(0, 1)
+
+
+def as_band_image(x: torch.Tensor) -> tv_tensors.Image:
+    """A plain ``C x H x W`` tensor marked as an image for ``v2`` transforms."""
+    return x if isinstance(x, tv_tensors.Image) else tv_tensors.Image(x)

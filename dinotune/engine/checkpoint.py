@@ -3,7 +3,8 @@
 A checkpoint folder holds what rebuilds the model on top of the base backbone: ``config.yaml``,
 ``meta.json`` (task metadata such as class names, epoch, metrics, base-weights fingerprint),
 ``head.safetensors``, the adapter (PEFT files) or, for full fine-tuning, ``backbone.safetensors``,
-and for ``last`` also ``trainer_state.safetensors`` (optimizer, scheduler, scaler, RNG, epoch).
+for N-band input the widened patch embedding (``input_embedding.safetensors``; ``meta.json``
+keeps the bands and their statistics under ``input``), and for ``last`` also ``trainer_state.safetensors`` (optimizer, scheduler, scaler, RNG, epoch).
 Never the frozen backbone.
 
 Nothing in a checkpoint is pickled: tensors are safetensors, everything else JSON or YAML (the
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dinotune.adapters import ADAPTER_WEIGHTS, BACKBONE_WEIGHTS, load_adapter, save_adapter
+from dinotune.backbone.channels import INPUT_EMBEDDING_WEIGHTS
 from dinotune.config import AdapterConfig, ConfigError, save_yaml
 from dinotune.config.io import load_run_config
 from dinotune.errors import CheckpointError, DinotuneError
@@ -273,8 +275,13 @@ def load_weights(folder: Path, model: nn.Module, adapter: AdapterConfig) -> None
 
 
 def check_compatible(folder: Path, current: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose classes differ from the data's, naming both."""
+    """Refuse a checkpoint whose classes (or input bands) differ from the data's, naming both."""
     saved = read_meta(folder)
+    saved_bands = (saved.get("input") or {}).get("in_channels", 3)
+    current_bands = (current.get("input") or {}).get("in_channels", 3)
+    if saved_bands != current_bands:
+        raise CheckpointError(f"{folder} was trained on {saved_bands}-band input but the data has {current_bands} "
+                              "band(s)")
     if "num_classes" in saved and "num_classes" in current and saved["num_classes"] != current["num_classes"]:
         raise CheckpointError(
             f"{folder} was trained for {saved['num_classes']} classes but the data has "
@@ -302,7 +309,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 def _weight_files(folder: Path, adapter_kind: str) -> list[Path]:
     """The safetensors files a checkpoint of an ``adapter_kind`` model holds."""
     extra = {"lora": [ADAPTER_WEIGHTS], "dora": [ADAPTER_WEIGHTS], "full": [BACKBONE_WEIGHTS]}
-    return [folder / name for name in [HEAD_WEIGHTS, *extra.get(adapter_kind, [])]]
+    files = [folder / name for name in [HEAD_WEIGHTS, *extra.get(adapter_kind, [])]]
+    if (folder / INPUT_EMBEDDING_WEIGHTS).exists():  # N-band runs only
+        files.append(folder / INPUT_EMBEDDING_WEIGHTS)
+    return files
 
 
 def _check_tensor_file(path: Path) -> None:

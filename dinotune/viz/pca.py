@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinotune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dinotune.data.bands import InputSpec
 from dinotune.viz.plots import _new_figure, _save
 
 __all__ = ["pca_features", "pca_figure"]
@@ -26,6 +26,17 @@ def _resize(image: Image.Image, image_size: int | None, patch: int) -> Image.Ima
     scale = 1.0 if image_size is None else image_size / min(w, h)
     size = tuple(max(patch, int(round(s * scale / patch)) * patch) for s in (w, h))
     return image if size == (w, h) else image.resize(size, Image.BICUBIC)
+
+
+def _resize_bands(x: torch.Tensor, image_size: int | None, patch: int) -> torch.Tensor:
+    """``_resize`` for a ``C x H x W`` band tensor (bicubic, antialiased)."""
+    h, w = x.shape[-2:]
+    scale = 1.0 if image_size is None else image_size / min(w, h)
+    size = tuple(max(patch, int(round(s * scale / patch)) * patch) for s in (h, w))
+    if size == (h, w):
+        return x
+    return torch.nn.functional.interpolate(x[None].float(), size=size, mode="bicubic", antialias=True,
+                                           align_corners=False)[0]
 
 
 def _fit_pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +69,16 @@ def _border(grid: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pca_features(backbone, images: Sequence[Image.Image], image_size: int | None, n_components: int = 3,
-                 foreground_threshold: float | None = None) -> list[np.ndarray]:
+def pca_features(backbone, images: Sequence[Image.Image | torch.Tensor], image_size: int | None,
+                 n_components: int = 3, foreground_threshold: float | None = None,
+                 spec: InputSpec | None = None) -> list[np.ndarray]:
     """PCA maps of ``images`` under ``backbone`` (a ``DinoBackbone``): one ``h x w x n_components``
     float array in [0, 1] per image, ``(h, w)`` its patch grid.
 
     Each image is resized so its short side is ``image_size`` (None keeps its size), both sides
-    rounded to multiples of the patch size, normalised with the ImageNet mean / std and run alone
-    (sizes may differ). One PCA is fitted over all images' patch tokens together, and each
+    rounded to multiples of the patch size, normalised with ``spec``'s per-band mean / std (default:
+    ImageNet's, for RGB pictures; band arrays come as ``C x H x W`` tensors) and run alone (sizes
+    may differ). One PCA is fitted over all images' patch tokens together, and each
     component is min-max scaled over all images, so colours are comparable between images.
 
     ``foreground_threshold`` (in [0, 1]) follows DINOv2's demo: patches whose scaled first
@@ -77,15 +90,19 @@ def pca_features(backbone, images: Sequence[Image.Image], image_size: int | None
         return []
     patch = backbone.patch_size
     param = next(backbone.parameters())
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    spec = spec or InputSpec()
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
     was_training = backbone.training
     backbone.eval()
     tokens, grids = [], []
     try:
         for image in images:
-            im = _resize(image.convert("RGB"), image_size, patch)
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            if isinstance(image, torch.Tensor):
+                x = _resize_bands(image.as_subclass(torch.Tensor).float(), image_size, patch)
+            else:
+                im = _resize(image.convert("RGB"), image_size, patch)
+                x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
             x = ((x - mean) / std)[None].to(device=param.device, dtype=param.dtype)
             feats = backbone(x)
             tokens.append(feats.patch_tokens[0].double().cpu())

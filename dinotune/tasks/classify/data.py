@@ -1,8 +1,11 @@
 """Classification data: class-folder trees, CSV files, Hugging Face datasets -> one sample format.
 
-Every source becomes a dataset whose items are ``{"image": 3 x H x W float tensor, "label": int}``.
+Every source becomes a dataset whose items are ``{"image": C x H x W float tensor, "label": int}``
+(``C`` = 3 for pictures, the band count for ``.npy`` / multi-band TIFF band arrays).
 Class indices follow the sorted class names of the training data; evaluation data is mapped onto
 those names, so a checkpoint and a dataset that disagree are caught by name, not by accident.
+The input (band count, RGB bands, per-band statistics) is decided from the training files
+(``data.bands.resolve_input_spec``); validation and evaluation files must fit it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import Dataset
 
+from dinotune.config import BandsConfig, ConfigError
+from dinotune.data.arrays import BandLayout
+from dinotune.data.bands import InputSpec, check_inputs, input_bands, make_spec, read_input, resolve_input_spec
 from dinotune.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageReadError,
     SkipReport,
     is_image_file,
     list_image_files,
-    load_image,
     scan_images,
     symlink_problem,
     to_rgb,
@@ -50,14 +55,18 @@ class Samples:
 
 
 class ImageListDataset(Dataset):
-    """Images from paths. A file that fails to decode at run time (or is over ``max_image_pixels``)
-    is reported once and replaced by the next readable sample, so one bad file never stops an epoch."""
+    """Images (pictures or band arrays) from paths. A file that fails to decode at run time (or is
+    over ``max_image_pixels``, or has another band count than ``bands``) is reported once and
+    replaced by the next readable sample, so one bad file never stops an epoch."""
 
     def __init__(self, items: list[tuple[Path, int]], transform: Callable,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, layout: BandLayout = "auto",
+                 bands: int | None = None):
         self.items = items
         self.transform = transform
         self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
+        self.layout = layout
+        self.bands = bands
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -70,7 +79,9 @@ class ImageListDataset(Dataset):
                 continue
             path, label = self.items[i]
             try:
-                image = load_image(path, self.max_image_pixels)
+                image = read_input(path, self.max_image_pixels, self.layout)
+                if self.bands is not None and input_bands(image) != self.bands:
+                    raise ImageReadError(f"{path}: has {input_bands(image)} band(s), the model takes {self.bands}")
             except ImageReadError as exc:
                 self._bad.add(i)
                 warn(f"skipped {exc} (replaced by another sample)")
@@ -286,6 +297,17 @@ class ClassificationData:
     val: Dataset | None
     class_names: list[str]
     report: SkipReport
+    spec: InputSpec = field(default_factory=InputSpec)
+
+
+def _hf_spec(bands: BandsConfig) -> InputSpec:
+    """Hugging Face image columns are pictures: RGB, ImageNet statistics unless given."""
+    if bands.stats == "data" and not bands.mean:
+        raise ConfigError("--band-stats data computes statistics from image files; a Hugging Face dataset is "
+                          "normalised with ImageNet's, or with --band-mean / --band-std")
+    if bands.in_channels not in (0, 3):
+        raise ConfigError(f"--in-channels {bands.in_channels}: a Hugging Face dataset's images are read as RGB (3)")
+    return make_spec(3, rgb_bands=bands.rgb_bands, mean=bands.mean, std=bands.std)
 
 
 def _samples_for(path: Path, class_names: list[str] | None, image_column: str, label_column: str) -> Samples:
@@ -320,8 +342,8 @@ def _check(samples: Samples, what: str, need_classes: bool = True) -> None:
 
 
 def _scan(samples: Samples, mode: Literal["full", "fast", "off"],
-          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Samples:
-    ok = scan_images([p for p, _ in samples.items], samples.report, mode, max_pixels=max_pixels)
+          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, layout: BandLayout = "auto") -> Samples:
+    ok = scan_images([p for p, _ in samples.items], samples.report, mode, max_pixels=max_pixels, layout=layout)
     samples.items = [s for s, good in zip(samples.items, ok) if good]
     return samples
 
@@ -336,18 +358,29 @@ def build_classification_data(
     image_column: str = "",
     label_column: str = "",
     check_images: Literal["full", "fast", "off"] = "full",
-    train_transform: Callable,
-    eval_transform: Callable,
+    train_transform: Callable | None = None,
+    eval_transform: Callable | None = None,
     seed: int = 0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    bands: BandsConfig | None = None,
+    make_transforms: Callable[[InputSpec], tuple[Callable, Callable]] | None = None,
 ) -> ClassificationData:
     """Read training (and validation) data from any supported source, check every image, and
     report what was skipped. Raises DataError on empty, one-class or inconsistent data.
-    ``max_image_pixels``: larger images are skipped and reported, never decoded (0 = no limit)."""
+    ``max_image_pixels``: larger images are skipped and reported, never decoded (0 = no limit).
+
+    The input (``ClassificationData.spec``: band count, RGB bands, per-band statistics) is decided
+    from the checked training files under ``bands`` (defaults: pictures as RGB with ImageNet
+    statistics, band arrays with their own); ``make_transforms(spec)`` then gives the training and
+    evaluation transforms (else ``train_transform`` / ``eval_transform`` are used as given)."""
     if not data:
         raise DataError("no training data given (--data DIR, CSV or dataset)")
+    bands = bands or BandsConfig()
     root = Path(data).expanduser()
     if data.startswith("hf:") or is_hf_dataset_folder(root):
+        spec = _hf_spec(bands)
+        if make_transforms is not None:
+            train_transform, eval_transform = make_transforms(spec)
         return _build_hf(data, val_data, train_split, val_split, image_column, label_column,
                          train_transform, eval_transform)
     train_dir, val_dir = _split_dirs(root) if root.is_dir() else (None, None)
@@ -363,24 +396,36 @@ def build_classification_data(
         val = None
     report = SkipReport(train.report.skipped + (val.report.skipped if val else []))
     train.report = report  # before the scan, so bad training images land in the printed report
-    train = _scan(train, check_images, max_image_pixels)
+    train = _scan(train, check_images, max_image_pixels, bands.layout)
     if val is not None:
         val.report = report
-        val = _scan(val, check_images, max_image_pixels)
+        val = _scan(val, check_images, max_image_pixels, bands.layout)
     report.print("files")
     _check(train, "training")
-    if val is None and val_fraction > 0:
+    held_out = val is None and val_fraction > 0
+    if held_out:
         train, val = _holdout(train, val_fraction, seed)
+    # statistics from the training files only (a held-out validation part is not looked at)
+    spec = resolve_input_spec([p for p, _ in train.items], in_channels=bands.in_channels, rgb_bands=bands.rgb_bands,
+                              layout=bands.layout, stats=bands.stats, mean=bands.mean, std=bands.std,
+                              max_pixels=max_image_pixels)
     if val is not None:
+        check_inputs([p for p, _ in val.items], spec, "validation")
         _check(val, "validation", need_classes=False)
     info(f"classes ({len(train.class_names)}): {', '.join(train.class_names[:20])}"
          + (" ..." if len(train.class_names) > 20 else ""))
     info(f"images: {len(train.items)} train" + (f", {len(val.items)} val" if val else ", no validation set"))
+    if spec.arrays:
+        info(f"band arrays: {spec.in_channels} band(s), RGB bands {spec.rgb_bands}, per-band statistics "
+             f"{'given' if bands.mean else 'from the training data'}")
+    if make_transforms is not None:
+        train_transform, eval_transform = make_transforms(spec)
     return ClassificationData(
-        ImageListDataset(train.items, train_transform, max_image_pixels),
-        ImageListDataset(val.items, eval_transform, max_image_pixels) if val else None,
+        ImageListDataset(train.items, train_transform, max_image_pixels, spec.layout, spec.in_channels),
+        ImageListDataset(val.items, eval_transform, max_image_pixels, spec.layout, spec.in_channels) if val else None,
         train.class_names,
         report,
+        spec,
     )
 
 
@@ -433,9 +478,12 @@ def build_eval_dataset(
     data: str, class_names: list[str], transform: Callable, *, split: str = "val",
     image_column: str = "", label_column: str = "", hf_split: str = "validation",
     check_images: Literal["full", "fast", "off"] = "full", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    spec: InputSpec | None = None,
 ) -> Dataset:
     """Evaluation data mapped onto a checkpoint's classes. A folder with train/ and val/ is read
-    from its ``split`` folder; a plain class-folder tree or CSV is used whole."""
+    from its ``split`` folder; a plain class-folder tree or CSV is used whole. Its files must fit
+    the checkpoint's input ``spec`` (kind and band count; default: RGB pictures)."""
+    spec = spec or InputSpec()
     root = Path(data).expanduser()
     if data.startswith("hf:") or is_hf_dataset_folder(root):
         ds = load_hf(data, hf_split)
@@ -449,10 +497,11 @@ def build_eval_dataset(
     _check_class_names(samples.class_names, class_names, str(root))
     remap = [class_names.index(n) for n in samples.class_names]
     samples.items = [(p, remap[label]) for p, label in samples.items]
-    samples = _scan(samples, check_images, max_image_pixels)
+    samples = _scan(samples, check_images, max_image_pixels, spec.layout)
     samples.report.print("files")
     _check(samples, "evaluation", need_classes=False)
-    return ImageListDataset(samples.items, transform, max_image_pixels)
+    check_inputs([p for p, _ in samples.items], spec, "evaluation")
+    return ImageListDataset(samples.items, transform, max_image_pixels, spec.layout, spec.in_channels)
 
 
 def _check_class_names(found: list[str], expected: list[str], where: str) -> None:

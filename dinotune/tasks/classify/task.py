@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import ClassifyConfig, ClassifyInferenceConfig
+from dinotune.data.bands import InputSpec, check_inputs
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
 from dinotune.data.transforms import classify_eval_transform, classify_train_transform
@@ -39,11 +40,18 @@ class ClassifyTask(Task):
         return "top1"
 
     # ---------------------------------------------------------------------------------- data
-    def eval_transform(self, pre_transform: Callable | None = None) -> Callable:
-        """Evaluation preprocessing; ``pre_transform`` (PIL -> PIL, e.g. a corruption) runs first."""
-        transform = classify_eval_transform(self.cfg.backbone.image_size)
+    def eval_transform(self, spec: InputSpec | None = None, pre_transform: Callable | None = None) -> Callable:
+        """Evaluation preprocessing for ``spec``'s input (default: RGB pictures); ``pre_transform``
+        (PIL -> PIL, e.g. a corruption) runs first."""
+        spec = spec or InputSpec()
+        transform = classify_eval_transform(self.cfg.backbone.image_size, spec)
         if pre_transform is None:
             return transform
+        if spec.arrays:
+            from dinotune.config import ConfigError
+
+            raise ConfigError("image corruptions are defined on RGB pictures, not on band arrays "
+                              f"({spec.in_channels} bands)")
         from torchvision.transforms import v2
 
         return v2.Compose([pre_transform, transform])
@@ -54,14 +62,15 @@ class ClassifyTask(Task):
         data = build_classification_data(
             data=d.data, val_data=d.val_data, val_fraction=d.val_fraction, train_split=d.train_split,
             val_split=d.val_split, image_column=d.image_column, label_column=d.label_column,
-            check_images=d.check_images, train_transform=classify_train_transform(size, augment),
-            eval_transform=self.eval_transform(), seed=self.cfg.train.seed, max_image_pixels=d.max_image_pixels,
+            check_images=d.check_images, seed=self.cfg.train.seed, max_image_pixels=d.max_image_pixels,
+            bands=self.cfg.bands,
+            make_transforms=lambda spec: (classify_train_transform(size, augment, spec), self.eval_transform(spec)),
         )
         items = getattr(data.train, "items", None)  # files; a Hugging Face dataset has its own fingerprint
         fingerprint = (files_fingerprint([p for p, _ in items]) if items is not None
                        else files_fingerprint([], [getattr(getattr(data.train, "ds", None), "_fingerprint", None)]))
         meta = {"task": self.name, "class_names": data.class_names, "num_classes": len(data.class_names),
-                "skipped_files": len(data.report), "data_fingerprint": fingerprint}
+                "skipped_files": len(data.report), "data_fingerprint": fingerprint, "input": data.spec.to_meta()}
         return TaskData(data.train, data.val, meta)
 
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
@@ -91,7 +100,7 @@ class ClassifyTask(Task):
         common = dict(
             cache_dir=Path(h.cache_dir) if h.cache_dir else run_dir / "cache",
             key_parts={"fingerprint": data.meta["backbone_fingerprint"], "model": self.cfg.backbone.model,
-                       "size": self.cfg.backbone.image_size, "pool": h.pool},
+                       "size": self.cfg.backbone.image_size, "pool": h.pool, "input": data.meta.get("input")},
             batch_size=t.batch_size, workers=t.workers, device=device, precision=precision,
             show_progress=t.progress,
         )
@@ -146,8 +155,10 @@ class ClassifyTask(Task):
     def predict(self, run: TrainedRun, images: Any, settings: ClassifyInferenceConfig) -> list[dict[str, Any]]:
         """Top-k classes per image: ``[{"image", "predictions": [{"class", "index", "score"}]}]``."""
         limit = self.cfg.data.max_image_pixels
-        paths = readable_images(images, "full", max_pixels=limit)
-        ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform(), limit)
+        spec = InputSpec.from_meta(run.meta)
+        paths = readable_images(images, "full", max_pixels=limit, layout=spec.layout)
+        check_inputs(paths, spec, "prediction")
+        ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform(spec), limit, spec.layout, spec.in_channels)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=0)
         names = run.bundle.class_names
         k = min(settings.top_k, len(names))
@@ -179,19 +190,19 @@ class ClassifyTask(Task):
             w.writerow([r["image"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['score']:.6f}")])
         return buf.getvalue()
 
-    def _eval_dataset(self, data: str, class_names: list[str], split: str,
+    def _eval_dataset(self, data: str, class_names: list[str], split: str, spec: InputSpec,
                       pre_transform: Callable | None = None) -> Dataset:
         d = self.cfg.data
-        return build_eval_dataset(data, class_names, self.eval_transform(pre_transform), split=split,
+        return build_eval_dataset(data, class_names, self.eval_transform(spec, pre_transform), split=split,
                                   image_column=d.image_column, label_column=d.label_column,
                                   hf_split=d.val_split, check_images=d.check_images,
-                                  max_image_pixels=d.max_image_pixels)
+                                  max_image_pixels=d.max_image_pixels, spec=spec)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: ClassifyInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
                       pre_transform: Callable | None = None) -> dict[str, Any]:
         """Metrics of ``run`` on a dataset, classes matched to the checkpoint's by name."""
-        ds = self._eval_dataset(data, run.bundle.class_names, split, pre_transform)
+        ds = self._eval_dataset(data, run.bundle.class_names, split, InputSpec.from_meta(run.meta), pre_transform)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
 
@@ -200,11 +211,12 @@ class ClassifyTask(Task):
         """A grid of ``samples`` evaluation images, each titled with its own legend: ``pred <class>
         (<score>)`` over ``true <class>``, green when right, red when wrong (a bare ``a (0.9) / b``
         left readers guessing which side was the truth)."""
-        from dinotune.data.images import load_image
+        from dinotune.data.bands import display_image
         from dinotune.viz.plots import plot_image_grid
 
         names = run.bundle.class_names
-        ds = self._eval_dataset(data, names, split)
+        spec = InputSpec.from_meta(run.meta)
+        ds = self._eval_dataset(data, names, split, spec)
         items = getattr(ds, "items", None)
         if not items:  # Hugging Face datasets have no file paths to show
             return []
@@ -217,8 +229,9 @@ class ClassifyTask(Task):
             top = r["predictions"][0]
             titles.append(sample_title(top["class"], top["score"], truth[r["image"]]))
             colours.append("green" if top["class"] == truth[r["image"]] else "red")
-        return [plot_image_grid([load_image(r["image"], self.cfg.data.max_image_pixels) for r in preds], titles, Path(out_dir) / "samples.png",
-                                colours=colours)]
+        # band arrays are shown through their RGB bands, stretched from the 2nd to the 98th percentile
+        pictures = [display_image(Path(r["image"]), spec, self.cfg.data.max_image_pixels) for r in preds]
+        return [plot_image_grid(pictures, titles, Path(out_dir) / "samples.png", colours=colours)]
 
     def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
         from dinotune.viz.plots import plot_bars, plot_confusion_matrix

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from dinotune.data.bands import InputSpec, display_image
 from dinotune.viz.draw import draw_detections, save_image, side_by_side
 from dinotune.viz.plots import plot_bars, plot_curve, plot_histogram
 
@@ -38,33 +39,33 @@ def _boxes(dets: Sequence[dict[str, Any]], index: dict[str, int]) -> tuple[list[
 
 
 def draw_predictions(predictions: Sequence[dict[str, Any]], out_dir: Path, names: Sequence[str],
-                     threshold: float) -> list[Path]:
+                     threshold: float, spec: InputSpec | None = None) -> list[Path]:
     """Each image with its detections scoring at least ``threshold``, as ``out_dir/<stem>.jpg``
-    (``predict --draw DIR`` writes into DIR itself, as segmentation's overlays do)."""
-    from dinotune.data.images import load_image
+    (``predict --draw DIR`` writes into DIR itself, as segmentation's overlays do). Band arrays are
+    drawn through ``spec``'s RGB bands with a percentile stretch."""
 
     index = {n: i for i, n in enumerate(names)}
     files = []
     for p in predictions:
         dets = [d for d in p["detections"] if d["score"] >= threshold]
         boxes, labels = _boxes(dets, index)
-        drawn = draw_detections(load_image(p["image"]), boxes, labels, list(names), [d["score"] for d in dets])
+        drawn = draw_detections(display_image(Path(p["image"]), spec), boxes, labels, list(names),
+                                [d["score"] for d in dets])
         files.append(save_image(drawn, Path(out_dir) / f"{Path(p['image']).stem}.jpg"))
     return files
 
 
 def truth_figures(predictions: Sequence[dict[str, Any]], truth: dict[str, tuple[list, list[int], tuple[int, int]]],
-                  out_dir: Path, names: Sequence[str], threshold: float) -> list[Path]:
+                  out_dir: Path, names: Sequence[str], threshold: float, spec: InputSpec | None = None) -> list[Path]:
     """Ground truth | prediction side by side for each image, as ``out_dir/<stem>.jpg``: a drawing
     of predictions alone cannot show what was missed. ``truth``: image path -> (xyxy boxes in the
     annotation's pixels, class indices, annotated (width, height)); boxes are rescaled when the file
-    is a rescale of the annotated size."""
-    from dinotune.data.images import load_image
+    is a rescale of the annotated size. Band arrays are drawn through ``spec``'s RGB bands."""
 
     index = {n: i for i, n in enumerate(names)}
     files = []
     for p in predictions:
-        image = load_image(p["image"])
+        image = display_image(Path(p["image"]), spec)
         gt_boxes, gt_labels, (w, h) = truth.get(p["image"], ([], [], image.size))
         sx, sy = image.width / max(1, w), image.height / max(1, h)
         gt_boxes = [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in gt_boxes]

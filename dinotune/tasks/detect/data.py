@@ -18,7 +18,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from dinotune.data.coco import find_coco_json, load_json
-from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, header_size, load_image, scan_images
+from dinotune.data.bands import InputSpec, input_bands, read_input
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, header_size, scan_images
 from dinotune.data.splits import SPLIT_ALIASES, subset_indices
 from dinotune.errors import DataError, ImageReadError
 from dinotune.ops import box_ops
@@ -181,8 +182,10 @@ class DetectionDataset(Dataset):
     frame, so predictions come back in the coordinates the ground truth uses."""
 
     def __init__(self, source: DetectionSource, transform: Callable | None, image_size: int,
-                 pre_transform: Callable | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 pre_transform: Callable | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 spec: InputSpec | None = None):
         self.image_size = int(image_size)
+        self.spec = spec or InputSpec()  # pictures (RGB, ImageNet statistics) or band arrays
         self.transform = transform
         self.pre_transform = pre_transform
         self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
@@ -196,7 +199,7 @@ class DetectionDataset(Dataset):
             objs = source.targets(im.id)
             self.boxes.append(torch.tensor([a.bbox for a in objs], dtype=torch.float32).reshape(-1, 4))
             self.labels.append(torch.tensor([a.label for a in objs], dtype=torch.int64))
-        self._finish = to_input()
+        self._finish = to_input(self.spec)
         self._bad: set[int] = set()
         self._resized: set[int] = set()
 
@@ -223,29 +226,34 @@ class DetectionDataset(Dataset):
             return self._item(i, pil)
         raise DataError(f"{self.name}: no image in the dataset could be decoded")
 
-    def _load(self, i: int) -> Image.Image:
-        """The decoded image of record ``i``; ImageReadError when its size cannot be reconciled
-        with the annotation's (warned once when it can: the boxes are rescaled)."""
+    def _load(self, i: int) -> Image.Image | torch.Tensor:
+        """The decoded image of record ``i`` (a PIL picture, or a ``C x H x W`` band tensor);
+        ImageReadError when its size cannot be reconciled with the annotation's (warned once when
+        it can: the boxes are rescaled) or its band count is not the model's."""
         rec = self.records[i]
-        pil = load_image(rec.path, self.max_image_pixels)
-        if pil.size != (rec.width, rec.height):
-            problem = size_mismatch(pil.size, (rec.width, rec.height))
+        pil = read_input(rec.path, self.max_image_pixels, self.spec.layout)
+        if input_bands(pil) != self.spec.in_channels:
+            raise ImageReadError(f"{rec.path}: has {input_bands(pil)} band(s), the model takes {self.spec.in_channels}")
+        w, h = _size(pil)
+        if (w, h) != (rec.width, rec.height):
+            problem = size_mismatch((w, h), (rec.width, rec.height))
             if problem:
                 raise ImageReadError(f"{rec.path}: {problem}")
             if i not in self._resized:
                 self._resized.add(i)
-                warn(f"{rec.path}: image is {pil.size[0]}x{pil.size[1]} but the annotations say "
+                warn(f"{rec.path}: image is {w}x{h} but the annotations say "
                      f"{rec.width}x{rec.height}; boxes rescaled to the image")
         return pil
 
-    def _item(self, i: int, pil: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _item(self, i: int, pil: Image.Image | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         rec, size = self.records[i], self.image_size
         boxes = self.boxes[i].clone()
-        if pil.size != (rec.width, rec.height):  # annotation frame -> the file's pixels (see _load)
-            boxes *= torch.tensor([pil.width / rec.width, pil.height / rec.height] * 2)
-        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        w, h = _size(pil)
+        if (w, h) != (rec.width, rec.height):  # annotation frame -> the file's pixels (see _load)
+            boxes *= torch.tensor([w / rec.width, h / rec.height] * 2)
+        image = pil if isinstance(pil, torch.Tensor) else tv_tensors.Image(F.pil_to_tensor(pil))
         target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(pil.height, pil.width)),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
             "labels": self.labels[i].clone(),
         }
         if self.transform is not None:
@@ -263,6 +271,11 @@ class DetectionDataset(Dataset):
             # the file is a rescale of it (same aspect), so predictions map back to its frame
             "scale": size / max(rec.height, rec.width),
         }
+
+
+def _size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """``(width, height)`` of a PIL picture or a ``C x H x W`` band tensor."""
+    return image.size if isinstance(image, Image.Image) else (int(image.shape[-1]), int(image.shape[-2]))
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import LIGHTWEIGHT_PRESET, DetectConfig, DetectInferenceConfig
-from dinotune.data.images import load_image, readable_images
+from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec
+from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
@@ -88,14 +89,21 @@ class DetectTask(Task):
         if self.cfg.model.head == "detr":
             for src in (train, val) if val is not None and val is not train else (train,):
                 _warn_if_crowded(src, self.cfg.model.num_queries, self.cfg.model.lightweight)
+        b = self.cfg.bands
+        spec = resolve_input_spec([im.path for im in train.images], in_channels=b.in_channels, rgb_bands=b.rgb_bands,
+                                  layout=b.layout, stats=b.stats, mean=b.mean, std=b.std,
+                                  max_pixels=d.max_image_pixels)
+        if val is not None and val is not train:
+            check_inputs([im.path for im in val.images], spec, "validation")
         augment = d.augment and not d.overfit
-        train_ds = DetectionDataset(train, train_transforms(size) if augment else eval_transforms(), size,
-                                    max_image_pixels=d.max_image_pixels)
-        val_ds = (DetectionDataset(val, eval_transforms(), size, max_image_pixels=d.max_image_pixels)
+        train_ds = DetectionDataset(train, train_transforms(size, spec) if augment else eval_transforms(), size,
+                                    max_image_pixels=d.max_image_pixels, spec=spec)
+        val_ds = (DetectionDataset(val, eval_transforms(), size, max_image_pixels=d.max_image_pixels, spec=spec)
                   if val is not None else None)
         meta = {"task": self.name, "categories": train.categories, "class_names": train.class_names,
                 "num_classes": len(train.categories), "head": self.cfg.model.head,
-                "data_fingerprint": files_fingerprint([im.path for im in train.images] + [train.name])}
+                "data_fingerprint": files_fingerprint([im.path for im in train.images] + [train.name]),
+                "input": spec.to_meta()}
         return TaskData(train_ds, val_ds, meta)
 
     def _val_source(self, train: DetectionSource) -> DetectionSource | None:
@@ -185,11 +193,13 @@ class DetectTask(Task):
         if settings.category_ids not in ("coco", "yolo"):
             raise ConfigError(f"--category-ids {settings.category_ids!r}: choose coco or yolo (inference.category_ids)")
         limit = self.cfg.data.max_image_pixels
-        paths = readable_images(images, "fast", max_pixels=limit)
+        spec = InputSpec.from_meta(run.meta)
+        paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
+        check_inputs(paths, spec, "prediction")
         ids = _image_ids(paths, image_ids)
         size = run.cfg.backbone.image_size
         categories = run.bundle.categories
-        finish = to_input()
+        finish = to_input(spec)
         model = run.bundle.model.eval()
         out = []
         bs = settings.batch_size
@@ -197,14 +207,15 @@ class DetectTask(Task):
             chunk = paths[start: start + bs]
             canvases, scales, sizes = [], [], []
             for p in chunk:
-                pil = load_image(p, limit)
+                pil = read_input(p, limit, spec.layout)  # a picture, or a C x H x W band tensor
                 from torchvision import tv_tensors
                 from torchvision.transforms.v2 import functional as F
 
-                canvas, _, factor = resize_pad(tv_tensors.Image(F.pil_to_tensor(pil)), torch.zeros(0, 4), size)
+                image = pil if isinstance(pil, torch.Tensor) else tv_tensors.Image(F.pil_to_tensor(pil))
+                canvas, _, factor = resize_pad(image, torch.zeros(0, 4), size)
                 canvases.append(finish(canvas.as_subclass(torch.Tensor)))
                 scales.append(factor)
-                sizes.append([pil.height, pil.width])
+                sizes.append(list(image.shape[-2:]))
             with torch.no_grad(), autocast(run.device, run.precision):
                 outputs = model(torch.stack(canvases).to(run.device))
             dets = run.bundle.postprocess(outputs, scales, torch.tensor(sizes))
@@ -217,7 +228,7 @@ class DetectTask(Task):
                      "bbox": [round(v, 2) for v in box], "score": round(float(s), 5)}
                     for lab, s, box in zip(d["labels"][keep].tolist(), d["scores"][keep].tolist(), boxes)]})
         if draw:
-            _draw(out, Path(draw), run.bundle.class_names, settings)
+            _draw(out, Path(draw), run.bundle.class_names, settings, spec)
         return out
 
     def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
@@ -253,10 +264,14 @@ class DetectTask(Task):
         if subset:
             source = restrict(source, choose_subset(source, subset, subset_seed))
         limit = self.cfg.data.max_image_pixels
+        spec = InputSpec.from_meta(run.meta)
+        if pre_transform is not None and spec.arrays:
+            raise ConfigError(f"image corruptions are defined on RGB pictures, not on band arrays ({spec.in_channels} bands)")
         source = scan_source(source, self.cfg.data.check_images, limit)
         source.report.print(split)
+        check_inputs([im.path for im in source.images], spec, "evaluation")
         ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform,
-                              max_image_pixels=limit)
+                              max_image_pixels=limit, spec=spec)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers,
                              collate_fn=detection_collate)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
@@ -285,7 +300,8 @@ class DetectTask(Task):
         threshold, _ = _draw_threshold(settings)
         shown = preds[:samples]
         files = [confidence_histogram(preds, Path(out_dir))]
-        files += truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold)
+        files += truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold,
+                               InputSpec.from_meta(run.meta))
         note = blank_drawing_note(shown, threshold, "inference.draw_threshold", settings.score_threshold)
         if note:
             warn(f"analyze: {note}")
@@ -322,7 +338,8 @@ def _draw_threshold(settings: DetectInferenceConfig) -> tuple[float, str]:
     return settings.draw_threshold, "--draw-threshold"
 
 
-def _draw(results: list[dict[str, Any]], folder: Path, names: list[str], settings: DetectInferenceConfig) -> None:
+def _draw(results: list[dict[str, Any]], folder: Path, names: list[str], settings: DetectInferenceConfig,
+          spec: InputSpec | None = None) -> None:
     """``predict --draw``: each image with its boxes and the confidence histogram, straight into
     ``folder`` (as segmentation's overlays), and a warning when no box reached the threshold, so an
     empty drawing is not taken for a broken model."""
@@ -334,7 +351,7 @@ def _draw(results: list[dict[str, Any]], folder: Path, names: list[str], setting
     )
 
     threshold, flag = _draw_threshold(settings)
-    files = draw_predictions(results, folder, names, threshold)
+    files = draw_predictions(results, folder, names, threshold, spec)
     confidence_histogram(results, folder)
     note = blank_drawing_note(results, threshold, flag, settings.score_threshold)
     if note:

@@ -4,6 +4,8 @@ A dataset item goes: ``transform(image, {"boxes": BoundingBoxes, "labels": ...})
 augmentation, or the identity) -> ``resize_pad`` (longer side to ``S``, zero pad right / bottom to
 ``S x S``, boxes follow) -> ``to_input()`` (float in [0, 1], ImageNet normalisation). Labels ride in
 the target dict under ``"labels"``, so ``SanitizeBoundingBoxes`` drops them with their boxes.
+Band arrays (``.npy``, multi-band TIFF) take the same path as float ``C x H x W`` tensors in their
+own units, normalised per band (``InputSpec``), with vertical flips and quarter turns added.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dinotune.data.transforms import normalize
+from dinotune.data.bands import InputSpec
+from dinotune.data.transforms import normalize, spatial_augmentations
 
 __all__ = ["train_transforms", "eval_transforms", "resize_pad", "to_input", "RandomCropKeepBoxes"]
 
@@ -73,13 +76,15 @@ class RandomCropKeepBoxes(v2.Transform):
     _transform = transform
 
 
-def train_transforms(image_size: int) -> v2.Compose:
-    """Horizontal flip, scale jitter (zoom out: objects smaller; crop: objects larger) and a crop
-    that keeps objects mostly whole, then boxes clamped and degenerate ones dropped with their
-    labels. ``image_size`` is the canvas side ``S``; the final resize / pad happens afterwards."""
+def train_transforms(image_size: int, spec: InputSpec | None = None) -> v2.Compose:
+    """Horizontal flip (band arrays: also vertical flips and quarter turns), scale jitter (zoom out:
+    objects smaller; crop: objects larger) and a crop that keeps objects mostly whole, then boxes
+    clamped and degenerate ones dropped with their labels. ``image_size`` is the canvas side ``S``;
+    the final resize / pad happens afterwards."""
     del image_size  # the geometry is relative; resize_pad brings every image to S afterwards
     return v2.Compose([
         v2.RandomHorizontalFlip(p=0.5),
+        *spatial_augmentations(spec),
         v2.RandomZoomOut(fill=0, side_range=(1.0, 1.6), p=0.25),
         RandomCropKeepBoxes(min_scale=0.5, min_visible=0.6, p=0.5),
         v2.ClampBoundingBoxes(),
@@ -110,7 +115,7 @@ def resize_pad(image: tv_tensors.Image, boxes: torch.Tensor, size: int) -> tuple
     return image, boxes, factor
 
 
-def to_input() -> v2.Compose:
+def to_input(spec: InputSpec | None = None) -> v2.Compose:
     """uint8 canvas -> float in [0, 1] -> ImageNet normalisation (after the pad, so the padding is
-    black before normalisation)."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize()])
+    black before normalisation); a float band canvas is normalised with ``spec``'s statistics."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize(spec)])

@@ -8,7 +8,9 @@ Training: random scale (short side ``lo..hi x S``, ``--scale-range``), random ``
 mask is resized with nearest neighbour. Evaluation: the image's short side becomes ``S`` (sides
 rounded to multiples of the backbone's patch size ``p``) or it keeps its resolution (sliding
 windows); the mask stays at the original resolution. Images are normalised (ImageNet mean / std)
-after ``ToDtype(scale=True)``.
+after ``ToDtype(scale=True)``. Band arrays (``.npy``, multi-band TIFF images; masks stay PNG) take
+the same path as float ``C x H x W`` tensors, normalised per band (``InputSpec``), and training
+adds vertical flips and quarter turns, applied to image and mask alike.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dinotune.config import SegmentDataConfig
-from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, load_image
-from dinotune.data.transforms import normalize
+from dinotune.data.bands import InputSpec, input_bands, read_input
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError
+from dinotune.data.transforms import normalize, spatial_augmentations
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
 from dinotune.tasks.segment.layouts import (
     ADE20K_CLASSES,
@@ -55,7 +58,7 @@ __all__ = [
     "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "VOC_CLASSES", "ADE20K_CLASSES",
     "read_voc", "read_ade20k", "read_folders", "read_coco_semantic", "find_segmentation_data", "load_mask",
     "MaskSummary", "mask_summary", "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
-    "segmentation_collate", "eval_size",
+    "segmentation_collate", "eval_size", "image_size",
 ]
 
 
@@ -71,7 +74,7 @@ def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tupl
 
 
 def train_transforms(image_size: int, ignore_index: int, augment: bool,
-                     scale_range: tuple[float, float]) -> v2.Compose | None:
+                     scale_range: tuple[float, float], spec: InputSpec | None = None) -> v2.Compose | None:
     """Joint geometry for ``(tv_tensors.Image, tv_tensors.Mask)``. ``augment``: random scale of a
     short side ``S`` base by ``scale_range``, random ``S x S`` crop (pad image 0 / mask ignore when
     smaller), horizontal flip. Without it: None, and the dataset resizes the whole image exactly as
@@ -84,6 +87,7 @@ def train_transforms(image_size: int, ignore_index: int, augment: bool,
         v2.RandomResize(max(1, round(lo * s)), round(hi * s) + 1, antialias=True),
         v2.RandomCrop(s, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
         v2.RandomHorizontalFlip(p=0.5),
+        *spatial_augmentations(spec),  # band arrays: vertical flips, quarter turns (square crops stay square)
     ])
 
 
@@ -98,8 +102,9 @@ class SegmentationDataset(Dataset):
     def __init__(self, source: SegmentationSource, train: bool, image_size: int, patch_size: int,
                  augment: bool = True, keep_full_resolution: bool = False, pre_transform: Any = None,
                  scale_range: tuple[float, float] | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, spec: InputSpec | None = None):
         self.source = source
+        self.spec = spec or InputSpec()  # pictures (RGB, ImageNet statistics) or band arrays
         self.max_image_pixels = max_image_pixels  # held here so DataLoader workers get it too
         self.pre_transform = pre_transform  # PIL -> PIL before everything else (e.g. a corruption)
         self.train = bool(train)
@@ -109,9 +114,9 @@ class SegmentationDataset(Dataset):
         self.class_names = list(source.class_names)
         self.ignore_index = source.ignore_index
         scale_range = tuple(scale_range or SegmentDataConfig().scale_range)  # the config's default
-        self.transform = (train_transforms(self.image_size, source.ignore_index, augment, scale_range)
+        self.transform = (train_transforms(self.image_size, source.ignore_index, augment, scale_range, self.spec)
                           if self.train else None)
-        self._finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize()])
+        self._finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize(self.spec)])
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -128,8 +133,11 @@ class SegmentationDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                pil = load_image(self.source.pairs[i][0], self.max_image_pixels)
-                labels = read_mask_labels(self.source, i, pil.size)
+                pil = read_input(self.source.pairs[i][0], self.max_image_pixels, self.spec.layout)
+                if input_bands(pil) != self.spec.in_channels:
+                    raise ImageReadError(f"{self.source.pairs[i][0]}: has {input_bands(pil)} band(s), the model "
+                                         f"takes {self.spec.in_channels}")
+                labels = read_mask_labels(self.source, i, image_size(pil))
             except ImageReadError as exc:  # MaskReadError included
                 self._bad.add(i)
                 warn(f"skipped {exc} (replaced by another image)")
@@ -139,23 +147,29 @@ class SegmentationDataset(Dataset):
             return self._item(i, pil, labels)
         raise DataError(f"{self.source.name}: no image / mask pair in the dataset could be decoded")
 
-    def _item(self, i: int, pil: Image.Image, labels: np.ndarray) -> dict[str, Any]:
-        image = tv_tensors.Image(F.pil_to_tensor(pil))
+    def _item(self, i: int, pil: Image.Image | torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
+        image = pil if isinstance(pil, torch.Tensor) else tv_tensors.Image(F.pil_to_tensor(pil))
+        height, width = image.shape[-2:]
         if self.train:
             mask = tv_tensors.Mask(torch.from_numpy(labels))
             if self.transform is not None:
                 image, mask = self.transform(image, mask)
             else:  # the whole image at the evaluation size; the collate pads the batch
-                size = list(eval_size(pil.height, pil.width, self.image_size, self.patch_size))
+                size = list(eval_size(height, width, self.image_size, self.patch_size))
                 image, mask = F.resize(image, size, antialias=True), F.resize(mask, size)
             return {"image": self._finish(image.as_subclass(torch.Tensor)),
                     "mask": mask.as_subclass(torch.Tensor).to(torch.int64), "index": i}
         if not self.keep_full_resolution:
-            size = eval_size(pil.height, pil.width, self.image_size, self.patch_size)
-            if size != (pil.height, pil.width):
+            size = eval_size(height, width, self.image_size, self.patch_size)
+            if size != (height, width):
                 image = F.resize(image, list(size), antialias=True)
         return {"image": self._finish(image.as_subclass(torch.Tensor)),
                 "mask": torch.from_numpy(labels).to(torch.int64), "index": i}
+
+
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """``(width, height)`` of a PIL picture or a ``C x H x W`` band tensor."""
+    return image.size if isinstance(image, Image.Image) else (int(image.shape[-1]), int(image.shape[-2]))
 
 
 def segmentation_collate(batch: list[dict[str, Any]], patch_size: int, train: bool | None = None,

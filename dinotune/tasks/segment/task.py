@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import SegmentConfig, SegmentInferenceConfig
-from dinotune.data.images import load_image, readable_images
+from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec, stretch_to_rgb
+from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
 from dinotune.data.splits import subset_indices
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
-from dinotune.errors import DataError
+from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.segment.criterion import SegmentationLoss
@@ -66,12 +67,14 @@ class SegmentTask(Task):
                                       known_classes=known_classes)
 
     def _dataset(self, source: SegmentationSource, train: bool, patch_size: int, augment: bool = True,
-                 pre_transform: Callable | None = None) -> SegmentationDataset:
+                 pre_transform: Callable | None = None, spec: InputSpec | None = None) -> SegmentationDataset:
+        if pre_transform is not None and spec is not None and spec.arrays:
+            raise ConfigError(f"image corruptions are defined on RGB pictures, not on band arrays ({spec.in_channels} bands)")
         return SegmentationDataset(source, train=train, image_size=self.cfg.backbone.image_size,
                                    patch_size=patch_size, augment=augment,
                                    keep_full_resolution=not train and self.cfg.model.inference == "slide",
                                    pre_transform=pre_transform, scale_range=tuple(self.cfg.data.scale_range),
-                                   max_image_pixels=self.cfg.data.max_image_pixels)
+                                   max_image_pixels=self.cfg.data.max_image_pixels, spec=spec)
 
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d = self.cfg.data
@@ -106,12 +109,18 @@ class SegmentTask(Task):
             info(describe(val))
         if not len(train):
             raise DataError(f"{train.name}: no usable training images")
-        train_ds = self._dataset(train, True, patch_size, augment=d.augment and not d.overfit)
-        val_ds = self._dataset(val, False, patch_size) if val is not None else None
+        b = self.cfg.bands
+        spec = resolve_input_spec([p for p, _ in train.pairs], in_channels=b.in_channels, rgb_bands=b.rgb_bands,
+                                  layout=b.layout, stats=b.stats, mean=b.mean, std=b.std,
+                                  max_pixels=d.max_image_pixels)
+        if val is not None and val is not train:
+            check_inputs([p for p, _ in val.pairs], spec, "validation")
+        train_ds = self._dataset(train, True, patch_size, augment=d.augment and not d.overfit, spec=spec)
+        val_ds = self._dataset(val, False, patch_size, spec=spec) if val is not None else None
         files = [p for pair in train.pairs for p in pair if p is not None] + [train.name]
         meta = {"task": self.name, "class_names": train.class_names, "num_classes": len(train.class_names),
                 "ignore_index": d.ignore_index, "categories": train.categories,
-                "data_fingerprint": files_fingerprint(files)}
+                "data_fingerprint": files_fingerprint(files), "input": spec.to_meta()}
         return TaskData(train_ds, val_ds, meta)
 
     def _subset(self, source: SegmentationSource, n: int, run_dir: Path | None, name: str) -> SegmentationSource:
@@ -209,17 +218,17 @@ class SegmentTask(Task):
         return out
 
     # ------------------------------------------------------------------------------ inference
-    def predict_mask(self, run: TrainedRun, image: Image.Image) -> np.ndarray:
-        """``H x W`` label map for one PIL image at its own resolution."""
+    def predict_mask(self, run: TrainedRun, image: Image.Image | torch.Tensor) -> np.ndarray:
+        """``H x W`` label map for one PIL image (or ``C x H x W`` band tensor) at its own resolution."""
         from torchvision.transforms import v2
 
         from dinotune.data.transforms import normalize
 
         s, model = run.cfg.backbone.image_size, run.bundle.model
-        h, w = image.height, image.width
+        h, w = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
         size = (h, w) if self.cfg.model.inference == "slide" else eval_size(h, w, s, model.patch_size)
         tensor = v2.Compose([v2.ToImage(), v2.Resize(list(size), antialias=True),
-                             v2.ToDtype(torch.float32, scale=True), normalize()])(image)
+                             v2.ToDtype(torch.float32, scale=True), normalize(InputSpec.from_meta(run.meta))])(image)
         # the same zero padding to multiples of the patch size as evaluation batches
         item = {"image": tensor, "mask": torch.zeros(h, w, dtype=torch.int64), "index": 0}
         batch = segmentation_collate([item], patch_size=model.patch_size, train=False)
@@ -236,19 +245,21 @@ class SegmentTask(Task):
         from dinotune.viz.segmentation import overlay, palette, save_mask_png
 
         limit = self.cfg.data.max_image_pixels
-        paths = readable_images(images, "fast", max_pixels=limit)
+        spec = InputSpec.from_meta(run.meta)
+        paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
+        check_inputs(paths, spec, "prediction")
         names = run.bundle.class_names
         pal = palette(len(names), run.meta.get("ignore_index", self.cfg.data.ignore_index))
         run.bundle.model.eval()
         results = []
         for p in progress(paths, len(paths) > 1, desc="predicting"):
-            image = load_image(p, limit)
+            image = read_input(p, limit, spec.layout)
             mask = self.predict_mask(run, image)
             counts = np.bincount(mask.ravel(), minlength=len(names))
             classes = {names[c]: round(float(v) / mask.size, 5) for c, v in enumerate(counts) if v}
             mask_path = save_mask_png(mask, Path(masks) / f"{p.stem}.png", pal) if masks else None
             if draw:
-                save_image(overlay(image, mask, pal), Path(draw) / f"{p.stem}.jpg")
+                save_image(overlay(stretch_to_rgb(image, spec.rgb_bands), mask, pal), Path(draw) / f"{p.stem}.jpg")
             results.append({"image": str(p), "mask": str(mask_path) if mask_path else None, "classes": classes})
         return results
 
@@ -282,7 +293,9 @@ class SegmentTask(Task):
                             f"{len(source.class_names)}")
         source = scan_source(source, self.cfg.data.check_images, max_pixels=self.cfg.data.max_image_pixels)
         source.report.print("files")
-        ds = self._dataset(source, False, run.bundle.model.patch_size, pre_transform=pre_transform)
+        spec = InputSpec.from_meta(run.meta)
+        check_inputs([p for p, _ in source.pairs], spec, "evaluation")
+        ds = self._dataset(source, False, run.bundle.model.patch_size, pre_transform=pre_transform, spec=spec)
         loader = self._eval_loader(ds, settings.batch_size)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
 
@@ -306,13 +319,14 @@ class SegmentTask(Task):
             warn(f"no sample pictures: {exc}")
             return []
         step = max(1, len(source) // max(1, samples))
+        spec = InputSpec.from_meta(run.meta)
         files = []
         for index in list(range(0, len(source), step))[:samples]:
             image_path = source.pairs[index][0]
-            image = load_image(image_path, self.cfg.data.max_image_pixels)
+            image = read_input(image_path, self.cfg.data.max_image_pixels, spec.layout)
             gt = load_mask(source, index)
             pred = self.predict_mask(run, image)
-            files.append(comparison_figure(image, gt, pred, run.bundle.class_names,
+            files.append(comparison_figure(stretch_to_rgb(image, spec.rgb_bands), gt, pred, run.bundle.class_names,
                                            Path(out_dir) / "samples" / f"{Path(image_path).stem}.png",
                                            ignore_index=run.meta.get("ignore_index", self.cfg.data.ignore_index)))
         return files
