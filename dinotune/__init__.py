@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LoadedRun", "build_config", "evaluate", "load", "predict", "train", "__version__"]
+__all__ = ["LoadedRun", "build_config", "evaluate", "export", "load", "predict", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from dinotune import api
 
         return getattr(api, name)
+    if name == "export":  # the package dinotune.export, callable as dinotune.export(run, out, format=...)
+        import importlib
+
+        return importlib.import_module("dinotune.export")
     if name == "build_config":
         from dinotune.config import build_config
 

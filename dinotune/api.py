@@ -1,4 +1,4 @@
-"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``pca``.
+"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``pca``, ``export``.
 The CLI is a thin layer on it; everything below it (tasks, engine, models, data) never imports it."""
 
 from __future__ import annotations
@@ -370,3 +370,13 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
     if out.is_dir() or not out.suffix:
         out = out / "pca.png"
     return pca_figure(pictures, maps, out, titles=[Path(p).name for p in paths])
+
+
+def export(run: str | Path | LoadedRun, out: str | Path, *, format: str = "onnx", **options: Any) -> Path:
+    """Write ``run`` into the folder ``out`` as ``onnx`` (graph + ``dinotune_export.json`` for
+    ``dinotune.runtime``), ``torchscript`` or ``hf`` (a transformers folder); returns ``out``.
+    Options: ``image_size``, ``half``, ``opset``, ``exporter`` (onnx), ``push_to_hub`` (hf),
+    ``checkpoint_name``, ``model`` (see ``dinotune.export.export``)."""
+    from dinotune.export import export as export_run
+
+    return export_run(run, out, format=format, **options)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from dinotune.config import TASK_CONFIGS, ConfigError, DetectConfig, flag_map, leaf_fields
-from dinotune.config.tools import PcaConfig
+from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig
 
 EXAMPLES = """examples:
   dinotune demo                                    # offline demo on scikit-learn's digits
@@ -177,10 +177,16 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(ns: argparse.Namespace) -> int:
-    from dinotune import api
+def _is_export(path: str | Path) -> bool:
+    """An exported model (``dinotune export --format onnx``): a ``.onnx`` file, or a folder with
+    ``dinotune_export.json``."""
+    from dinotune.runtime.metadata import EXPORT_META
 
-    loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
+    path = Path(path).expanduser()
+    return path.suffix.lower() == ".onnx" or (path.is_dir() and (path / EXPORT_META).is_file())
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
     options: dict[str, Any] = {"batch_size": ns.batch_size, "top_k": ns.top_k, "score_threshold": ns.score_threshold,
                                "draw_threshold": ns.draw_threshold, "draw": ns.draw, "masks": ns.masks,
                                "category_ids": ns.category_ids}
@@ -189,14 +195,28 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
     flags = {"top_k": "--top-k", "score_threshold": "--score-threshold", "draw_threshold": "--draw-threshold",
              "draw": "--draw", "masks": "--masks", "image_ids": "--image-info", "category_ids": "--category-ids"}
-    _refuse_inapplicable({k: flags[k] for k, v in options.items() if v is not None and k in flags},
-                         loaded.predict_option_names(), loaded.task.name)
-    results = loaded.predict(ns.images, **{k: v for k, v in options.items() if v is not None})
+    given = {k: flags[k] for k, v in options.items() if v is not None and k in flags}
+    options = {k: v for k, v in options.items() if v is not None}
+    backend = ns.backend or ("onnx" if _is_export(ns.run) else "torch")
+    if backend == "onnx":  # the exported graph in onnxruntime; no torch needed for an export
+        predictor = _onnx_predictor(ns)
+        from dinotune.runtime.predictor import OPTIONS
+
+        _refuse_inapplicable(given, OPTIONS[predictor.task] | {"draw"}, predictor.task)
+        results, format_predictions = predictor.predict(ns.images, **options), predictor.format_predictions
+    else:
+        if _is_export(ns.run):
+            raise ConfigError(f"{ns.run} is an exported ONNX model: predict it with --backend onnx")
+        from dinotune import api
+
+        loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
+        _refuse_inapplicable(given, loaded.predict_option_names(), loaded.task.name)
+        results, format_predictions = loaded.predict(ns.images, **options), loaded.task.format_predictions
     fmt = ns.format or (Path(ns.out).suffix.lstrip(".").lower() if ns.out else "") or "json"
     if fmt not in ("json", "csv"):
         raise ConfigError(f"--out {ns.out}: cannot tell the format from the extension '.{fmt}'; name the file "
                           "*.json or *.csv, or pass --format json|csv")
-    text = loaded.task.format_predictions(results, fmt)
+    text = format_predictions(results, fmt)
     if ns.out:
         from dinotune.utils import atomic_write_text
 
@@ -204,6 +224,35 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         print(f"wrote predictions for {len(results)} images to {ns.out} ({fmt.upper()})", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _onnx_predictor(ns: argparse.Namespace) -> Any:
+    """The ONNX predictor of ``ns.run``: an exported model, or a run folder exported once into
+    ``RUN/export/onnx-<checkpoint>`` (reused while the checkpoint is unchanged)."""
+    from dinotune.runtime import load_predictor
+
+    target = ns.run
+    if not _is_export(target):
+        from dinotune.export.onnx import onnx_for_run
+
+        target = onnx_for_run(ns.run, checkpoint_name=ns.checkpoint, model=ns.model)
+    return load_predictor(target, device=ns.device)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from dinotune.export import export
+
+    by_format = {"onnx": {"image_size", "half", "opset", "exporter"}, "torchscript": {"image_size", "half"},
+                 "hf": {"push_to_hub", "private"}}
+    flags = {"image_size": "--image-size", "half": "--half", "opset": "--opset", "exporter": "--exporter",
+             "push_to_hub": "--push-to-hub", "private": "--private"}
+    given = {k: getattr(ns, k) for k in flags if getattr(ns, k) not in (None, False)}
+    wrong = [flags[k] for k in given if k not in by_format[ns.format]]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to --format {ns.format}")
+    out = export(ns.run, ns.out, format=ns.format, checkpoint_name=ns.checkpoint, model=ns.model, **given)
+    print(out)
     return 0
 
 
@@ -233,6 +282,20 @@ def cmd_compare(ns: argparse.Namespace) -> int:
                         images=ns.images, subset=ns.subset, subset_seed=ns.subset_seed, device=ns.device,
                         yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size, class_map=ns.class_map)
     print(table)
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from importlib.util import find_spec
+
+    missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
+                                          ("python-multipart", ["python_multipart", "multipart"]))
+               if not any(find_spec(m) for m in modules)]
+    if missing:
+        raise ConfigError(f"dinotune serve needs {', '.join(missing)}: pip install 'dinotune[serve]'")
+    from dinotune.serve.app import run_server
+
+    run_server(ns.target, host=ns.host, port=ns.port, device=ns.device, max_upload_mb=ns.max_upload_mb)
     return 0
 
 
@@ -326,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "JSON (test-dev style) or CSV, optionally drawn images. Segmentation: "
                                         "per-image class pixel shares (JSON or CSV), optionally label PNGs "
                                         "(--masks) and colour overlays (--draw).")
-    p_pred.add_argument("run", help="run folder (or a checkpoint folder)")
+    p_pred.add_argument("run", metavar="RUN_OR_ONNX",
+                        help="run folder (or a checkpoint folder), or an exported ONNX model (folder or .onnx file)")
     p_pred.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p_pred.add_argument("--top-k", type=int, default=None,
                         help="classes (classification) or detections (detection) per image (default: the run's "
@@ -350,8 +414,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "inference.category_ids)")
     p_pred.add_argument("--image-info", metavar="JSON",
                         help="detection: COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids")
+    p_pred.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                        help="torch: the run in PyTorch; onnx: the exported graph in onnxruntime, pre- and "
+                             "post-processing in numpy (a run folder is exported once into RUN/export/onnx-<checkpoint>) "
+                             "(default: onnx for an exported model, else torch)")
     add_load_flags(p_pred)
     p_pred.set_defaults(func=cmd_predict)
+
+    export_defaults = ExportConfig()
+    p_exp = sub.add_parser("export", help="export a run: ONNX (+ the torch-free runtime), TorchScript or transformers",
+                           description="Write a run in another format into --out: onnx (one graph, backbone with "
+                                       "LoRA / DoRA merged + head + the tensor part of the post-processing, fixed "
+                                       "image size, dynamic batch; dinotune_export.json beside it for dinotune.runtime "
+                                       "and `dinotune predict DIR`), torchscript (the same graph traced; deprecated by "
+                                       "PyTorch) or hf (a classification run as a transformers folder).")
+    p_exp.add_argument("run", help="run folder (or a checkpoint folder)")
+    p_exp.add_argument("--format", choices=["onnx", "hf", "torchscript"], default="onnx",
+                       help="output format (default: onnx)")
+    p_exp.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p_exp.add_argument("--image-size", type=int, default=None,
+                       help="onnx / torchscript: the graph's fixed input side, a multiple of the patch size "
+                            "(default: the run's --image-size)")
+    p_exp.add_argument("--half", action="store_true",
+                       help="onnx / torchscript: fp16 weights and arithmetic inside the graph (inputs and outputs "
+                            "stay float32; fastest on a GPU runtime)")
+    p_exp.add_argument("--opset", type=int, default=None,
+                       help=f"onnx: the ONNX opset (default: {export_defaults.opset}; 17 or later)")
+    p_exp.add_argument("--exporter", choices=["dynamo", "legacy"], default=None,
+                       help=f"onnx: PyTorch's exporter (default: {export_defaults.exporter}; legacy: the TorchScript "
+                            "tracer, deprecated by PyTorch, several times faster to export)")
+    p_exp.add_argument("--push-to-hub", metavar="REPO", default=None, help="hf: also upload the folder to this hub repo")
+    p_exp.add_argument("--private", action="store_true", help="hf: create the hub repo private")
+    p_exp.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    p_exp.add_argument("--model", help="where the base backbone weights are, if not where training found them")
+    p_exp.set_defaults(func=cmd_export)
 
     p_an = sub.add_parser("analyze", help="charts and sample pictures from a run",
                           description="Training curves, and per task: confusion matrix / per-class F1, or per-class "
@@ -416,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="black out patches whose first component is below this (0-1), as DINOv2's demo")
     p_pca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     p_pca.set_defaults(func=cmd_pca)
+
+    serve = ServeConfig()
+    p_serve = sub.add_parser("serve", help="serve a run or an exported ONNX model over HTTP, with an upload page",
+                             description="An HTTP server for one model: the page at / (upload an image, see the "
+                                         "top-k bars, boxes or mask drawn), POST /predict (multipart field 'file' "
+                                         "-> the JSON record of dinotune predict; ?overlay=1 adds the drawing) and "
+                                         "GET /health. Needs pip install 'dinotune[serve]'.")
+    p_serve.add_argument("target", metavar="RUN_OR_ONNX",
+                         help="a run folder (or checkpoint folder), or an exported .onnx file / folder")
+    p_serve.add_argument("--host", default=serve.host, help=f"address to listen on (default: {serve.host})")
+    p_serve.add_argument("--port", type=int, default=serve.port, help=f"TCP port (default: {serve.port})")
+    p_serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto; runs only)")
+    p_serve.add_argument("--max-upload-mb", type=float, default=serve.max_upload_mb,
+                         help=f"largest upload in MB; larger ones get 413 (default: {serve.max_upload_mb:g})")
+    p_serve.set_defaults(func=cmd_serve)
 
     p_models = sub.add_parser("models", help="list the backbones --model accepts (DINOv2, DINOv3), by family")
     p_models.set_defaults(func=cmd_models)
@@ -487,9 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         print("dinotune: interrupted; resume with `dinotune train --resume RUN`", file=sys.stderr)
         return 130
     finally:
-        from dinotune.engine.distributed import cleanup
+        if "torch" in sys.modules:  # nothing distributed without torch (`predict --backend onnx` needs none)
+            from dinotune.engine.distributed import cleanup
 
-        cleanup()
+            cleanup()
 
 
 if __name__ == "__main__":

@@ -40,11 +40,16 @@ class BackboneLoadError(DinotuneError, RuntimeError):
     """The backbone could not be loaded; the message says why and what to try instead."""
 
 
+class ExportError(DinotuneError, RuntimeError):
+    """A run cannot be exported in the asked format, or the export cannot be uploaded; the message
+    says why (the head, the backbone, the hub)."""
+
+
 class NonFiniteLossError(DinotuneError, RuntimeError):
     """The loss became NaN or infinite; the run stopped without overwriting good checkpoints."""
 
 
 __all__ = [
     "DinotuneError", "ConfigError", "DataError", "ImageReadError", "MaskReadError", "CheckpointError",
-    "CheckpointFormatError", "BackboneLoadError", "NonFiniteLossError",
+    "CheckpointFormatError", "BackboneLoadError", "ExportError", "NonFiniteLossError",
 ]

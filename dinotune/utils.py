@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+# torch is imported where it is used: the torch-free inference runtime (dinotune.runtime) reads
+# images through modules that import this one.
 
 
 def file_mode() -> int:
@@ -57,7 +59,8 @@ def _json_default(obj: Any) -> Any:
         return float(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only exist when torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -86,6 +89,8 @@ def space_problem(exc: BaseException) -> str | None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -94,6 +99,8 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, as tensors and plain lists, ints, floats and strings:
     the trainer state is stored without pickle, so no numpy array or opaque object may be in it."""
+    import torch
+
     version, internal, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -108,6 +115,8 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``get_rng_state`` returned (lists and tuples alike: both survive storage)."""
+    import torch
+
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, cached = state["numpy"]

@@ -3,12 +3,13 @@
 Layers, lowest first; a module may import its own layer or lower ones, never higher:
 
     errors, utils, ops, config                 shared vocabulary
-    backbone, data, viz                        DINOv2 features, readers, pictures
+    backbone, data, viz, runtime               DINOv2 features, readers, pictures; torch-free ONNX inference
     adapters, models                           PEFT on the backbone; wrapper, pyramid, shared losses
     engine                                     training loop, checkpoints, devices, processes
     tasks                                      classify / detect / segment (siblings) over tasks.base
     robustness                                 evaluation under corruptions, of any task
-    api, demo                                  the Python API
+    api, demo, export                          the Python API; export of a run (ONNX, TorchScript, HF)
+    serve                                      the prediction server (a run through the API, or an export)
     cli, __main__, dinotune/__init__           the command line and the package face
 
 and inside ``tasks`` no task imports another (each may import ``tasks.base``).
@@ -26,12 +27,13 @@ import dinotune
 ROOT = Path(dinotune.__file__).parent
 LAYERS = [
     ("errors", "utils", "ops", "config"),
-    ("backbone", "data", "viz"),
+    ("backbone", "data", "viz", "runtime"),
     ("adapters", "models"),
     ("engine",),
     ("tasks",),
     ("robustness",),
-    ("api", "demo"),
+    ("api", "demo", "export"),
+    ("serve",),
     ("cli", "__main__", "__init__"),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

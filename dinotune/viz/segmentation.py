@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.patches import Patch
 from PIL import Image
 
 from dinotune.utils import atomic_write_bytes
-from dinotune.viz.plots import _new_figure, _save
 
 __all__ = ["palette", "colorize", "overlay", "comparison_figure", "save_mask_png", "IGNORE_COLOUR"]
 
@@ -108,6 +106,11 @@ def comparison_figure(image: Image.Image, gt_mask: Any | None, pred_mask: Any, c
     """Save image | ground truth overlay | prediction overlay side by side as a PNG (the middle
     panel is left out when ``gt_mask`` is None), with a legend of the classes present in either
     mask (the ``MAX_LEGEND_ENTRIES`` largest by area). Returns ``path``."""
+    # matplotlib only here: masks and overlays are written without it (dinotune.runtime needs neither)
+    from matplotlib.patches import Patch
+
+    from dinotune.viz.plots import _new_figure, _save
+
     image = image.convert("RGB")
     pal = palette(max(1, min(len(class_names), 256)), ignore_index)
     pred = _fit(_as_mask(pred_mask), image.size)

@@ -1,0 +1,165 @@
+"""The run's evaluation preprocessing in numpy, for each task, equal to the torchvision transforms
+the torch path uses (``data/transforms.py``, ``tasks/detect/transforms.py``, ``tasks/segment/data.py``).
+
+Images are ``H x W x C`` arrays: pictures ``uint8`` RGB (as ``data.images.load_image`` reads them),
+band arrays ``float32`` in their own units (as ``data.arrays.read_bands`` reads them). Resizing is
+bilinear with antialiasing, as ``torchvision.transforms.v2.functional.resize(antialias=True)``:
+
+- ``uint8``: torch's native kernel (the one torchvision uses on CPUs with AVX2 / AVX512 and on
+  ARM): per axis, width first, weights of the triangle filter widened by the scale factor,
+  normalised, rounded to ``int16`` fixed point with the most bits that keep the largest weight
+  under ``2**15``, sums rounded and clamped back to ``uint8`` after each axis. The result is
+  bit-identical to torch's (tested), so the model sees the same pixels on both paths.
+- ``float32``: the same filter in floating point (equal to torch's to float rounding).
+
+Then ``[0, 1]`` scaling for pictures (``x * (1/255)``) and per-band ``(x - mean) / std``; the model
+input is ``C x H x W`` float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dinotune.runtime.metadata import InputInfo
+
+__all__ = ["resize", "short_side_size", "center_crop", "classify_input", "detect_input", "segment_input",
+           "eval_size", "normalize"]
+
+
+def _filter_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiased bilinear weights (torch's ``_compute_indices_min_size_weights_aa``): the first
+    source index of each output pixel (``out``) and ``out x taps`` normalised weights."""
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # interp_size 2 (bilinear) / 2, widened when shrinking
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    centers = scale * (np.arange(out_size, dtype=np.float64) + 0.5)
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C++ casts truncate toward zero
+    last = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
+    taps = int((last - first).max())
+    j = np.arange(taps)
+    weights = np.clip(1.0 - np.abs((j[None, :] + first[:, None] - centers[:, None] + 0.5) * invscale), 0.0, None)
+    weights[j[None, :] >= (last - first)[:, None]] = 0.0
+    total = weights.sum(1, keepdims=True)
+    weights = weights / np.where(total != 0.0, total, 1.0)
+    return first, weights
+
+
+def _resize_axis(image: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    in_size = image.shape[axis]
+    first, weights = _filter_weights(in_size, out_size)
+    index = np.minimum(first[:, None] + np.arange(weights.shape[1])[None, :], in_size - 1)
+    moved = np.moveaxis(image, axis, 0)
+    shape = (-1,) + (1,) * (moved.ndim - 1)
+    if image.dtype == np.uint8:
+        precision = 0  # as many fraction bits as keep the largest weight inside int16
+        while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
+            precision += 1
+        scaled = weights * (1 << precision)
+        fixed = np.where(scaled < 0, (scaled - 0.5).astype(np.int64), (scaled + 0.5).astype(np.int64))
+        acc = np.full((out_size,) + moved.shape[1:], 1 << (precision - 1), dtype=np.int64)
+        source = moved.astype(np.int64)
+        for k in range(weights.shape[1]):
+            acc += source[index[:, k]] * fixed[:, k].reshape(shape)
+        out = np.clip(acc >> precision, 0, 255).astype(np.uint8)
+    else:
+        source = moved.astype(np.float32)
+        w32 = weights.astype(np.float32)
+        out = source[index[:, 0]] * w32[:, 0].reshape(shape)
+        for k in range(1, weights.shape[1]):
+            out += source[index[:, k]] * w32[:, k].reshape(shape)
+    return np.moveaxis(out, 0, axis)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``H x W x C`` -> ``height x width x C``, bilinear with antialiasing as torchvision's
+    ``resize(antialias=True)``; ``uint8`` stays ``uint8`` (bit-identical to torch), anything else
+    becomes ``float32``. The same size returns the input (torchvision does too)."""
+    if image.dtype != np.uint8:
+        image = image.astype(np.float32, copy=False)
+    if image.shape[1] != width:
+        image = _resize_axis(image, 1, width)
+    if image.shape[0] != height:
+        image = _resize_axis(image, 0, height)
+    return image
+
+
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(size)`` output: the short side ``size``, the long side
+    ``int(size * long / short)``."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's ``CenterCrop(size)``: offsets ``int(round((H - size) / 2))`` (round half to
+    even, as Python's ``round``); a smaller image is zero-padded first, as torchvision pads."""
+    h, w = image.shape[:2]
+    if size > h or size > w:
+        top, left = max(0, (size - h) // 2), max(0, (size - w) // 2)
+        padded = np.zeros((max(h, size), max(w, size)) + image.shape[2:], dtype=image.dtype)
+        padded[top: top + h, left: left + w] = image
+        image, (h, w) = padded, padded.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image[top: top + size, left: left + size]
+
+
+def normalize(image: np.ndarray, spec: InputInfo) -> np.ndarray:
+    """``H x W x C`` (uint8 picture or float bands) -> ``C x H x W`` float32: pictures scaled to
+    [0, 1] (``ToDtype(scale=True)``), then ``(x - mean) / std`` per band."""
+    x = image.astype(np.float32)
+    if image.dtype == np.uint8:
+        x *= np.float32(1.0 / 255)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
+
+
+def classify_input(image: np.ndarray, size: int, spec: InputInfo) -> np.ndarray:
+    """``classify_eval_transform``: short side to ``round(size * 256 / 224)``, center crop
+    ``size``, normalise. Returns ``C x size x size``."""
+    h, w = short_side_size(image.shape[0], image.shape[1], int(round(size * 256 / 224)))
+    return normalize(center_crop(resize(image, h, w), size), spec)
+
+
+def detect_input(image: np.ndarray, size: int, spec: InputInfo) -> tuple[np.ndarray, float]:
+    """``resize_pad`` + ``to_input``: the longer side to ``size``, zero padding right / bottom to
+    ``size x size`` (before normalisation, as the torch path pads), normalise. Returns the
+    ``C x size x size`` canvas and the factor ``size / max(H, W)``."""
+    h, w = image.shape[:2]
+    factor = size / max(h, w)
+    nh, nw = min(size, max(1, round(h * factor))), min(size, max(1, round(w * factor)))
+    resized = resize(image, nh, nw)
+    canvas = np.zeros((size, size, image.shape[2]), dtype=resized.dtype)
+    canvas[:nh, :nw] = resized
+    return normalize(canvas, spec), factor
+
+
+def _round_to(x: float, patch: int) -> int:
+    return max(patch, int(round(x / patch)) * patch)
+
+
+def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
+    """The segmentation evaluation size (``tasks/segment/data.eval_size``): short side
+    ``image_size``, both sides rounded to multiples of ``patch_size``."""
+    scale = image_size / min(height, width)
+    return _round_to(height * scale, patch_size), _round_to(width * scale, patch_size)
+
+
+def segment_input(image: np.ndarray, size: Sequence[int], patch_size: int, spec: InputInfo
+                  ) -> tuple[np.ndarray, tuple[int, int]]:
+    """``predict_mask``'s input: resized to ``size`` ``(h, w)``, normalised, zero-padded (after
+    normalisation, as ``segmentation_collate``) to multiples of ``patch_size``. Returns the
+    ``C x H' x W'`` array and the unpadded ``(h, w)``."""
+    x = normalize(resize(image, int(size[0]), int(size[1])), spec)
+    c, h, w = x.shape
+    ph, pw = -(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size
+    if (ph, pw) != (h, w):
+        padded = np.zeros((c, ph, pw), dtype=np.float32)
+        padded[:, :h, :w] = x
+        x = padded
+    return x, (h, w)
+
+

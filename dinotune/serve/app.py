@@ -1,0 +1,214 @@
+"""The prediction server: a FastAPI app around one predictor (``create_app``), and ``run_server``
+behind ``dinotune serve``.
+
+Endpoints:
+    ``GET /``                the page: upload an image, see the result drawn (static/index.html)
+    ``GET /health``          ``{"status", "task", "classes", "model", "input", "max_upload_mb"}``
+    ``POST /predict``        the image as the multipart field ``file`` (or the raw request body, named
+                             by ``?name=``) -> the prediction record ``dinotune.predict`` returns for
+                             that file (``image`` = the upload's name); ``?overlay=1`` adds
+                             ``overlay`` (the picture as drawn, and a segmentation mask as a PNG)
+
+Bad uploads get a 4xx answer ``{"detail": message}`` (400 no file, 413 too large, 415 not an
+image, 422 unreadable or not fitting the model) and the server goes on serving. Requests are
+decoded in parallel; one lock lets one inference run at a time on the one model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request as StarletteRequest
+
+from dinotune.config import check_ranges
+from dinotune.config.tools import ServeConfig
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from dinotune.errors import ConfigError, DinotuneError
+from dinotune.serve.predictors import Predictor
+from dinotune.serve.uploads import ModelInput, Upload, UploadError, decoded_upload
+
+STATIC = Path(__file__).parent / "static"
+# Room for the multipart envelope (boundaries, part headers) around a file of the largest size.
+_ENVELOPE = 64 * 1024
+# The picture sent back with ?overlay=1 is at most this many pixels on its longer side: the page
+# shows it, and the response stays small for a 20 MB photo.
+OVERLAY_SIDE = 1024
+MB = 1024 * 1024
+log = logging.getLogger("dinotune.serve")
+
+
+def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_upload_mb,
+               title: str = "dinotune") -> FastAPI:
+    """The app serving ``predictor`` (see ``dinotune.serve.predictors``); uploads over
+    ``max_upload_mb`` MB are refused with 413."""
+    check_ranges(ServeConfig(max_upload_mb=max_upload_mb))
+    for attr in ("task", "class_names", "predict_array"):
+        if not hasattr(predictor, attr):
+            raise ConfigError(f"{type(predictor).__name__} cannot be served: it has no {attr!r}")
+    spec = ModelInput.of(getattr(predictor, "input_spec", None))
+    max_pixels = int(getattr(predictor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    limit = int(max_upload_mb * MB)
+    lock = threading.Lock()
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        describe = getattr(predictor, "describe", None)
+        return {"status": "ok", "task": predictor.task, "classes": list(predictor.class_names),
+                "model": describe() if callable(describe) else {"backend": type(predictor).__name__},
+                "input": {"bands": spec.in_channels, "arrays": spec.arrays}, "max_upload_mb": max_upload_mb}
+
+    @app.post("/predict")
+    async def predict(request: Request, overlay: bool = Query(False, description="add the drawn picture"),
+                      name: str = Query("", description="the image's name, for a raw (non-multipart) body")):
+        data, filename = await _read_upload(request, limit, max_upload_mb, name)
+
+        def work() -> dict[str, Any]:
+            with decoded_upload(data, filename, spec, max_pixels) as upload:
+                with lock:  # one model: one inference at a time
+                    if overlay and hasattr(predictor, "predict_array_with_mask"):
+                        record, mask = predictor.predict_array_with_mask(upload.array, upload.name)
+                    else:
+                        record, mask = predictor.predict_array(upload.array, upload.name), None
+                if overlay:
+                    record = {**record, "overlay": overlay_of(upload, mask, predictor, spec)}
+                return record
+
+        try:
+            return await run_in_threadpool(work)
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except DinotuneError as exc:  # the model refused the input (e.g. a size it cannot take)
+            raise HTTPException(422, str(exc)) from None
+        except Exception as exc:  # a bug or a failing model: said, logged, and the server goes on
+            log.exception("prediction of %s failed", filename)
+            raise HTTPException(500, f"prediction failed: {type(exc).__name__}: {exc}") from None
+
+    return app
+
+
+async def _read_upload(request: Request, limit: int, max_upload_mb: float, name: str) -> tuple[bytes, str]:
+    """The uploaded bytes and the client's file name; 413 as soon as the body passes the limit
+    (from Content-Length before reading, else while reading), 400 when there is no file."""
+    too_large = f"upload over the limit of {max_upload_mb:g} MB (--max-upload-mb)"
+    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+    allowed = limit + (_ENVELOPE if multipart else 0)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > allowed:
+        raise HTTPException(413, f"{too_large}: the request is {_size(int(declared))}")
+    limited = StarletteRequest(request.scope, _limited(request.receive, allowed, too_large))
+    if not multipart:
+        data = await limited.body()
+        if not data:
+            raise HTTPException(400, "no image: send it as the multipart field 'file' "
+                                     "(curl -F file=@photo.jpg http://HOST:PORT/predict) or as the request body")
+        return data, name
+    async with limited.form(max_files=1, max_fields=10) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "no file: send the image as the multipart field 'file' "
+                                     "(curl -F file=@photo.jpg http://HOST:PORT/predict)")
+        data = await upload.read()
+        filename = upload.filename or name
+    if len(data) > limit:
+        raise HTTPException(413, f"{too_large}: {filename or 'the file'} is {_size(len(data))}")
+    return data, filename
+
+
+def _size(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= MB // 10 else f"{n:,} bytes"
+
+
+def _limited(receive: Callable[[], Awaitable[dict]], limit: int, message: str) -> Callable[[], Awaitable[dict]]:
+    """``receive`` that raises 413 once more than ``limit`` body bytes arrived (chunked uploads
+    declare no length)."""
+    seen = 0
+
+    async def inner() -> dict:
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, message)
+        return msg
+
+    return inner
+
+
+# ------------------------------------------------------------------------------------- overlay
+def overlay_of(upload: Upload, mask: np.ndarray | None, predictor: Predictor, spec: ModelInput) -> dict[str, Any]:
+    """What the page draws on: ``{"image": JPEG (PNG when small) data URL of the input as shown (band arrays through
+    their RGB bands, 2-98 % stretch), "width", "height" (of that picture, at most OVERLAY_SIDE),
+    "source_width", "source_height" (of the input: boxes are in these pixels), "mask": PNG data URL
+    of the coloured label map at the picture's size or None, "colors": {class: "#rrggbb"}}``."""
+    from PIL import Image
+
+    from dinotune.viz.segmentation import palette
+
+    names = list(predictor.class_names)
+    if upload.is_array:
+        from dinotune.data.bands import stretch_to_rgb  # band arrays are shown as everywhere in dinotune
+
+        picture = stretch_to_rgb(upload.array, spec.rgb_bands)
+    else:
+        picture = Image.fromarray(upload.array)
+    source = picture.size
+    picture.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))
+    # segmentation colours its labels from 0 (VOC: background black); detection and classification
+    # skip the black row, which would vanish on dark pictures
+    offset = 0 if predictor.task == "segment" else 1
+    colours = palette(min(len(names) + offset, 256), None)
+    # JPEG keeps a large photo's answer small; small pictures, drawn enlarged, stay exact as PNG
+    fmt = "PNG" if picture.width * picture.height <= 256 * 256 else "JPEG"
+    out: dict[str, Any] = {"image": _data_url(picture, fmt), "width": picture.width, "height": picture.height,
+                           "source_width": source[0], "source_height": source[1], "mask": None,
+                           "colors": {n: "#%02x%02x%02x" % tuple(colours[(i + offset) % 256]) for i, n in enumerate(names)}}
+    if mask is not None:
+        rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+        rgba[..., :3] = colours[np.clip(mask, 0, 255)]
+        rgba[..., 3] = np.where(mask < len(names), 255, 0)  # labels outside the classes stay clear
+        drawn = Image.fromarray(rgba, mode="RGBA").resize(picture.size, Image.Resampling.NEAREST)
+        out["mask"] = _data_url(drawn, "PNG")
+    return out
+
+
+def _data_url(image: Any, fmt: str) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+# ----------------------------------------------------------------------------------- the server
+def run_server(target: str | Path, *, host: str = ServeConfig.host, port: int = ServeConfig.port,
+               device: str = "auto", max_upload_mb: float = ServeConfig.max_upload_mb) -> None:
+    """``dinotune serve``: load ``target`` (a run folder or an exported ONNX model) and serve it
+    with uvicorn until interrupted."""
+    import uvicorn
+
+    from dinotune.serve.predictors import open_predictor
+    from dinotune.utils import info
+
+    check_ranges(ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb))  # before a model is loaded
+    predictor = open_predictor(target, device=device)
+    app = create_app(predictor, max_upload_mb=max_upload_mb, title=f"dinotune: {Path(target).name}")
+    info(f"serving {target} ({predictor.task}, {len(predictor.class_names)} classes) on http://{host}:{port}/ "
+         f"(the page at /, POST /predict, GET /health; uploads up to {max_upload_mb:g} MB)")
+    uvicorn.run(app, host=host, port=port, log_level="info")

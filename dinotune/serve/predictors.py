@@ -1,0 +1,125 @@
+"""What the server predicts with: any object with ``task``, ``class_names`` and
+``predict_array(array, name) -> dict``; ``RunPredictor`` gives a trained run (torch) that face, and
+``open_predictor`` picks the right one for a run folder or an exported ONNX model.
+
+The record ``predict_array`` returns is the one ``dinotune.predict`` returns for that image (the
+run's inference settings; ``image`` is ``name``). Optional members the server uses when present:
+
+- ``input_spec`` (an ``InputSpec``, or any object or dict with its ``in_channels``, ``rgb_bands``,
+  ``arrays``, ``layout``): the model's bands, so uploads are checked against them (default: RGB
+  pictures);
+- ``max_image_pixels`` (int): the pixel limit of decoded uploads (default: Pillow's);
+- ``predict_array_with_mask(array, name) -> (record, H x W label map)``: segmentation label maps
+  for the page's overlay;
+- ``describe() -> dict``: what ``GET /health`` says of the model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from dinotune.errors import ConfigError
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """The face the server needs of a model (``dinotune.runtime``'s ONNX predictor has it too)."""
+
+    task: str
+    class_names: list[str]
+
+    def predict_array(self, array: np.ndarray, name: str) -> dict[str, Any]:
+        """The prediction record of one image: ``H x W x 3`` uint8 RGB, or ``H x W x C`` bands."""
+        ...
+
+
+class RunPredictor:
+    """A trained run (``dinotune.load``) as a ``Predictor``.
+
+    ``predict_array`` goes through the task's own ``predict`` on a copy of the image in a private
+    temporary folder (PNG for pictures, which is lossless, ``.npy`` for band arrays), so a served
+    record is what ``dinotune predict`` gives for the same image, by construction rather than by
+    a second implementation of each task's pre- and post-processing.
+    """
+
+    def __init__(self, run: Any):
+        from dinotune.data.bands import InputSpec
+
+        self.run = run
+        self.task: str = run.task.name
+        self.class_names: list[str] = list(run.bundle.class_names)
+        self.input_spec = InputSpec.from_meta(run.meta)
+        self.max_image_pixels: int = run.cfg.data.max_image_pixels
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "RunPredictor":
+        from dinotune.api import load
+
+        return cls(load(path, device=device))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /health`` says of the model (``draw_threshold``: detection's, for the page)."""
+        cfg = self.run.cfg
+        out = {"backend": "torch", "run": str(self.run.run_dir), "backbone": cfg.backbone.model,
+               "adapter": cfg.adapter.kind, "image_size": cfg.backbone.image_size, "device": str(self.run.device)}
+        if hasattr(cfg.inference, "draw_threshold"):
+            out["draw_threshold"] = cfg.inference.draw_threshold
+        return out
+
+    def predict_array(self, array: np.ndarray, name: str) -> dict[str, Any]:
+        return self._predict(array, name, with_mask=False)[0]
+
+    def predict_array_with_mask(self, array: np.ndarray, name: str) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The record and, for segmentation, the ``H x W`` label map (None for other tasks)."""
+        return self._predict(array, name, with_mask=self.task == "segment")
+
+    def _predict(self, array: np.ndarray, name: str, with_mask: bool) -> tuple[dict[str, Any], np.ndarray | None]:
+        from PIL import Image
+
+        # numeric stems are detection image ids, as for files: name the copy as the upload is named
+        stem = Path(name).stem or "image"
+        with tempfile.TemporaryDirectory(prefix="dinotune-serve-") as tmp:
+            folder = Path(tmp)
+            if self.input_spec.arrays:
+                path = folder / f"{stem}.npy"
+                # the run's layout reads it back: C x H x W when it was trained on chw files
+                np.save(path, np.moveaxis(array, -1, 0) if self.input_spec.layout == "chw" else array,
+                        allow_pickle=False)
+            else:
+                path = folder / f"{stem}.png"
+                Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="RGB").save(path)
+            options = {"masks": str(folder / "masks")} if with_mask else {}
+            record = self.run.predict([path], **options)[0]
+            mask = None
+            if with_mask:
+                mask = np.asarray(Image.open(record["mask"]))
+                record["mask"] = None  # a path in a folder that is about to go; `predict` without --masks
+        record["image"] = name
+        return record, mask
+
+
+def open_predictor(path: str | Path, device: str = "auto") -> Predictor:
+    """The predictor of ``path``: a run folder (or one of its checkpoint folders) through
+    ``dinotune.load``, or an exported model (a ``dinotune export`` folder, or its ``.onnx`` file)
+    through ``dinotune.runtime.load_predictor``. ``device``: either's (``auto``, ``cpu``, ``cuda``).
+    Raises ConfigError for anything else."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or ONNX model")
+    is_run = (path / "config.yaml").is_file() or (path / "meta.json").is_file() or (path / "checkpoints").is_dir()
+    if is_run:
+        return RunPredictor.load(path, device=device)
+    exported = path.suffix.lower() == ".onnx" or (path / "dinotune_export.json").is_file()
+    if exported or (path.is_dir() and any(path.glob("*.onnx"))):
+        try:
+            from dinotune.runtime import load_predictor
+        except ImportError as exc:  # onnxruntime, an optional dependency, is what is usually missing
+            raise ConfigError(f"{path}: serving an exported model needs onnxruntime (pip install onnxruntime): "
+                              f"{exc}") from None
+        return load_predictor(path, device=device)
+    raise ConfigError(f"{path}: neither a run folder (config.yaml + checkpoints/) nor an exported model "
+                      "(`dinotune export RUN --format onnx` output, or its .onnx file)")

@@ -1,0 +1,195 @@
+"use strict";
+// The page of `dinotune serve`: one image is uploaded to POST /predict?overlay=1 and its result is
+// drawn on a canvas: top-k bars (classification), boxes with labels (detection) or the label map
+// over the picture (segmentation). No dependencies. When a result (or an error) is shown,
+// <body data-state> becomes "done" (or "error"), which tests wait for.
+
+const $ = (id) => document.getElementById(id);
+const canvas = $("view");
+const ctx = canvas.getContext("2d");
+let health = null;   // GET /health: task, classes, model, max_upload_mb
+let last = null;     // the last prediction record, with its overlay
+let picture = null;  // its picture and mask, decoded
+let mask = null;
+
+function percent(score) { return (100 * score).toFixed(1) + " %"; }
+
+function setState(state, text) {
+  document.body.dataset.state = state;
+  $("status").textContent = text || "";
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("result").hidden = true;
+  setState("error", "");
+}
+
+function loadImage(url) {
+  const image = new Image();
+  image.src = url;
+  return image.decode().then(() => image);
+}
+
+async function loadHealth() {
+  try {
+    const response = await fetch("/health");
+    health = await response.json();
+    const m = health.model || {};
+    const parts = [health.task, `${health.classes.length} classes`];
+    if (m.backbone) parts.push(m.backbone + (m.adapter ? ` (${m.adapter})` : ""));
+    if (m.backend) parts.push(m.backend);
+    if (health.input && health.input.arrays) parts.push(`${health.input.bands}-band arrays (.npy / .tif)`);
+    $("model").textContent = parts.join(" · ") + ` · uploads up to ${health.max_upload_mb} MB`;
+    if (health.task === "detect") {
+      $("threshold").value = m.draw_threshold !== undefined ? m.draw_threshold : 0.3;
+      $("threshold-row").hidden = false;
+    }
+  } catch (e) {
+    $("model").textContent = "the server did not describe its model: " + e.message;
+  }
+}
+
+async function upload(file) {
+  $("error").hidden = true;
+  if (health && file.size > health.max_upload_mb * 1024 * 1024) {
+    showError(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB, over the server's limit of ` +
+              `${health.max_upload_mb} MB`);
+    return;
+  }
+  setState("busy", `predicting ${file.name} …`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let response, body;
+  try {
+    response = await fetch("/predict?overlay=1", { method: "POST", body: form });
+    body = await response.json().catch(() => ({ detail: response.statusText }));
+  } catch (e) {
+    showError("the server could not be reached: " + e.message);
+    return;
+  }
+  if (!response.ok) {
+    showError(`${response.status}: ${body.detail}`);
+    return;
+  }
+  last = body;
+  picture = await loadImage(body.overlay.image);
+  mask = body.overlay.mask ? await loadImage(body.overlay.mask) : null;
+  render();
+  $("result").hidden = false;
+  setState("done", `${file.name}: done`);
+}
+
+function bar(name, score, colour) {
+  const row = document.createElement("div");
+  row.className = "bar";
+  const label = document.createElement("span");
+  label.className = "name";
+  label.title = name;
+  if (colour) {
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = colour;
+    label.append(swatch);
+  }
+  label.append(name);
+  const track = document.createElement("span");
+  track.className = "track";
+  const fill = document.createElement("span");
+  fill.className = "fill";
+  fill.style.display = "block";
+  fill.style.width = Math.max(0, Math.min(100, 100 * score)) + "%";
+  if (colour) fill.style.background = colour;
+  track.append(fill);
+  const value = document.createElement("span");
+  value.className = "score";
+  value.textContent = percent(score);
+  row.append(label, track, value);
+  row.dataset.class = name;
+  row.dataset.score = String(score);
+  return row;
+}
+
+// Small pictures are drawn enlarged (pixels kept sharp), so boxes and labels stay legible.
+const MIN_SIDE = 480;
+
+function render() {
+  const r = last, o = r.overlay;
+  const zoom = Math.max(1, MIN_SIDE / Math.max(o.width, o.height));
+  canvas.width = Math.round(o.width * zoom);
+  canvas.height = Math.round(o.height * zoom);
+  ctx.imageSmoothingEnabled = zoom === 1;
+  ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
+  $("bars").replaceChildren();
+  $("items").replaceChildren();
+  const shown = Object.assign({}, r);
+  delete shown.overlay;
+  $("json").textContent = JSON.stringify(shown, null, 2);
+  if (health && health.task === "detect" || r.detections) renderBoxes(r, o);
+  else if (r.classes) renderMask(r, o);
+  else renderBars(r);
+}
+
+function renderBars(r) {
+  const top = r.predictions[0];
+  $("top").textContent = top ? `${top["class"]} (${percent(top.score)})` : "no prediction";
+  for (const p of r.predictions) $("bars").append(bar(p["class"], p.score));
+  canvas.dataset.drawn = "picture";
+}
+
+function renderBoxes(r, o) {
+  const threshold = parseFloat($("threshold").value) || 0;
+  const kept = r.detections.filter((d) => d.score >= threshold);
+  const sx = canvas.width / o.source_width, sy = canvas.height / o.source_height;
+  ctx.lineWidth = Math.max(2, Math.round(canvas.width / 300));
+  ctx.font = `${Math.max(12, Math.round(canvas.width / 45))}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  for (const d of kept) {
+    const colour = o.colors[d.category] || "#ff0000";
+    const [x, y, w, h] = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
+    ctx.strokeStyle = colour;
+    ctx.strokeRect(x, y, w, h);
+    const text = `${d.category} ${d.score.toFixed(2)}`;
+    const tw = ctx.measureText(text).width + 6, th = parseInt(ctx.font, 10) + 4;
+    const ty = y - th >= 0 ? y - th : y;
+    ctx.fillStyle = colour;
+    ctx.fillRect(x, ty, tw, th);
+    ctx.fillStyle = "#fff";
+    ctx.fillText(text, x + 3, ty + 2);
+    const item = document.createElement("li");
+    item.innerHTML = `<span class="swatch" style="background:${colour}"></span>`;
+    item.append(`${d.category} ${d.score.toFixed(3)} at [${d.bbox.map((v) => v.toFixed(1)).join(", ")}]`);
+    $("items").append(item);
+  }
+  const best = r.detections.reduce((m, d) => Math.max(m, d.score), 0);
+  $("top").textContent = kept.length
+    ? `${kept.length} box${kept.length > 1 ? "es" : ""} scoring at least ${threshold}`
+    : `no box scores at least ${threshold}` + (r.detections.length ? ` (highest ${best.toFixed(3)})` : "");
+  canvas.dataset.drawn = "boxes";
+  canvas.dataset.boxes = String(kept.length);
+}
+
+function renderMask(r, o) {
+  if (mask) {
+    ctx.globalAlpha = 0.5;
+    ctx.drawImage(mask, 0, 0, canvas.width, canvas.height);
+    ctx.globalAlpha = 1;
+  }
+  const shares = Object.entries(r.classes).sort((a, b) => b[1] - a[1]);
+  for (const [name, share] of shares) $("bars").append(bar(name, share, o.colors[name]));
+  $("top").textContent = shares.length ? `mostly ${shares[0][0]} (${percent(shares[0][1])} of the pixels)` : "";
+  canvas.dataset.drawn = mask ? "mask" : "picture";
+}
+
+$("file").addEventListener("change", () => { if ($("file").files.length) upload($("file").files[0]); });
+$("threshold").addEventListener("input", () => { if (last && last.detections) render(); });
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+});
+loadHealth();
