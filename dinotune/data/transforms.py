@@ -57,13 +57,28 @@ def _to_image() -> v2.Transform:
     return v2.ToImage()
 
 
+class FlooredCenterCrop(v2.CenterCrop):
+    """``CenterCrop`` with the offsets floored, ``(H - size) // 2``, as transformers' image
+    processors (and numpy slicing by hand) crop: torchvision rounds half to even, which puts the
+    window one pixel lower / further right whenever the margin is 3 mod 4, so an exported
+    transformers folder would see other pixels than dinotune on about one photo in six. Images
+    smaller than the crop are padded as torchvision pads."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        h, w = v2.functional.get_size(inpt)
+        size_h, size_w = self.size
+        if size_h > h or size_w > w:
+            return super().transform(inpt, params)
+        return v2.functional.crop(inpt, (h - size_h) // 2, (w - size_w) // 2, size_h, size_w)
+
+
 def classify_eval_transform(image_size: int, spec: InputSpec | None = None) -> v2.Compose:
     """Resize the short side to ``size * 256/224`` and center-crop ``size`` (the DINOv2 / ImageNet
     evaluation protocol), then normalise with ``spec``'s statistics (ImageNet's by default)."""
     return v2.Compose([
         _to_image(),
         v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
-        v2.CenterCrop(image_size),
+        FlooredCenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         normalize(spec),
     ])

@@ -94,15 +94,15 @@ def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """torchvision's ``CenterCrop(size)``: offsets ``int(round((H - size) / 2))`` (round half to
-    even, as Python's ``round``); a smaller image is zero-padded first, as torchvision pads."""
+    """dinotune's ``FlooredCenterCrop(size)``: offsets ``(H - size) // 2`` (as transformers'
+    processors crop); a smaller image is zero-padded first, as torchvision pads."""
     h, w = image.shape[:2]
     if size > h or size > w:
         top, left = max(0, (size - h) // 2), max(0, (size - w) // 2)
         padded = np.zeros((max(h, size), max(w, size)) + image.shape[2:], dtype=image.dtype)
         padded[top: top + h, left: left + w] = image
         image, (h, w) = padded, padded.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = (h - size) // 2, (w - size) // 2
     return image[top: top + size, left: left + size]
 
 

@@ -20,6 +20,7 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.losses import build_loss
+from dinotune.runtime.records import format_predictions as format_records
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.classify.data import ImageListDataset, build_classification_data, build_eval_dataset
 from dinotune.tasks.classify.heads import build_head, pooled_dim
@@ -176,19 +177,9 @@ class ClassifyTask(Task):
 
     def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
         """JSON (top-k per image), or CSV with one row per image: image, class_1, score_1, ..."""
-        import csv
-        import io
-        import json
-
-        if fmt == "json":
-            return json.dumps(results, indent=2) + "\n"
-        k = max((len(r["predictions"]) for r in results), default=0)
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["image"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"score_{i}")])
-        for r in results:
-            w.writerow([r["image"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['score']:.6f}")])
-        return buf.getvalue()
+        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
+        # `predict --backend onnx` writes the very same files
+        return format_records("classify", results, fmt)
 
     def _eval_dataset(self, data: str, class_names: list[str], split: str, spec: InputSpec,
                       pre_transform: Callable | None = None) -> Dataset:

@@ -20,6 +20,7 @@ from dinotune.engine.logging import progress
 from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.ops import box_ops
+from dinotune.runtime.records import format_predictions as format_records
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.detect.coco import DetectionSource
 from dinotune.tasks.detect.data import (
@@ -237,21 +238,9 @@ class DetectTask(Task):
         Each JSON result also carries ``file_name`` (the image path as predicted, as the CSV's
         ``image`` column): image ids of a plain folder are 1..N, meaningless without it.
         pycocotools' ``loadRes`` ignores the extra key."""
-        import csv
-        import io
-        import json
-
-        if fmt == "json":
-            flat = [{"image_id": r["image_id"], "file_name": r["image"], "category_id": d["category_id"],
-                     "bbox": d["bbox"], "score": d["score"]} for r in results for d in r["detections"]]
-            return json.dumps(flat) + "\n"
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["image", "image_id", "category", "category_id", "score", "x", "y", "width", "height"])
-        for r in results:
-            for d in r["detections"]:
-                w.writerow([r["image"], r["image_id"], d["category"], d["category_id"], d["score"], *d["bbox"]])
-        return buf.getvalue()
+        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
+        # `predict --backend onnx` writes the very same files
+        return format_records("detect", results, fmt)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: DetectInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,

@@ -24,6 +24,7 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
+from dinotune.runtime.records import format_predictions as format_records
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.data import (
@@ -265,19 +266,9 @@ class SegmentTask(Task):
 
     def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
         """JSON list, or CSV with one row per image and class (pixel fraction)."""
-        import csv
-        import io
-        import json
-
-        if fmt == "json":
-            return json.dumps(results, indent=2) + "\n"
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["image", "mask", "class", "fraction"])
-        for r in results:
-            for name, frac in r["classes"].items():
-                w.writerow([r["image"], r["mask"] or "", name, frac])
-        return buf.getvalue()
+        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
+        # `predict --backend onnx` writes the very same files
+        return format_records("segment", results, fmt)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
