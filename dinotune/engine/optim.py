@@ -116,7 +116,8 @@ def few_steps_warning(total_steps: int, steps_per_epoch: int, warmup_epochs: flo
     if total_steps >= FEW_STEPS:
         return None
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
-    return (f"this run makes only {total_steps} optimizer steps ({steps_per_epoch} per epoch at batch size "
+    steps = f"{total_steps} optimizer step{'s' if total_steps != 1 else ''}"
+    return (f"this run makes only {steps} ({steps_per_epoch} per epoch at batch size "
             f"{batch_size}{f', {warmup} of them warm-up' if warmup else ''}); a head learning from scratch "
             "usually needs more: use a smaller --batch-size, more --epochs or a higher --lr (1e-2 for the head "
             "on small sets)")
