@@ -194,3 +194,19 @@ def read_bands(path: Path, layout: BandLayout = "auto", max_pixels: int = 0) -> 
             raise ImageReadError(f"{path}: holds {int(bad.sum()):,} NaN / inf value(s) (band(s) "
                                  f"{', '.join(map(str, bands[:10]))}); fill or mask them before training")
     return np.ascontiguousarray(array)
+
+
+def check_band_file(path: Path, mode: str, max_pixels: int, layout: str = "auto") -> str | None:
+    """``check_image`` for band arrays (torch-free: the runtime uses it too): None when ``path`` reads, else the problem. ``fast`` reads the
+    header; ``full`` reads every value (truncation, NaN / inf)."""
+    try:
+        if mode == "fast":
+            header = band_header(path, layout)
+            if max_pixels and header.height * header.width > max_pixels:
+                return (f"array is {header.width}x{header.height} = {header.height * header.width:,} pixels, over "
+                        f"the limit of {max_pixels:,} (--max-image-pixels); not read")
+        else:
+            read_bands(path, layout, max_pixels)
+        return None
+    except ImageReadError as exc:
+        return str(exc).split(": ", 1)[-1]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from dinotune.data.arrays import BandLayout, band_header, is_band_file, read_bands
 from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
-from dinotune.errors import ConfigError, DataError, ImageReadError
+from dinotune.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,22 +102,6 @@ def file_bands(path: Path, layout: BandLayout = "auto") -> int:
     """Band count of a file from its header: 3 for a picture (read as RGB)."""
     path = Path(path)
     return band_header(path, layout).bands if is_band_file(path) else 3
-
-
-def check_band_file(path: Path, mode: str, max_pixels: int, layout: BandLayout = "auto") -> str | None:
-    """``check_image`` for band arrays: None when ``path`` reads, else the problem. ``fast`` reads the
-    header; ``full`` reads every value (truncation, NaN / inf)."""
-    try:
-        if mode == "fast":
-            header = band_header(path, layout)
-            if max_pixels and header.height * header.width > max_pixels:
-                return (f"array is {header.width}x{header.height} = {header.height * header.width:,} pixels, over "
-                        f"the limit of {max_pixels:,} (--max-image-pixels); not read")
-        else:
-            read_bands(path, layout, max_pixels)
-        return None
-    except ImageReadError as exc:
-        return str(exc).split(": ", 1)[-1]
 
 
 def check_band_counts(paths: Sequence[Path], layout: BandLayout = "auto", expected: int | None = None) -> int:

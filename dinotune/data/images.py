@@ -213,7 +213,7 @@ def check_image(path: Path, mode: Literal["full", "fast"] = "full",
     (``.npy``, multi-band TIFF) are read with their own reader (all of them when ``full``:
     truncation and NaN / inf values are found too)."""
     if is_band_file(path):
-        from dinotune.data.bands import check_band_file
+        from dinotune.data.arrays import check_band_file
 
         return check_band_file(path, mode, max_pixels, layout)
     try:

@@ -14,25 +14,10 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from dinotune.data.arrays import band_header, is_band_file, read_bands
+from dinotune.data.arrays import band_header, check_band_file, is_band_file, read_bands
 from dinotune.data.images import SkipReport, collect_images, load_image, scan_images
 from dinotune.errors import DataError, ImageReadError
 from dinotune.runtime.metadata import InputInfo
-
-
-def _band_problem(path: Path, mode: str, max_pixels: int, layout: str) -> str | None:
-    """None when a band file reads (``fast``: its header; ``full``: every value), else the problem."""
-    try:
-        if mode == "fast":
-            header = band_header(path, layout)
-            if max_pixels and header.height * header.width > max_pixels:
-                return (f"array is {header.width}x{header.height} = {header.height * header.width:,} pixels, over "
-                        f"the limit of {max_pixels:,} (--max-image-pixels); not read")
-        else:
-            read_bands(path, layout, max_pixels)
-        return None
-    except ImageReadError as exc:
-        return str(exc).split(": ", 1)[-1]
 
 
 def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputInfo, max_pixels: int,
@@ -46,7 +31,7 @@ def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputInfo, 
     pictures = [p for p in paths if p not in bands]
     good = {p for p, ok in zip(pictures, scan_images(pictures, report, mode, max_pixels=max_pixels)) if ok}
     for p in sorted(bands):
-        problem = _band_problem(p, mode, max_pixels, spec.layout)
+        problem = check_band_file(p, mode, max_pixels, spec.layout)
         if problem:
             report.add(p, problem)
         else:
