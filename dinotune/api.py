@@ -78,6 +78,9 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     seed_everything(cfg.train.seed)
     device = distributed.device_for(ctx, select_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.batch_size == "auto" and device.type != "cuda":
+        raise ConfigError(f"--batch-size auto finds the largest batch that fits in GPU memory by trial; on {device.type} "
+                          "memory is not a hard limit to probe: give a number (e.g. --batch-size 32)")
     the_task = get_task(cfg)
     # the backbone first, before any folder is made: it refuses a bad --model or an image size
     # that is not a multiple of its patch size, and the patch size shapes the data

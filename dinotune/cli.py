@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from dinotune.config import TASK_CONFIGS, ConfigError, DetectConfig, flag_map, leaf_fields
 from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig
@@ -44,6 +45,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------- config flags
 def _metavar(key: str, tp: Any) -> str:
+    members = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, UnionType) else []
+    if members:  # int | Literal["auto"]: N|auto
+        return "|".join(_metavar(key, a) if get_origin(a) is not Literal else "|".join(get_args(a)) for a in members)
     if get_origin(tp) is list:
         return {int: "N", float: "X"}.get(get_args(tp)[0], "NAME")
     return {int: "N", float: "X"}.get(tp) or key.rsplit(".", 1)[-1].upper()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Literal, get_args, get_origin
 
 import pytest
@@ -78,6 +80,8 @@ def test_every_field_has_a_unique_flag_and_help():
 
 def _other_value(tp, default):
     """A valid value of type ``tp`` different from ``default``, and its command-line words."""
+    if get_origin(tp) in (typing.Union, types.UnionType):  # int | Literal["auto"]: an int
+        return _other_value(get_args(tp)[0], default)
     if get_origin(tp) is Literal:
         value = next(c for c in get_args(tp) if c != default)
         return value, [str(value)]
@@ -131,3 +135,23 @@ def test_inference_settings_are_checked():
         build_config("detect", draw_threshold=1.5).validate()
     with pytest.raises(ConfigError, match=r"--eval-batch-size 0: must be >= 1 \(inference.batch_size\)"):
         build_config("segment", eval_batch_size=0).validate()
+
+
+def test_batch_size_takes_a_number_or_auto_and_names_both_when_neither(tmp_path):
+    assert build_config("classify", batch_size="auto").train.batch_size == "auto"
+    assert build_config("classify", batch_size="16").train.batch_size == 16
+    with pytest.raises(ConfigError, match=r"train.batch_size must be int or auto, got 'big'"):
+        build_config("classify", batch_size="big")
+    cfg = build_config("classify", batch_size="auto")
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert load_yaml(tmp_path / "c.yaml").train.batch_size == "auto"
+
+
+def test_report_to_and_layer_decay_are_checked_with_their_flags():
+    with pytest.raises(ConfigError, match="--report-to neptune: not a logger"):
+        build_config("classify", report_to="tensorboard,neptune").validate()
+    with pytest.raises(ConfigError, match="--report-to none cannot be combined with csv"):
+        build_config("classify", report_to="none csv").validate()
+    with pytest.raises(ConfigError, match="--layer-decay .* --adapter none"):
+        build_config("classify", adapter="none", layer_decay=0.75).validate()
+    build_config("detect", adapter="full", layer_decay=0.75, report_to="csv").validate()

@@ -15,6 +15,10 @@ PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 AdapterKind = Literal["none", "lora", "dora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Sampler = Literal["shuffle", "balanced"]
+
+# Loggers --report-to takes (metrics.jsonl is always written).
+REPORTERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
 
 
@@ -119,12 +123,21 @@ class OptimConfig:
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
     grad_clip: float = opt(1.0, "clip the gradient norm to this value (0 = off)", ge=0)
     accumulate: int = opt(1, "accumulate gradients over this many batches per optimizer step", ge=1)
+    layer_decay: float = opt(
+        1.0,
+        "layer-wise learning-rate decay (the DINOv2 / BEiT recipe): block i of L trains at backbone_lr * "
+        "R^(L - i), the patch embedding and tokens at R^(L + 1); 1 = off. Needs --adapter full, lora or dora",
+        gt=0, le=1,
+    )
 
 
 @dataclass
 class TrainConfig:
     epochs: int = opt(10, "training epochs (ignored with --two-stage, which sums its stages)", ge=1)
-    batch_size: int = opt(32, "images per batch", ge=1)
+    batch_size: int | Literal["auto"] = opt(
+        32, "images per batch; auto (CUDA only) = the largest power of two that fits, found by trial "
+        "and saved to the run's config", ge=1,
+    )
     two_stage: bool = opt(
         False, "stage 1 trains the head on a frozen backbone, stage 2 unfreezes the adapters"
     )
@@ -138,6 +151,25 @@ class TrainConfig:
     workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", ge=0)
     eval_every: int = opt(1, "evaluate every N epochs (and always after the last)", ge=1)
     progress: bool = opt(True, "show progress bars")
+    grad_checkpointing: bool = opt(
+        False, "recompute the backbone blocks' activations during backward instead of keeping them: "
+        "less memory, about a third more compute",
+    )
+    compile: bool = opt(False, "torch.compile the backbone (needs a C++ compiler on the CPU)")
+    ema: float = opt(
+        0.0, "keep an exponential moving average of the trained weights with this decay (e.g. 0.999) and "
+        "evaluate it beside the raw weights each epoch; 0 = off", ge=0, lt=1,
+    )
+    patience: int = opt(
+        0, "early stopping: stop after this many evaluations without an improvement of the monitored "
+        "metric by more than --min-delta (0 = off)", ge=0,
+    )
+    min_delta: float = opt(0.0, "early stopping: the smallest change of the monitored metric that counts "
+                           "as an improvement", ge=0)
+    report_to: list[str] = opt(
+        ["tensorboard"], "where to log besides metrics.jsonl: tensorboard, csv, wandb, mlflow (wandb and "
+        "mlflow are optional extras, and log offline unless configured otherwise), or none",
+    )
     out: str = opt("runs/run", "run folder (config, metrics, TensorBoard logs, checkpoints)", short="-o")
 
 
@@ -150,6 +182,14 @@ def validate_common(cfg: Any) -> None:
     bands = getattr(cfg, "bands", None)  # the N-band section (config/bands.py), in every task config
     if bands is not None:
         bands.validate()
+    bad = sorted(set(cfg.train.report_to) - set(REPORTERS))
+    if bad:
+        raise ConfigError(f"--report-to {' '.join(bad)}: not a logger; choose from {', '.join(REPORTERS)} (report_to)")
+    if "none" in cfg.train.report_to and len(cfg.train.report_to) > 1:
+        raise ConfigError(f"--report-to none cannot be combined with {' '.join(r for r in cfg.train.report_to if r != 'none')}")
+    if cfg.optim.layer_decay < 1 and cfg.adapter.kind == "none":
+        raise ConfigError("--layer-decay scales the learning rates of backbone weights that train; with "
+                          "--adapter none none do: use --adapter full (or lora / dora)")
     if cfg.train.two_stage and cfg.adapter.kind == "none":
         raise ConfigError(
             "--two-stage unfreezes the adapters in stage 2, so it needs --adapter lora, dora or full"

@@ -11,6 +11,7 @@ from dinotune.config.base import (
     BackboneConfig,
     ConfigError,
     OptimConfig,
+    Sampler,
     TrainConfig,
     opt,
     validate_common,
@@ -37,6 +38,8 @@ class ClassifyDataConfig:
     check_images: Literal["full", "fast", "off"] = opt(
         "full", "scan images before training: full decodes each (at 1/8 scale), fast reads headers"
     )
+    sampler: Sampler = opt("shuffle", "order of training images: shuffle = each once per epoch; balanced = "
+                           "every class drawn equally often (weights 1 / class count, with replacement)")
     max_image_pixels: int = opt(
         89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
         "skip (and report) images with more pixels than this, read from the header before anything is "

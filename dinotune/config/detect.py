@@ -12,6 +12,7 @@ from dinotune.config.base import (
     BackboneConfig,
     ConfigError,
     OptimConfig,
+    Sampler,
     TrainConfig,
     opt,
     validate_common,
@@ -40,6 +41,8 @@ class DetectDataConfig:
     check_images: Literal["full", "fast", "off"] = opt(
         "fast", "scan images before training: full decodes each, fast reads headers"
     )
+    sampler: Sampler = opt("shuffle", "order of training images: shuffle = each once per epoch; balanced = "
+                           "images drawn by the rarest class they contain (weight 1 / that class's image count, with replacement)")
     max_image_pixels: int = opt(
         89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
         "skip (and report) images with more pixels than this, read from the header before anything is "

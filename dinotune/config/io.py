@@ -31,9 +31,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in get_args(tp) and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        return coerce(value, args[0], key)
+        for arg in args:  # the first member that takes the value (int | Literal["auto"]: 32, or auto)
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                pass
+        kinds = [", ".join(map(str, get_args(a))) if get_origin(a) is Literal else _type_name(a) for a in args]
+        raise ConfigError(f"{key} must be {' or '.join(kinds)}, got {value!r}")
     if origin is list:
         (inner,) = get_args(tp)
         if isinstance(value, str):
@@ -73,6 +79,9 @@ ADDED_KEYS = frozenset({
     "inference.compare_image_size", "inference.window_batch", "model.single_dropout", "model.single_hidden",
     "data.scale_range", "data.max_image_pixels",
     # N-band input (multispectral): runs from before read pictures as RGB, which these defaults keep
+    # issue 12's training options: runs from before trained without them, which these defaults keep
+    "train.grad_checkpointing", "train.compile", "train.ema", "train.patience", "train.min_delta",
+    "train.report_to", "optim.layer_decay", "data.sampler",
     "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",
 })
 

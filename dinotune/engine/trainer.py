@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import METRICS_FILE, RunLogger, progress
+from dinotune.engine.memory import batch_length, peak_memory_mb, reset_peak
 from dinotune.engine.optim import (
     Phase,
     build_optimizer,
@@ -215,7 +216,10 @@ class Trainer:
         bar = progress(self.train_loader, self.cfg.train.progress and self.dist.is_main, total=n,
                        desc=f"epoch {epoch + 1}/{self.total_epochs} {phase.name}")
         group_loss = 0.0
+        images, t0 = 0, time.perf_counter()
+        reset_peak(self.device)
         for i, batch in enumerate(bar):
+            images += batch_length(batch)
             group_start = i - i % accumulate
             group_size = min(accumulate, n - group_start)
             last_in_group = i + 1 - group_start == group_size
@@ -234,12 +238,19 @@ class Trainer:
                 group_loss = 0.0
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        seconds = time.perf_counter() - t0
         sums = distributed.sum_over_processes(sums, self.device)
         record: dict[str, Any] = {"epoch": epoch + 1, "phase": phase.name}
         record.update({f"train/{k}": v / max(1, n * self.dist.world_size) for k, v in sums.items()})
         for g in optimizer.param_groups:
             if not g["name"].endswith("_nd"):
                 record[f"lr/{g['name']}"] = g["lr"]
+        # throughput of the whole job (every process trains as fast as the slowest), and this process's
+        # peak memory: what benchmarks and sweeps compare
+        record["sys/images_per_s"] = round(images * self.dist.world_size / max(seconds, 1e-9), 3)
+        peak = peak_memory_mb(self.device)
+        if peak is not None:
+            record["sys/peak_memory_mb"] = round(peak, 1)
         return record, global_step
 
     def _backward(self, batch: Any, group_size: int, last_in_group: bool, epoch: int, i: int):
