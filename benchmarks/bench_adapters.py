@@ -1,31 +1,74 @@
-"""Training-step throughput and peak memory: dinotune's engine vs a hand-written HF + PEFT loop.
+"""Training-step throughput and memory: dinotune's engine vs a hand-written HF + PEFT loop, and
+dinotune's memory and speed options (activation checkpointing, adapting only the last blocks,
+torch.compile).
 
-For each adapter (none, lora, dora, full) and each implementation, a fresh subprocess builds
-``random:small`` (ViT-S/14) with a linear head on CLS + mean patch token, and runs ``--warmup`` then
-``--steps`` optimizer steps on random 224 px images (no data loading: both sides get the same
-in-memory tensors). Reported: images/s over the timed steps, peak memory (CUDA: max allocated;
-CPU: peak resident set size of the process) and the activation memory autograd saves for backward
-in one forward (exact and repeatable, unlike RSS). The baseline is what a user would write by hand:
-``Dinov2Model`` + ``peft.get_peft_model`` + ``nn.Linear`` + AdamW + autocast.
+Every configuration runs in a fresh subprocess that builds ``random:small`` (ViT-S/14) with a
+linear head on CLS + mean patch token and runs ``--warmup`` then ``--steps`` optimizer steps on
+random images (no data loading: every run gets the same in-memory tensors). Reported: images/s
+over the timed steps, peak memory (CUDA: the allocator's max allocated; CPU: the peak resident set
+size of the process, and that peak above the RSS right after the imports, which leaves out the
+~0.6-0.8 GB of libraries every process carries) and the activation memory kept for backward in
+one forward (autograd's saved tensors plus the block inputs checkpointing keeps for its
+recompute: exact and repeatable, unlike RSS; not measured under --compile).
+
+Table 1 compares dinotune with what a user would write by hand (``Dinov2Model`` +
+``peft.get_peft_model`` + ``nn.Linear`` + AdamW + autocast), adapter by adapter. Table 2 is
+dinotune alone: none / lora / dora / full, each with ``--grad-checkpointing``, LoRA on the last 4
+blocks with and without it, and ``--compile`` rows where a compiler exists; memory is given
+relative to full fine-tuning, speed relative to the same adapter without checkpointing / compile.
 
     python benchmarks/bench_adapters.py                  # CPU, writes results/adapters-cpu.{json,md}
     python benchmarks/bench_adapters.py --device cuda    # GPU, bf16, writes results/adapters-cuda.*
+    python benchmarks/bench_adapters.py --size 112 --steps 2 --warmup 1 --repeats 1   # a quick CPU run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from _common import machine_info
 
 ADAPTERS = ["none", "lora", "dora", "full"]
 HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of table 2: an adapter and the memory / speed options it trains with."""
+
+    adapter: str
+    last_n: int = 0  # adapt only the last N blocks (LoRA / DoRA)
+    ckpt: bool = False  # --grad-checkpointing
+    compile: bool = False  # --compile
+
+    @property
+    def name(self) -> str:
+        parts = [self.adapter + (f"-last{self.last_n}" if self.last_n else "")]
+        return " + ".join(parts + ["checkpointing"] * self.ckpt + ["compile"] * self.compile)
+
+    @property
+    def reference(self) -> "Variant":
+        """The same adapter and blocks without checkpointing and compile (the speed reference)."""
+        return Variant(self.adapter, self.last_n)
+
+
+def variants(with_compile: bool) -> list[Variant]:
+    """Table 2's rows (``none`` is table 1's: a frozen backbone has no memory option to apply)."""
+    rows = [Variant(a) for a in ADAPTERS if a != "none"]
+    rows += [Variant(a, ckpt=True) for a in ("lora", "dora", "full")]
+    rows += [Variant("lora", 4), Variant("lora", 4, ckpt=True)]
+    if with_compile:
+        rows += [Variant("lora", compile=True), Variant("full", compile=True)]
+    return rows
 
 
 def _precision(device: str) -> str:
@@ -40,50 +83,57 @@ def _synthetic_batches(n: int, batch: int, size: int, classes: int = 10):
             for _ in range(n)]
 
 
-def _measure(step, n_warmup: int, n_steps: int, device: str) -> float:
+def _measure(step, n_warmup: int, n_steps: int, device: str) -> tuple[float, float]:
+    """Wall and CPU seconds (this process's, every thread) of ``n_steps`` steps after ``n_warmup``."""
     import torch
 
     for _ in range(n_warmup):
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_steps):
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def saved_activation_mb(loss_fn) -> float:
-    """Bytes autograd keeps for backward during one forward (``loss_fn()``), each storage counted
-    once: a deterministic activation-memory figure, where peak RSS on the CPU also moves with the
+def saved_activation_mb(loss_fn, model) -> float:
+    """MiB one forward (``loss_fn()``) keeps for backward, each storage counted once: autograd's
+    saved tensors and the inputs checkpointed blocks keep (``dinotune.engine.speed``), the
+    weights of ``model`` left out (autograd keeps references to them, not copies). A
+    deterministic activation-memory figure, where peak RSS on the CPU also moves with the
     allocator and whatever else the process imported."""
-    import torch
+    from dinotune.engine.speed import saved_activations
 
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(model) as saved:
         loss = loss_fn()
     if loss.requires_grad:
         loss.backward()  # frees the graph the same way a training step does
-    return sum(storages.values()) / 2**20
+    return saved.mb
 
 
-def run_dinotune(adapter: str, args) -> tuple[float, float]:
-    """The dinotune engine's own training step (Trainer.train_epoch) on in-memory batches."""
-    import tempfile
+def current_rss_mb() -> float | None:
+    """This process's resident set size now (Linux), or None."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
+
+def run_dinotune(adapter: str, args) -> tuple[tuple[float, float], float | None, float | None]:
+    """The dinotune engine's own training step (Trainer.train_epoch) on in-memory batches, with
+    the run's memory and speed options applied as ``dinotune train`` applies them. Returns the
+    timed seconds, the activation MiB (None under --compile) and the seconds of the first step
+    (compilation included). Seconds are (wall, CPU)."""
     import torch
     from torch.utils.data import DataLoader
 
     from dinotune.config import build_config
     from dinotune.engine.device import autocast
     from dinotune.engine.optim import phase_at
+    from dinotune.engine.speed import prepare_for_training
     from dinotune.engine.trainer import Trainer
     from dinotune.tasks import build_backbone, get_task
     from dinotune.utils import set_quiet
@@ -92,37 +142,47 @@ def run_dinotune(adapter: str, args) -> tuple[float, float]:
     cfg = build_config("classify", model="random:small", adapter=adapter, image_size=args.size,
                        batch_size=args.batch, epochs=1, precision=_precision(args.device),
                        device=args.device, progress=False, rank=args.rank, alpha=2 * args.rank,
-                       targets=["qkv"], pool="cls_mean")
+                       targets=["qkv"], pool="cls_mean", last_n_blocks=args.last_n,
+                       grad_checkpointing=args.ckpt, compile=args.compile)
     task = get_task(cfg)
     backbone, _ = build_backbone(cfg)
     bundle = task.build_model({"class_names": [str(i) for i in range(10)], "num_classes": 10}, backbone)
+    device = torch.device(args.device)
+    prepare_for_training(bundle, cfg.train, device)
     model = bundle.model
     batches = [{"image": x, "label": y} for x, y in _synthetic_batches(args.warmup + args.steps, args.batch, args.size)]
-    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(bundle=bundle, task=task, train_loader=DataLoader(batches[: args.warmup], batch_size=None),
+        trainer = Trainer(bundle=bundle, task=task, train_loader=DataLoader(batches[:1], batch_size=None),
                           val_loader=None, cfg=cfg, run_dir=Path(tmp), meta={}, device=device,
                           precision=_precision(args.device))
         index, phase = phase_at(trainer.phases, 0)
         optimizer, scheduler = trainer.start_phase(index, phase, None)
-        trainer.train_epoch(0, phase, optimizer, scheduler, 0)  # warm-up
+        t0 = time.perf_counter()
+        trainer.train_epoch(0, phase, optimizer, scheduler, 0)  # the first step: compiles under --compile
+        first = time.perf_counter() - t0
+        if args.warmup > 1:
+            trainer.train_loader = DataLoader(batches[1: args.warmup], batch_size=None)
+            trainer.train_epoch(0, phase, optimizer, scheduler, 0)
         trainer.train_loader = DataLoader(batches[args.warmup:], batch_size=None)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.train_epoch(0, phase, optimizer, scheduler, 0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        x, y = batches[0]["image"].to(device), batches[0]["label"].to(device)
-        with autocast(device, _precision(args.device)):
-            saved = saved_activation_mb(lambda: task.training_step(bundle, model, {"image": x, "label": y})["loss"])
+        seconds = time.perf_counter() - t0, time.process_time() - c0
+        saved = None
+        if not args.compile:  # the counting hooks would make the compiled graph recompile
+            x, y = batches[0]["image"].to(device), batches[0]["label"].to(device)
+            with autocast(device, _precision(args.device)):
+                saved = saved_activation_mb(
+                    lambda: task.training_step(bundle, model, {"image": x, "label": y})["loss"], model)
         optimizer.zero_grad(set_to_none=True)
-        return seconds, saved
+        return seconds, saved, first
 
 
-def run_baseline(adapter: str, args) -> tuple[float, float]:
+def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None]:
     """A plain loop as a user would write it with transformers + PEFT."""
     import torch
     from torch import nn
@@ -172,22 +232,106 @@ def run_baseline(adapter: str, args) -> tuple[float, float]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = _measure(step, 0, args.steps, args.device)
-    saved = saved_activation_mb(lambda: forward(data[0][0].to(device), data[0][1].to(device)))
+    saved = saved_activation_mb(lambda: forward(data[0][0].to(device), data[0][1].to(device)),
+                                nn.ModuleList([backbone, head]))
     opt.zero_grad(set_to_none=True)
-    return seconds, saved
+    return seconds, saved, None
 
 
 def child(args) -> None:
     import torch
 
+    import dinotune.tasks  # noqa: F401 - with torch, transformers and peft: the fixed cost of every process
+    import peft  # noqa: F401
+
     torch.set_num_threads(args.threads) if args.threads else None
+    base_rss = current_rss_mb()
     run = run_dinotune if args.impl == "dinotune" else run_baseline
-    seconds, saved = run(args.adapter, args)
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+    (seconds, cpu_seconds), saved, first = run(args.adapter, args)
+    cuda = args.device.startswith("cuda")
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({"impl": args.impl, "adapter": args.adapter, "seconds": seconds,
-                      "images_per_s": args.steps * args.batch / seconds, "peak_mb": peak_mb,
+    print(json.dumps({"impl": args.impl, "adapter": args.adapter, "last_n": args.last_n, "ckpt": args.ckpt,
+                      "compile": args.compile, "seconds": seconds, "first_step_s": first,
+                      "images_per_s": args.steps * args.batch / seconds,
+                      "images_per_cpu_s": args.steps * args.batch / cpu_seconds, "peak_mb": peak_mb,
+                      "peak_above_imports_mb": peak_mb if cuda or base_rss is None else peak_mb - base_rss,
                       "saved_activation_mb": saved}))
+
+
+def _launch(args, impl: str, v: Variant) -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--adapter", v.adapter, "--device", args.device,
+           "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--rank", str(args.rank), "--threads", str(args.threads),
+           "--last-n", str(v.last_n)] + ["--ckpt"] * v.ckpt + ["--compile"] * v.compile
+    with tempfile.TemporaryDirectory() as cache:
+        # a cold compile, as a user's first run has it: Inductor's on-disk cache would hide its cost
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache} if v.compile else None
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{impl}/{v.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (other processes share the CPU: timings are noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _median(rs: list[dict]) -> dict:
+    """Medians over repeats (throughput and RSS both move run to run); every run kept."""
+    def med(key):
+        values = sorted(r[key] for r in rs)
+        return values[len(values) // 2]
+    row = {**rs[0], "images_per_s": med("images_per_s"), "images_per_cpu_s": med("images_per_cpu_s"),
+           "peak_mb": med("peak_mb"),
+           "peak_above_imports_mb": med("peak_above_imports_mb"),
+           "all_images_per_s": [r["images_per_s"] for r in rs], "all_peak_mb": [r["peak_mb"] for r in rs]}
+    del row["seconds"]
+    return row
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}" if a is not None and b else "-"
+
+
+def baseline_table(by: dict) -> list[str]:
+    table = ["| adapter | baseline img/s | dinotune img/s | speed ratio | baseline peak MB | dinotune peak MB "
+             "| memory ratio | baseline activations MB | dinotune activations MB | activation ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in ADAPTERS:
+        b, d = by[("baseline", Variant(a))], by[("dinotune", Variant(a))]
+        table.append(f"| {a} | {b['images_per_s']:.2f} | {d['images_per_s']:.2f} | "
+                     f"{_ratio(d['images_per_s'], b['images_per_s'])} | {b['peak_mb']:.0f} | {d['peak_mb']:.0f} | "
+                     f"{_ratio(d['peak_mb'], b['peak_mb'])} | {b['saved_activation_mb']:.1f} | "
+                     f"{d['saved_activation_mb']:.1f} | {_ratio(d['saved_activation_mb'], b['saved_activation_mb'], 3)} |")
+    return table
+
+
+def options_table(by: dict, rows: list[Variant], cuda: bool) -> list[str]:
+    """Table 2: memory relative to full fine-tuning, speed relative to the same adapter plain (on
+    the CPU, in images per CPU-second of the process: less moved by other processes than wall
+    time on a shared machine)."""
+    peak = "peak allocated MB" if cuda else "peak RSS MB | peak above imports MB"
+    speed = "img/s" if cuda else "img/s (wall) | img per CPU-s"
+    key = "images_per_s" if cuda else "images_per_cpu_s"
+    table = [f"| setting | activations MB | {peak} | activations / full | peak / full | {speed} "
+             "| speed / same adapter plain | first step s |",
+             "|---|---|---|" + ("" if cuda else "---|---|") + "---|---|---|---|---|"]
+    full = by[("dinotune", Variant("full"))]
+    for v in rows:
+        d, ref = by[("dinotune", v)], by[("dinotune", v.reference)]
+        act = "-" if d["saved_activation_mb"] is None else f"{d['saved_activation_mb']:.1f}"
+        peaks = f"{d['peak_mb']:.0f}" if cuda else f"{d['peak_mb']:.0f} | {d['peak_above_imports_mb']:.0f}"
+        speeds = f"{d['images_per_s']:.2f}" if cuda else f"{d['images_per_s']:.2f} | {d['images_per_cpu_s']:.2f}"
+        first = "-" if d.get("first_step_s") is None else f"{d['first_step_s']:.1f}"
+        table.append(f"| {v.name} | {act} | {peaks} | {_ratio(d['saved_activation_mb'], full['saved_activation_mb'])} "
+                     f"| {_ratio(d['peak_above_imports_mb'], full['peak_above_imports_mb'])} | "
+                     f"{speeds} | {_ratio(d[key], ref[key])} | {first} |")
+    return table
 
 
 def main() -> None:
@@ -196,71 +340,85 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 30 CUDA)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: it compiles)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    p.add_argument("--no-compile", action="store_true", help="leave out the --compile rows")
+    p.add_argument("--skip-baseline", action="store_true",
+                   help="leave out table 1 (the hand-written loop and the frozen backbone): table 2 alone")
+    p.add_argument("--note", default="", help="a line written under the settings (e.g. the machine's load)")
     p.add_argument("--out", default=None)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
+    p.add_argument("--last-n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or (64 if cuda else 8)
     args.steps = args.steps or (30 if cuda else 5)
+    args.warmup = max(1, args.warmup)
     if args.impl:
         child(args)
         return
-    rows = []
-    runs: dict[tuple[str, str], list[dict]] = {}
+    import torch
+
+    from dinotune.engine.speed import compile_problem
+
+    no_compile = "left out (--no-compile)" if args.no_compile else compile_problem(torch.device(args.device))
+    rows = variants(with_compile=not no_compile)
+    runs: dict[tuple[str, Variant], list[dict]] = {}
+    t_start, load_start = time.time(), _load()
     for repeat in range(args.repeats):
         # alternate the order so neither side always runs on a warmer machine
         order = ("baseline", "dinotune") if repeat % 2 == 0 else ("dinotune", "baseline")
-        for adapter, impl in [(a, i) for a in ADAPTERS for i in order]:
-            cmd = [sys.executable, __file__, "--impl", impl, "--adapter", adapter, "--device", args.device,
-                   "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--rank", str(args.rank), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{impl}/{adapter} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            runs.setdefault((adapter, impl), []).append(row)
-            print(f"{adapter:5s} {impl:9s} {row['images_per_s']:8.2f} img/s  peak {row['peak_mb']:8.0f} MB", flush=True)
-    by = {}
-    for key, rs in runs.items():  # medians over repeats: throughput and RSS both move run to run
-        speeds = sorted(r["images_per_s"] for r in rs)
-        peaks = sorted(r["peak_mb"] for r in rs)
-        by[key] = {**rs[0], "images_per_s": speeds[len(rs) // 2], "peak_mb": peaks[len(rs) // 2],
-                   "all_images_per_s": [r["images_per_s"] for r in rs], "all_peak_mb": [r["peak_mb"] for r in rs]}
-        del by[key]["seconds"]
-        rows.append(by[key])
-    table = ["| adapter | baseline img/s | dinotune img/s | speed ratio | baseline peak MB | dinotune peak MB "
-             "| memory ratio | baseline activations MB | dinotune activations MB | activation ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for a in ADAPTERS:
-        b, d = by[(a, "baseline")], by[(a, "dinotune")]
-        act = (f"{d['saved_activation_mb'] / b['saved_activation_mb']:.3f}" if b["saved_activation_mb"]
-               else "-")
-        table.append(f"| {a} | {b['images_per_s']:.2f} | {d['images_per_s']:.2f} | "
-                     f"{d['images_per_s'] / b['images_per_s']:.2f} | {b['peak_mb']:.0f} | {d['peak_mb']:.0f} | "
-                     f"{d['peak_mb'] / b['peak_mb']:.2f} | {b['saved_activation_mb']:.1f} | "
-                     f"{d['saved_activation_mb']:.1f} | {act} |")
-    settings = {k: getattr(args, k) for k in ("device", "batch", "size", "steps", "warmup", "rank", "repeats")}
+        pairs = [] if args.skip_baseline else [(i, Variant(a)) for a in ADAPTERS for i in order]
+        jobs = pairs + [("dinotune", v) for v in rows if ("dinotune", v) not in pairs]
+        for impl, v in jobs:
+            row = _launch(args, impl, v)
+            runs.setdefault((impl, v), []).append(row)
+            print(f"{v.name:38s} {impl:9s} {row['images_per_s']:8.2f} img/s  peak {row['peak_mb']:8.0f} MB  "
+                  f"({time.time() - t_start:.0f} s)", flush=True)
+    by = {key: _median(rs) for key, rs in runs.items()}
+    table1 = (["Not run this time (--skip-baseline); run the script without it for this table."]
+              if args.skip_baseline else baseline_table(by))
+    table2 = options_table(by, rows, cuda)
+    settings = {k: getattr(args, k) for k in ("device", "batch", "size", "steps", "warmup", "rank", "repeats",
+                                              "threads", "skip_baseline")}
+    settings["load_average_1min"] = {"start": load_start, "end": _load()}
     settings["precision"] = _precision(args.device)
-    result = {"settings": settings, "machine": machine_info(args.device), "rows": rows}
+    settings["compile_rows"] = "yes" if not no_compile else f"no: {no_compile}"
+    settings["wall_s"] = round(time.time() - t_start)
+    result = {"settings": settings, "machine": machine_info(args.device), "note": args.note,
+              "rows": [{**row, "setting": key[1].name} for key, row in by.items()],
+              "variants": [asdict(v) for v in rows]}
     out = Path(args.out) if args.out else HERE / "results" / f"adapters-{'cuda' if cuda else 'cpu'}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    memory = ("max allocated on CUDA" if cuda else
+              "the peak resident set size of the whole process, and that peak above the RSS right after the imports "
+              "(the libraries every process carries), which the ratios to full fine-tuning use")
     md = [f"# Adapter training-step benchmark ({args.device})", "",
           f"random:small (ViT-S/14), {args.size} px, batch {args.batch}, {settings['precision']}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} runs in "
-          f"alternating order; LoRA/DoRA rank {args.rank} on q,k,v.",
-          f"Machine: {json.dumps(result['machine'])}", "",
-          "Ratios are dinotune / baseline (speed: >1 is faster; memory: <1 is smaller). Peak memory is "
-          "max allocated on CUDA and peak resident set size of the whole process on the CPU; "
-          "activations are the bytes autograd saves for backward in one forward (deterministic).",
-          "", *table, ""]
+          f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} run(s)"
+          f"{' in alternating order' if args.repeats > 1 else ''}; LoRA/DoRA rank {args.rank} on q,k,v; "
+          f"{settings['wall_s']} s in all; 1-minute load average {settings['load_average_1min']['start']} at "
+          f"the start, {settings['load_average_1min']['end']} at the end.",
+          f"Machine: {json.dumps(result['machine'])}", *(["", args.note] if args.note else []), "",
+          f"Peak memory is {memory}; activations are the bytes kept for backward in one forward "
+          "(autograd's saved tensors plus the block inputs checkpointing keeps; deterministic).", "",
+          "## dinotune vs a hand-written transformers + PEFT loop", "",
+          "Ratios are dinotune / baseline (speed: >1 is faster; memory: <1 is smaller).", "", *table1, "",
+          "## Memory and speed options (dinotune)", "",
+          "Memory relative to full fine-tuning without options; speed relative to the same adapter (and "
+          "blocks) without checkpointing or compile" + ("" if cuda else ", in images per CPU-second of the "
+          "training process (its user + system time over the timed steps), which other processes on a shared "
+          "machine move far less than wall time") + "; the first step includes compilation under --compile (a cold "
+          "compile: each --compile run gets an empty Inductor cache)."
+          + ("" if not no_compile else f" No --compile rows: {no_compile}."), "", *table2, ""]
     out.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(table))
+    print("\n".join(table1 + [""] + table2))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

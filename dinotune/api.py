@@ -1,4 +1,4 @@
-"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``pca``, ``export``.
+"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``sweep``, ``pca``, ``export``.
 The CLI is a thin layer on it; everything below it (tasks, engine, models, data) never imports it."""
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from dinotune.config import ConfigError, build_config, check_ranges, load_yaml, 
 from dinotune.config.io import load_run_config
 from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
+from dinotune.engine.batch_size import resolve_auto_batch_size
 from dinotune.engine.device import resolve_precision, select_device
 from dinotune.engine.logging import read_metrics
 from dinotune.engine.run_folder import RunFolder
+from dinotune.engine.speed import check_compile, prepare_for_training
+from dinotune.engine.trackers import check_trackers
 from dinotune.engine.trainer import Trainer
 from dinotune.errors import CheckpointError
 from dinotune.models.bundle import ModelBundle
@@ -81,6 +84,9 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     if cfg.train.batch_size == "auto" and device.type != "cuda":
         raise ConfigError(f"--batch-size auto finds the largest batch that fits in GPU memory by trial; on {device.type} "
                           "memory is not a hard limit to probe: give a number (e.g. --batch-size 32)")
+    check_trackers(cfg.train.report_to)  # a missing wandb / mlflow package is told before any folder exists
+    if cfg.train.compile:
+        check_compile(device)  # a missing compiler is told now, not after the data is scanned
     the_task = get_task(cfg)
     # the backbone first, before any folder is made: it refuses a bad --model or an image size
     # that is not a multiple of its patch size, and the patch size shapes the data
@@ -103,7 +109,7 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
             folder.release()
     if not ctx.is_main:
         return {"run_dir": str(run_dir), "best": None, "last": None, "metrics": {}, "files": []}
-    return _finish(run_dir, the_task, meta, result)
+    return _finish(run_dir, the_task, meta, result, _parameters(trainer.model))
 
 
 def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path, resume: bool,
@@ -128,6 +134,11 @@ def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path,
     info(f"backbone {cfg.backbone.model} ({backbone.num_layers} blocks, width {backbone.embed_dim}, "
          f"patch {backbone.patch_size}), adapter {cfg.adapter.kind}; device {device}, precision {precision}")
     info(format_parameter_count(count_parameters(bundle.model)))
+    prepare_for_training(bundle, cfg.train, device)  # checkpointing now; --compile at the first forward
+    if cfg.train.batch_size == "auto":  # before anything is sized by it (feature caching, the loaders)
+        cfg.train.batch_size = 1  # the loaders only lend their dataset and collate function here
+        probe, _ = task.loaders(data)
+        resolve_auto_batch_size(cfg, task, bundle, probe.dataset, probe.collate_fn, run_dir, device, precision)
     data = task.prepare(bundle, data, run_dir, device, precision)
     train_loader, val_loader = task.loaders(data)
     trainer = Trainer(bundle=bundle, task=task, train_loader=train_loader, val_loader=val_loader,
@@ -144,8 +155,15 @@ def _check_distributed(cfg: Any, ctx: distributed.DistContext) -> None:
         set_quiet(True)
 
 
-def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Plots and the results file after training."""
+def _parameters(model: nn.Module) -> dict[str, int]:
+    """``{"trainable", "total"}`` parameter counts of a trained model (what a sweep's table shows)."""
+    counts = count_parameters(model)
+    return {"trainable": counts["backbone_trainable"] + counts["head_trainable"], "total": counts["total"]}
+
+
+def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, Any],
+            parameters: dict[str, int] | None = None) -> dict[str, Any]:
+    """Plots and the results file after training (``parameters``: trainable / total counts)."""
     from dinotune.viz.plots import plot_training_curves
 
     history = read_metrics(run_dir)
@@ -156,7 +174,10 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
         best_metrics = json.loads(best_path.read_text())
         files += task.report(run_dir, best_metrics, meta)
     summary = {"run_dir": str(run_dir), "task": task.name, "best": result["best"], "last": result["last"],
+               "stopped_early": result.get("stopped_early"),  # None, or the epoch it stopped after and why
                "metrics": best_metrics, "files": [str(f) for f in files]}
+    if parameters is not None:
+        summary["parameters"] = parameters
     write_json(run_dir / "results.json", summary)
     return summary
 
@@ -326,6 +347,64 @@ def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] =
                        yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
                        batch_size=batch_size, min_box_size=defaults.data.min_box_size,
                        max_pixels=defaults.data.max_image_pixels, class_map=class_map)
+
+
+def _grid_items(grid: Sequence[str] | dict[str, Sequence[Any]]) -> list[str]:
+    """``{"lr": [1e-4, 3e-4], "targets": [["q_proj", "v_proj"]]}`` -> ``["lr=0.0001,0.0003",
+    "targets=q_proj+v_proj"]``; a list of ``KEY=V1,V2`` strings is taken as it is."""
+    if not isinstance(grid, dict):
+        return list(grid)
+
+    def text(value: Any) -> str:
+        return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return [f"{key}={','.join(text(v) for v in values)}" for key, values in grid.items()]
+
+
+def sweep(task: str = "classify", config: Any = None, *, grid: Sequence[str] | dict[str, Sequence[Any]] = (),
+          linear_grid: Sequence[str] | dict[str, Sequence[Any]] = (), search: str | None = None,
+          trials: int | None = None, out: str | Path | None = None, retry_failed: bool = False,
+          **options: Any) -> dict[str, Any]:
+    """Train a grid of settings (each trial a run folder, in its own process) and compare them.
+
+    Args:
+        task: ``classify``, ``detect`` or ``segment`` (``config``'s own task when it names one).
+        config: the base config every trial starts from: a config object, a dict or a YAML path.
+        grid: ``{"adapter": ["none", "lora"], "rank": [4, 16], "lr": [1e-4, 3e-4]}`` or
+            ``["adapter=none,lora", "rank=4,16", ...]``: keys are train options (``backbone_lr``)
+            or dotted config keys; settings that do not apply (a rank without LoRA) collapse.
+        linear_grid: instead of ``grid``, heads trained together on one pass of cached features
+            of a frozen backbone: ``lr``, ``weight_decay``, ``pool``, ``label_smoothing``.
+        search: ``grid`` (every combination, the default) or ``optuna`` (TPE, ``trials`` of them).
+        out: the sweep folder (default ``SweepConfig.out``); calling again continues the sweep,
+            and is refused when the settings differ.
+        retry_failed: run trials that failed in an earlier call again.
+        **options: the base settings, named like the train options (``data=..., epochs=5``).
+
+    Returns:
+        ``{"sweep_dir", "metric", "rows", "best", "best_run", "table", "files"}``: ``rows`` one
+        dict per trial (``name``, ``settings``, ``metric``, ``trainable``, ``peak_memory_mb``,
+        ``images_per_s``, ``wall_s``, ``status``, ``run_dir``); ``best_run`` the chosen head's run
+        folder of a linear grid.
+    """
+    from dinotune.config import TASK_CONFIGS, flag_map
+    from dinotune.config.tools import SweepConfig
+    from dinotune.sweep import run_sweep
+    from dinotune.sweep.table import markdown
+
+    defaults = SweepConfig()
+    cfg = _train_config(config, task, None, options)
+    names = {flag.lstrip("-").replace("-", "_"): key for flag, key in flag_map(TASK_CONFIGS[cfg.task]).items()}
+    explicit = {name if "." in name else names.get(name, name) for name in options}
+    result = run_sweep(cfg.task, cfg, grid=_grid_items(grid), linear_grid=_grid_items(linear_grid),
+                       search=search or defaults.search, trials=defaults.trials if trials is None else trials,
+                       out=out or defaults.out, explicit=explicit, retry_failed=retry_failed,
+                       finish=lambda best: _finish(best.run_dir, best.task, best.meta, best.result, best.parameters))
+    return {"sweep_dir": str(result.sweep_dir), "metric": result.metric_name,
+            "rows": [dataclasses.asdict(r) for r in result.rows],
+            "best": dataclasses.asdict(result.best) if result.best else None,
+            "best_run": str(result.best_run) if result.best_run else None,
+            "table": markdown(result.rows, result.metric_name, result.notes), "files": [str(f) for f in result.files]}
 
 
 def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,

@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 from dinotune.config import TASK_CONFIGS, ConfigError, DetectConfig, flag_map, leaf_fields
-from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig
+from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig, SweepConfig
 
 EXAMPLES = """examples:
   dinotune demo                                    # offline demo on scikit-learn's digits
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   dinotune train detect --data coco/ --model facebook/dinov2-small --lightweight --subset 1000 --out runs/det
   dinotune predict runs/det test2017/ --out results.json --draw drawn/
   dinotune compare --data coco/ --runs runs/det --yolo yolov8n.pt --out runs/compare
+  dinotune sweep classify --data hymenoptera/ --grid adapter=none,lora rank=4,16 lr=1e-4,3e-4 --out runs/sweep
 """
 
 
@@ -115,6 +116,27 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     if current().is_main:  # under torchrun, process 0 reports for all
         _print_result(result)
+    return 0
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    if not ns.task:
+        raise ConfigError("name a task: dinotune sweep classify|detect|segment --data D --grid KEY=V1,V2 ...")
+    overrides = _overrides(ns, TASK_CONFIGS[ns.task])
+    try:
+        result = api.sweep(ns.task, ns.config, grid=ns.grid, linear_grid=ns.linear_grid, search=ns.search,
+                           trials=ns.trials, out=ns.sweep_out, retry_failed=ns.retry_failed, **overrides)
+    except KeyboardInterrupt:
+        print("dinotune: sweep interrupted; run the same command again to continue it (finished trials are kept, "
+              "the interrupted one resumes)", file=sys.stderr)
+        return 130
+    print(result["table"])
+    for f in result["files"]:
+        print(f"wrote {f}")
+    if result["best_run"]:
+        print(f"best head as a run folder: {result['best_run']} (dinotune eval / predict read it)")
     return 0
 
 
@@ -335,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="more detail, e.g. the optimizer's parameter groups and learning rates")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_train = sub.add_parser("train", help="train a model and write a run folder",
@@ -356,6 +380,45 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls)
         p.set_defaults(func=cmd_train)
     p_train.set_defaults(func=cmd_train, task=None)
+
+    sweep_defaults = SweepConfig()
+    p_sweep = sub.add_parser("sweep", help="train a grid of settings and compare metric, memory and speed",
+                             description="Train every setting of a grid (or an optuna search over it) as a run "
+                                         "folder in its own process, and compare them in one table and chart.")
+    sweep_tasks = p_sweep.add_subparsers(dest="task", metavar="TASK")
+    for name, cls in TASK_CONFIGS.items():
+        # "resolve": the sweep's own --out (the sweep folder) replaces the run folder's flag
+        p = sweep_tasks.add_parser(
+            name, help=f"sweep {name} settings", conflict_handler="resolve",
+            description=f"Sweep {name} settings: every option below is the base setting of every trial "
+                        "(flags override --config FILE.yaml); --grid names what varies. SWEEP/results.md, "
+                        "results.csv and pareto.png compare the trials; calling again continues the sweep.")
+        p.add_argument("--config", metavar="FILE.yaml", help="start from this config (e.g. a run's config.yaml)")
+        p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                       help="override any config key, e.g. --set optim.min_lr_ratio=0.01")
+        add_config_flags(p, cls)
+        group = p.add_argument_group("sweep options")
+        group.add_argument("--out", "-o", dest="sweep_out", default=sweep_defaults.out, metavar="SWEEP",
+                           help=f"the sweep folder (default: {sweep_defaults.out}); a second call with the same "
+                                "settings continues it, with other settings it is refused")
+        group.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                           help="the settings to try: a train flag without dashes (adapter, rank, lr, backbone-lr) "
+                                "or a dotted config key, with comma-separated values (list items joined by +); "
+                                "every combination is a trial, settings that do not apply collapse")
+        group.add_argument("--linear-grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                           help="classify, frozen backbone: heads trained together on one pass of cached features "
+                                "(keys lr, weight-decay, pool, label-smoothing), the best chosen on validation and "
+                                "saved as SWEEP/best")
+        group.add_argument("--search", choices=["grid", "optuna"], default=None,
+                           help=f"grid: every combination; optuna: TPE over the same choices, --trials of them "
+                                f"(pip install 'dinotune[sweep]') (default: {sweep_defaults.search})")
+        group.add_argument("--trials", type=int, default=None, metavar="N",
+                           help=f"--search optuna: trials in all, this call's and earlier ones' (default: "
+                                f"{sweep_defaults.trials})")
+        group.add_argument("--retry-failed", action="store_true",
+                           help="train trials that failed in an earlier call again (by default they stay failed)")
+        p.set_defaults(func=cmd_sweep)
+    p_sweep.set_defaults(func=cmd_sweep, task=None)
 
     def add_load_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
@@ -590,9 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
-    from dinotune.utils import set_quiet
+    from dinotune.utils import set_quiet, set_verbose
 
     set_quiet(ns.quiet)
+    set_verbose(ns.verbose)
     try:
         return ns.func(ns)
     except _known_errors() as exc:

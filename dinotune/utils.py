@@ -140,5 +140,20 @@ def info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+_VERBOSE = False
+
+
+def set_verbose(verbose: bool) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
+def debug(msg: str) -> None:
+    """A detail for ``--verbose`` runs only (e.g. the optimizer's parameter groups); silenced by
+    ``--quiet`` too, so followers of a distributed run stay quiet."""
+    if _VERBOSE and not _QUIET:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ Layers, lowest first; a module may import its own layer or lower ones, never hig
     engine                                     training loop, checkpoints, devices, processes
     tasks                                      classify / detect / segment (siblings) over tasks.base
     robustness                                 evaluation under corruptions, of any task
-    api, demo, export                          the Python API; export of a run (ONNX, TorchScript, HF)
+    api, demo, export, sweep                   the Python API; export of a run (ONNX, TorchScript, HF); sweeps
     serve                                      the prediction server (a run through the API, or an export)
     cli, __main__, dinotune/__init__           the command line and the package face
 
@@ -32,7 +32,7 @@ LAYERS = [
     ("engine",),
     ("tasks",),
     ("robustness",),
-    ("api", "demo", "export"),
+    ("api", "demo", "export", "sweep"),
     ("serve",),
     ("cli", "__main__", "__init__"),
 ]

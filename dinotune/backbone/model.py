@@ -91,6 +91,27 @@ def _patch_side(patch_size: int | Sequence[int]) -> int:
     return sides.pop()
 
 
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (Dynamo and Inductor failures, a missing
+    or failing C++ compiler): the errors ``--compile`` turns into a ConfigError."""
+    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors derive from it
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    return TorchDynamoException, CppCompileError, InvalidCxxCompiler
+
+
+def _out_of_memory(exc: BaseException) -> BaseException | None:
+    """The out-of-memory error a compilation failure wraps, if any: it stays itself, so that
+    ``--batch-size auto`` still sees a batch that does not fit."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class DinoBackbone(nn.Module):
     """Wraps a transformers DINOv2 or DINOv3 model (possibly inside a PEFT wrapper) as
     ``self.model``; ``family`` is ``"dinov2"`` or ``"dinov3"``."""
@@ -104,6 +125,7 @@ class DinoBackbone(nn.Module):
         self.patch_size: int = _patch_side(cfg.patch_size)
         self.num_layers: int = cfg.num_hidden_layers
         self.num_register_tokens: int = getattr(cfg, "num_register_tokens", 0) or 0
+        self.compiled = False  # set by compile_model
 
     @classmethod
     def from_spec(cls, spec: str, init_seed: int = 0) -> "DinoBackbone":
@@ -120,6 +142,48 @@ class DinoBackbone(nn.Module):
     def patch_embedding(self) -> nn.Conv2d:
         """The patch-embedding convolution (``C x in_channels x p x p``), either family."""
         return patch_embedding(self.model)
+
+    def enable_grad_checkpointing(self) -> None:
+        """Recompute each block's activations during backward instead of keeping them: transformers'
+        own switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``),
+        non-reentrant, set on the transformers model (under PEFT, the base model).
+
+        Non-reentrant checkpointing keeps a block's inputs only when something inside it needs a
+        gradient, so a frozen prefix (``--last-n-blocks``) keeps and recomputes nothing, and
+        needs no ``enable_input_require_grads`` (the reentrant variant's crutch). It acts in
+        training mode only; evaluation runs the blocks as they are."""
+        model = self.hf_model()
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support activation "
+                              "checkpointing; drop the flag")
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name in later 5.x releases
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether the blocks recompute their activations in backward (training mode only)."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.hf_model().modules())
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, shallow to deep: the modules transformers checkpoints
+        (``GradientCheckpointingLayer``: ``Dinov2Layer``, ``DINOv3ViTLayer``), PEFT-wrapped or not."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.hf_model().modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def compile_model(self, **options) -> None:
+        """``torch.compile`` each transformer block in place (``nn.Module.compile``; PyTorch's
+        "regional compilation"): blocks of one shape share their compiled code, so compiling takes
+        about as long for 40 blocks as for 4, and parameter names, so checkpoints, stay as they
+        are. The embeddings, the final norm and the head stay eager. Compilation happens at the
+        first forward; a failure there is raised as a ConfigError naming ``--compile``.
+        ``options`` go to ``torch.compile``."""
+        for block in self.blocks():
+            block.compile(**options)
+        self.compiled = True
 
     def check_image_size(self, size: int, key: str = "image size") -> None:
         """Raise ConfigError unless ``size`` is a positive multiple of the patch size (naming
@@ -159,7 +223,7 @@ class DinoBackbone(nn.Module):
         idx = self.resolve_layers(layers)
         # intermediate hidden states cost memory; ask for them only when a head needs them
         need_hidden = idx != [self.num_layers - 1]
-        out = self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+        out = self._run(pixel_values, need_hidden)
         # Both families: hidden_states[0] is the embedding output, hidden_states[i + 1] block i's
         # (pre-norm); last_hidden_state is the last block's after the final norm.
         norm = final_norm(self.model)
@@ -176,6 +240,19 @@ class DinoBackbone(nn.Module):
             layers_cls=[t[:, 0] for t in layer_tokens],
             layers_patch=[t[:, first:] for t in layer_tokens],
         )
+
+    def _run(self, pixel_values: Tensor, need_hidden: bool):
+        if not self.compiled:
+            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+        try:
+            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+        except compile_errors() as exc:
+            oom = _out_of_memory(exc)
+            if oom is not None:
+                raise oom from None
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ConfigError(f"--compile: torch.compile failed on this backbone ({type(exc).__name__}: "
+                              f"{first_line}); train without --compile") from exc
 
     @torch.no_grad()
     def fingerprint(self) -> str:

@@ -125,8 +125,9 @@ class OptimConfig:
     accumulate: int = opt(1, "accumulate gradients over this many batches per optimizer step", ge=1)
     layer_decay: float = opt(
         1.0,
-        "layer-wise learning-rate decay (the DINOv2 / BEiT recipe): block i of L trains at backbone_lr * "
-        "R^(L - i), the patch embedding and tokens at R^(L + 1); 1 = off. Needs --adapter full, lora or dora",
+        "layer-wise learning-rate decay (the DINOv2 / BEiT recipe): block i of L (0 = first) trains at "
+        "backbone_lr * R^(L - i), the patch embedding and tokens at R^(L + 1), the final norm at backbone_lr; "
+        "1 = off. Needs --adapter full, lora or dora",
         gt=0, le=1,
     )
 

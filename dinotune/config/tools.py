@@ -1,4 +1,4 @@
-"""Defaults of the commands that are not a task: ``dinotune pca``, ``dinotune serve``, ``dinotune export``."""
+"""Defaults of the commands that are not a task: ``dinotune pca``, ``serve``, ``export`` and ``sweep``."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ class ExportConfig:
     opset: int = opt(18, "ONNX opset (17 or later)", ge=17)
     exporter: str = opt("dynamo", "ONNX exporter: dynamo (torch.export, default) or legacy (TorchScript tracer, "
                         "deprecated by PyTorch, faster to export)")
+
+
+@dataclass
+class SweepConfig:
+    """Defaults of ``dinotune sweep``."""
+
+    out: str = opt("runs/sweep", "the sweep folder: trials/, the table, the chart (a second call continues it)")
+    search: str = opt("grid", "grid = every combination of --grid; optuna = TPE over the same choices, --trials of them")
+    trials: int = opt(20, "--search optuna: how many trials the search may train", ge=1)

@@ -4,7 +4,10 @@ A checkpoint folder holds what rebuilds the model on top of the base backbone: `
 ``meta.json`` (task metadata such as class names, epoch, metrics, base-weights fingerprint),
 ``head.safetensors``, the adapter (PEFT files) or, for full fine-tuning, ``backbone.safetensors``,
 for N-band input the widened patch embedding (``input_embedding.safetensors``; ``meta.json``
-keeps the bands and their statistics under ``input``), and for ``last`` also ``trainer_state.safetensors`` (optimizer, scheduler, scaler, RNG, epoch).
+keeps the bands and their statistics under ``input``), and for ``last`` also
+``trainer_state.safetensors`` (optimizer, scheduler, scaler, RNG, epoch, the EMA of the weights
+and the early-stopping counters). With ``--ema``, ``best`` may hold the averaged weights:
+``meta.json`` says which (``"weights": "raw"`` / ``"ema"``).
 Never the frozen backbone.
 
 Nothing in a checkpoint is pickled: tensors are safetensors, everything else JSON or YAML (the
@@ -71,6 +74,20 @@ def save(
             write_trainer_state(tmp / TRAINER_STATE, trainer_state)
 
 
+def save_epoch(folder: Path, model: nn.Module, cfg: Any, meta: dict[str, Any], trainer_state: dict[str, Any],
+               best: str | None, ema: Any = None) -> None:
+    """An epoch's checkpoints in ``folder`` (``<run>/checkpoints``): ``last`` (the raw weights and
+    the trainer state), and ``best`` when the epoch is the best so far: a copy of ``last`` when the
+    raw weights won (``best="raw"``), the average of ``ema`` (a ``ModelEma``, swapped into the
+    model while saving) when it did (``"ema"``). ``meta.json`` says which under ``"weights"``."""
+    save(folder / "last", model, cfg, {**meta, "weights": "raw"}, trainer_state)
+    if best == "ema":
+        with ema.swapped():
+            save(folder / "best", model, cfg, {**meta, "weights": "ema"})
+    elif best:
+        copy(folder / "last", folder / "best")
+
+
 def copy(src: Path, dst: Path) -> None:
     """Make ``dst`` a checkpoint with ``src``'s weights (not its trainer state), atomically.
 
@@ -132,6 +149,20 @@ def _save_error(folder: Path, exc: BaseException) -> CheckpointError:
         return CheckpointError(f"{space} while saving {folder}; {previous}. Free some space, then continue "
                                "the run with --resume (dinotune.train(resume=RUN) in Python)")
     return CheckpointError(f"saving {folder} failed ({exc}); {previous}")
+
+
+@contextlib.contextmanager
+def writing(what: str, state_of_run: str) -> Iterator[None]:
+    """Turn a failed write into the run folder (a full disk, mostly) into one clear message: what
+    was being written, what state the run folder is left in, and what to do."""
+    try:
+        yield
+    except DinotuneError:
+        raise
+    except OSError as exc:
+        failure = space_problem(exc) or f"a write failed ({exc})"
+        raise CheckpointError(f"{failure} while {what}; {state_of_run}. Free some space (or fix the cause), "
+                              "then continue the run with --resume") from exc
 
 
 # ------------------------------------------------------------------------------ trainer state

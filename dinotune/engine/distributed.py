@@ -192,9 +192,16 @@ def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool) -
 
 def shard_loader(loader: DataLoader, seed: int) -> DataLoader:
     """``loader`` with a ``DistributedSampler``: each process gets its own ``1 / world_size`` of
-    every epoch, shuffled by ``seed + epoch`` when ``loader`` shuffled (``set_epoch`` each epoch)."""
-    shuffle = not isinstance(loader.sampler, SequentialSampler)
-    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
+    every epoch, shuffled by ``seed + epoch`` when ``loader`` shuffled (``set_epoch`` each epoch).
+    A sampler with a ``shard(rank, world_size)`` method (``--sampler balanced``) shards itself:
+    each process takes its share of one weighted draw."""
+    shard = getattr(loader.sampler, "shard", None)
+    if shard is not None:
+        ctx = current()
+        sampler = shard(ctx.rank, ctx.world_size)
+    else:
+        shuffle = not isinstance(loader.sampler, SequentialSampler)
+        sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       generator=loader.generator, drop_last=loader.drop_last, pin_memory=loader.pin_memory)

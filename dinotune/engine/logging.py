@@ -1,15 +1,15 @@
-"""Run logs: ``metrics.jsonl`` (one line per epoch), TensorBoard scalars, progress bars."""
+"""Run logs: ``metrics.jsonl`` (one line per epoch), the ``--report-to`` trackers, progress bars."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from dinotune.engine.trackers import open_trackers
 from dinotune.utils import atomic_write_text, warn
 
 METRICS_FILE = "metrics.jsonl"
@@ -51,42 +51,40 @@ def resumed_records(records: list[dict[str, Any]], restore: Iterable[dict[str, A
 
 
 class RunLogger:
-    """Appends epoch records to ``metrics.jsonl`` and mirrors scalars to TensorBoard (``tb/``)."""
+    """Appends epoch records to ``metrics.jsonl`` (always) and fans values out to the trackers of
+    ``--report-to`` (``trackers.py``: TensorBoard in ``tb/``, ``metrics.csv``, wandb, MLflow)."""
 
     def __init__(self, run_dir: Path, resume_epoch: int = 0, resume_step: int = 0,
-                 restore: Iterable[dict[str, Any]] = ()):
-        """``restore``: on resume, the records the checkpoint holds, written back when missing."""
+                 restore: Iterable[dict[str, Any]] = (), report_to: Sequence[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None):
+        """``restore``: on resume, the records the checkpoint holds, written back when missing.
+        ``report_to``: tracker names (``none``: ``metrics.jsonl`` only); ``config``: the run's
+        config as a nested dict, for the trackers that record it."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         kept = resumed_records(read_metrics(self.run_dir), restore, resume_epoch)
         # atomic: a kill while rewriting must not lose the history
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._tb = None
-        self._resume_step = resume_step
-
-    @property
-    def tb(self):
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step discards events a crashed run logged past the checkpoint
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._resume_step or None)
-        return self._tb
+        self.trackers = open_trackers(report_to, self.run_dir, history=kept, resume_step=resume_step, config=config)
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(values, step)
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.scalars({k: v for k, v in record.items() if "/" in k}, step)
-        self.tb.flush()
+        for tracker in self.trackers:
+            tracker.epoch(record, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        # called from the trainer's ``finally``: an exception in flight means the run failed
+        failed = sys.exc_info()[0] is not None
+        for tracker in self.trackers:
+            try:
+                tracker.close(failed)
+            except Exception as exc:  # the run is over: a tracker that fails to close must not hide its results
+                warn(f"closing the {type(tracker).__name__} failed: {exc}")
 
 
 def progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> tqdm:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from dinotune.adapters import trainable_backbone_parameters
 from dinotune.config import AdapterConfig, OptimConfig, TrainConfig
 from dinotune.models.wrapper import declared_no_weight_decay
+from dinotune.utils import debug
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,96 @@ def build_optimizer(
     model: nn.Module, adapter: AdapterConfig, optim: OptimConfig, phase: Phase
 ) -> torch.optim.AdamW:
     """AdamW with separate groups for head / backbone, each split into decay and no-decay (what
-    the head and the backbone declare in ``no_weight_decay()``, and every 1-d parameter)."""
-    groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("head", "head_nd", "backbone", "backbone_nd")}
+    the head and the backbone declare in ``no_weight_decay()``, and every 1-d parameter).
+
+    With ``optim.layer_decay`` R < 1 the backbone is split further, one group pair per layer id
+    (see ``layer_id``): ``backbone.embeddings``, ``backbone.block{i}``, ``backbone.norm``, at
+    ``backbone_lr * R^(L + 1 - id)``. Groups are named by ``"name"`` (``_nd`` = no decay);
+    ``--verbose`` prints them."""
+    named: dict[tuple[int, bool], list[tuple[str, nn.Parameter]]] = {}  # (layer id, no decay) -> parameters
     head_nd = declared_no_weight_decay(model.head)
     for name, p in model.head.named_parameters():
-        groups["head_nd" if _no_decay(name, p, head_nd) else "head"].append(p)
+        named.setdefault((-1, _no_decay(name, p, head_nd)), []).append((name, p))
+    num_layers = model.backbone.num_layers
+    decay_layers = optim.layer_decay < 1
     if phase.train_backbone:
         backbone_nd = declared_no_weight_decay(model.backbone)
         for name, p in trainable_backbone_parameters(model.backbone, adapter):
-            groups["backbone_nd" if _no_decay(name, p, backbone_nd) else "backbone"].append(p)
-    param_groups = []
-    for key, params in groups.items():
-        if not params:
-            continue
-        lr = phase.backbone_lr if key.startswith("backbone") else phase.lr
-        wd = 0.0 if key.endswith("_nd") else optim.weight_decay
-        param_groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": key})
+            lid = layer_id(name, num_layers) if decay_layers else num_layers + 1
+            named.setdefault((lid, _no_decay(name, p, backbone_nd)), []).append((name, p))
+    top_block = max((lid for lid, _ in named if 1 <= lid <= num_layers), default=None)
+    param_groups, names = [], []
+    for (lid, nd), params in sorted(named.items()):
+        if lid < 0:
+            key, lr = "head", phase.lr
+        else:
+            key = _group_name(lid, num_layers) if decay_layers else "backbone"
+            lr = phase.backbone_lr * optim.layer_decay ** (num_layers + 1 - lid)
+        group = {"params": [p for _, p in params], "lr": lr, "weight_decay": 0.0 if nd else optim.weight_decay,
+                 "name": key + ("_nd" if nd else "")}
+        if decay_layers and lid == top_block and not nd:
+            group["log_as"] = "backbone"  # the epoch record's lr/backbone: the top block's rate
+        param_groups.append(group)
+        names.append([n for n, _ in params])
+    debug(describe_groups(param_groups, names, phase.name))
     return torch.optim.AdamW(param_groups, lr=phase.lr)
+
+
+_BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """BEiT's layer id of backbone parameter ``name``: 0 for the embeddings (patch embedding,
+    class / register / mask tokens, position embeddings), ``i + 1`` for block ``i``, and
+    ``num_layers + 1`` for what follows the blocks (the final norm).
+
+    Matches transformers' DINOv2 names (``embeddings.*``, ``encoder.layer.N.*``, ``layernorm.*``)
+    and DINOv3 names (``embeddings.*``, ``model.layer.N.*``, ``norm.*``), with or without PEFT's
+    ``base_model.model.`` prefix (and LoRA / DoRA leaves such as ``q_proj.lora_A.default.weight``)."""
+    match = _BLOCK.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if _EMBEDDINGS.search(name):
+        return 0
+    return num_layers + 1
+
+
+def _group_name(lid: int, num_layers: int) -> str:
+    if lid == 0:
+        return "backbone.embeddings"
+    return "backbone.norm" if lid > num_layers else f"backbone.block{lid - 1}"
+
+
+def logged_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates an epoch record keeps: ``lr/head`` and ``lr/backbone`` (with layer
+    decay the top block's; one key per block would swamp the record)."""
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        key = g.get("log_as") or (g["name"] if not g["name"].endswith("_nd") and "." not in g["name"] else None)
+        if key:
+            out.setdefault(f"lr/{key}", g["lr"])
+    return out
+
+
+def describe_groups(param_groups: list[dict], names: list[list[str]], phase: str) -> str:
+    """The parameter groups as a table for ``--verbose``: name, learning rate, weight decay, tensor
+    and parameter counts, and the parameters' ``names`` (shortened to what follows the block)."""
+    lines = [f"optimizer parameter groups (phase {phase}):"]
+    for group, group_names in zip(param_groups, names):
+        count = sum(p.numel() for p in group["params"])
+        lines.append(f"  {group['name']:24s} lr {group['lr']:.3e}  wd {group['weight_decay']:<5g} "
+                     f"{len(group_names):3d} tensors {count:>12,d} params: {', '.join(map(_short, group_names))}")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    """``name`` after its block or embeddings prefix (``attention.q_proj.lora_A.default.weight``)."""
+    for pattern in (_BLOCK, _EMBEDDINGS):
+        match = pattern.search(name)
+        if match:
+            return name[match.end():]
+    return name.removeprefix("model.").removeprefix("base_model.model.")
 
 
 def build_scheduler(

@@ -8,8 +8,9 @@ here. Under ``torchrun`` it trains with DistributedDataParallel (see ``distribut
 process evaluates its shard of the validation set, process 0 alone writes the run folder.
 
 ``fit`` is a loop over small steps: ``_start`` (fresh or resumed state), ``_enter_phase``
-(optimizer and schedule of a training phase), ``train_epoch``, ``_evaluate``, ``_record``
-(best-so-far, checkpoints, logs, the epoch line).
+(optimizer and schedule of a training phase), ``train_epoch``, ``_evaluate`` (the raw weights,
+and with ``--ema`` their average, see ``ema.py``), early stopping and ``_record`` (best-so-far,
+checkpoints, logs, the epoch line); ``monitor.py`` decides what is best and when to stop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,22 +25,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dinotune.engine import checkpoint, distributed
+from dinotune.engine import checkpoint, distributed, fit_state
+from dinotune.engine.checkpoint import writing as _writing
 from dinotune.engine.device import autocast, to_device
+from dinotune.engine.ema import ModelEma
+from dinotune.engine.fit_state import FitState as _FitState
 from dinotune.engine.logging import METRICS_FILE, RunLogger, progress
 from dinotune.engine.memory import batch_length, peak_memory_mb, reset_peak
+from dinotune.engine.monitor import COUNT_KEYS, EMA_PREFIX, EarlyStopping, Monitor, epoch_line, is_scalar
 from dinotune.engine.optim import (
     Phase,
     build_optimizer,
     build_phases,
     build_scheduler,
     few_steps_warning,
+    logged_lrs,
     phase_at,
     set_trainable,
 )
-from dinotune.errors import CheckpointError, DinotuneError, NonFiniteLossError
+from dinotune.errors import NonFiniteLossError
 from dinotune.models.bundle import ModelBundle
-from dinotune.utils import get_rng_state, info, set_rng_state, space_problem, warn, write_json
+from dinotune.utils import info, warn, write_json
 
 
 class TrainableTask(Protocol):
@@ -51,23 +56,6 @@ class TrainableTask(Protocol):
 
     def evaluate(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
                  show_progress: bool = False) -> dict[str, Any]: ...
-
-
-@dataclass
-class _FitState:
-    """What carries from epoch to epoch (and through a checkpoint to a resumed run)."""
-
-    epoch: int = 0  # epochs done
-    global_step: int = 0  # optimizer steps done
-    best: dict[str, Any] | None = None  # the record of the best epoch so far
-    last: dict[str, Any] = field(default_factory=dict)  # the record of the last epoch
-    saved: dict[str, Any] | None = None  # trainer state of a resumed checkpoint, until its phase starts
-    phase: int | None = None  # index of the phase whose optimizer is live
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Trainer:
@@ -111,6 +99,7 @@ class Trainer:
         self.total_epochs = sum(p.epochs for p in self.phases)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.logger: Any = _NullLogger()
+        self.ema: ModelEma | None = None  # with --ema: the average of the trained weights (made in _start)
         self.step_losses: list[float] = []  # every optimizer-step loss of this process, for tests
         self.stop_after_epoch: int | None = None  # test hook: simulate an interruption
 
@@ -121,38 +110,48 @@ class Trainer:
         self.logger = self._open_logger(state) if self.dist.is_main else _NullLogger()
         t_start = time.time()
         optimizer = scheduler = None
+        end = self.total_epochs if state.early.stopped is None else first  # a run stopped early stays stopped
         try:
-            for epoch in range(first, self.total_epochs):
+            for epoch in range(first, end):
                 index, phase = phase_at(self.phases, epoch)
                 if index != state.phase:
                     optimizer, scheduler = self._enter_phase(index, phase, state)
                 t0 = time.time()
                 record, state.global_step = self.train_epoch(epoch, phase, optimizer, scheduler, state.global_step)
-                details = self._evaluate(epoch)
-                record.update({f"val/{k}": v for k, v in details.items() if _is_scalar(v)})
+                details, ema_details = self._evaluate(epoch)
+                record.update({f"val/{k}": v for k, v in details.items() if is_scalar(v)})
+                record.update({f"{EMA_PREFIX}{k}": v for k, v in ema_details.items()
+                               if is_scalar(v) and k not in COUNT_KEYS})
                 record["time_s"] = round(time.time() - t0, 3)
+                # every process counts (the records agree); process 0's verdict is the one obeyed
+                stop = distributed.broadcast_object(
+                    state.early.update(self.monitor, record, final=epoch + 1 == self.total_epochs))
                 if self.dist.is_main:  # process 0 alone saves, logs and prints
                     eta = (time.time() - t_start) / (epoch + 1 - first) * (self.total_epochs - epoch - 1)
-                    self._record(record, details, state, optimizer, scheduler, eta)
+                    self._record(record, (details, ema_details), state, optimizer, scheduler, 0.0 if stop else eta)
                 distributed.barrier()  # every process leaves the epoch together
-                if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch:
+                if stop or (self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch):
                     break
         finally:
             self.logger.close()
-        return {"best": state.best, "last": state.last, "run_dir": str(self.run_dir)}
+        return {"best": state.best, "last": state.last, "run_dir": str(self.run_dir),
+                "stopped_early": state.early.summary(self.monitor)}
 
     # ------------------------------------------------------------------------------ the steps
     def _start(self, resume: bool) -> _FitState:
-        """A fresh state, or the one ``checkpoints/last`` saved (weights and RNG restored)."""
+        """A fresh state, or the one ``checkpoints/last`` saved (weights, RNG, EMA and the early
+        stopping counters restored)."""
+        if self.cfg.train.ema and self.val_loader is None and self.dist.is_main:
+            warn(f"--ema {self.cfg.train.ema}: without validation data the average is never evaluated, so "
+                 "checkpoints/best holds the raw weights; give --val-data (or --val-fraction) to compare them")
+        early = EarlyStopping(self.cfg.train.patience, self.cfg.train.min_delta)
+        state, self.ema = fit_state.start(self.run_dir, self.model, self.cfg.adapter, resume, self.cfg.train.ema, early)
         if not resume:
-            return _FitState()
-        last = self.run_dir / "checkpoints" / "last"
-        saved = checkpoint.load_trainer_state(last)
-        checkpoint.load_weights(last, self.model, self.cfg.adapter)
-        set_rng_state(saved["rng"])
-        state = _FitState(saved["epoch"], saved["global_step"], saved["best"],
-                          checkpoint.read_meta(last).get("metrics", {}), saved)
-        if state.epoch >= self.total_epochs:
+            return state
+        if early.stopped is not None:
+            info(f"{self.run_dir}: {early.message(self.monitor, state.best, self.total_epochs)}. Nothing is left "
+                 "to train; to train longer, start a new run with a larger --patience")
+        elif state.epoch >= self.total_epochs:
             info(f"{self.run_dir}: all {self.total_epochs} epochs are done already")
         else:
             info(f"resuming {self.run_dir} after epoch {state.epoch}/{self.total_epochs}")
@@ -161,9 +160,12 @@ class Trainer:
     def _open_logger(self, state: _FitState) -> RunLogger:
         """The run's logs, continued from ``state``: the records the checkpoint keeps restore an
         epoch line that a kill lost (see ``RunLogger``)."""
+        from dinotune.config.io import to_dict
+
         restore = [r for r in (state.best, state.last) if r]
         with _writing(f"updating {self.run_dir / METRICS_FILE}", "it is unchanged"):
-            return RunLogger(self.run_dir, resume_epoch=state.epoch, resume_step=state.global_step, restore=restore)
+            return RunLogger(self.run_dir, resume_epoch=state.epoch, resume_step=state.global_step, restore=restore,
+                             report_to=self.cfg.train.report_to, config=to_dict(self.cfg))
 
     def _enter_phase(self, index: int, phase: Phase, state: _FitState):
         """Optimizer and schedule of phase ``index`` (restored when a resumed run stopped inside it)."""
@@ -229,6 +231,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             if last_in_group:
                 self._step(optimizer, params)
+                if self.ema is not None:
+                    self.ema.update()
                 scheduler.step()
                 global_step += 1
                 self.step_losses.append(group_loss)
@@ -242,9 +246,7 @@ class Trainer:
         sums = distributed.sum_over_processes(sums, self.device)
         record: dict[str, Any] = {"epoch": epoch + 1, "phase": phase.name}
         record.update({f"train/{k}": v / max(1, n * self.dist.world_size) for k, v in sums.items()})
-        for g in optimizer.param_groups:
-            if not g["name"].endswith("_nd"):
-                record[f"lr/{g['name']}"] = g["lr"]
+        record.update(logged_lrs(optimizer))
         # throughput of the whole job (every process trains as fast as the slowest), and this process's
         # peak memory: what benchmarks and sweeps compare
         record["sys/images_per_s"] = round(images * self.dist.world_size / max(seconds, 1e-9), 3)
@@ -289,46 +291,58 @@ class Trainer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def _evaluate(self, epoch: int) -> dict[str, Any]:
-        """Validation metrics when due (every ``eval_every`` epochs and after the last), else ``{}``.
-        Every process evaluates its shard with process 0's buffers; all get the whole set's metrics."""
+    def _evaluate(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validation metrics of the raw weights and, with ``--ema``, of their average (swapped in,
+        evaluated, swapped out: the raw weights come back exactly), when due (every
+        ``eval_every`` epochs and after the last), else ``({}, {})``. Every process evaluates its
+        shard with process 0's buffers; all get the whole set's metrics."""
         due = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.total_epochs
         if self.val_loader is None or not due:
-            return {}
+            return {}, {}
         distributed.broadcast_buffers(self.model)
-        return self.task.evaluate(self.bundle, self.val_loader, self.device, self.precision,
-                                  show_progress=self.cfg.train.progress and self.dist.is_main)
+        show = self.cfg.train.progress and self.dist.is_main
+        details = self.task.evaluate(self.bundle, self.val_loader, self.device, self.precision, show_progress=show)
+        if self.ema is None:
+            return details, {}
+        with self.ema.swapped():
+            return details, self.task.evaluate(self.bundle, self.val_loader, self.device, self.precision,
+                                               show_progress=show)
 
-    def _record(self, record: dict[str, Any], details: dict[str, Any], state: _FitState, optimizer, scheduler,
-                eta: float) -> None:
-        """Best-so-far, the logs, ``checkpoints/last`` (and ``best`` when improved), the epoch line.
+    def _record(self, record: dict[str, Any], details: tuple[dict[str, Any], dict[str, Any]], state: _FitState,
+                optimizer, scheduler, eta: float) -> None:
+        """Best-so-far (raw or EMA weights, whichever scores higher), the logs, ``checkpoints/last``
+        (and ``best`` when improved: with the EMA weights when they won), the epoch line.
+        ``details``: the raw and the EMA weights' full metrics.
 
         The epoch's record is logged before the checkpoint is saved: a run killed in between then
         repeats the epoch on resume (its line is dropped and written again) instead of resuming
         after an epoch whose line was never written."""
         epoch = record["epoch"]
-        improved = self._improved(record, state.best)
-        if improved:
-            state.best = dict(record)
+        which = self.monitor.improved(record, state.best)  # "raw" / "ema" / None
+        if which:
+            state.best = {**record, "weights": which} if self.ema is not None else dict(record)
         state.last, state.epoch = record, epoch
-        self._log_epoch(record, details, state.global_step)  # before the checkpoint: see the docstring
-        ckpt_dir = self.run_dir / "checkpoints"
-        checkpoint.save(ckpt_dir / "last", self.model, self.cfg, {**self.meta, "epoch": epoch, "metrics": record},
-                        self._trainer_state(state, optimizer, scheduler))
-        if improved:
-            checkpoint.copy(ckpt_dir / "last", ckpt_dir / "best")
-            if details:
-                with _writing(f"writing {self.run_dir / 'best_metrics.json'}",
-                              f"the checkpoints of epoch {epoch} are saved, this file may describe an earlier one"):
-                    write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **details})
-        info(self._summary(record, improved, eta))
+        self._log_epoch(record, details[0], state.global_step)  # before the checkpoint: see the docstring
+        checkpoint.save_epoch(self.run_dir / "checkpoints", self.model, self.cfg,
+                              {**self.meta, "epoch": epoch, "metrics": record},
+                              fit_state.trainer_state(state, optimizer, scheduler, self.scaler, self.ema), which,
+                              self.ema)
+        best_details = details[1] if which == "ema" else details[0]
+        if which and best_details:
+            with _writing(f"writing {self.run_dir / 'best_metrics.json'}",
+                          f"the checkpoints of epoch {epoch} are saved, this file may describe an earlier one"):
+                weights = {"weights": which} if self.ema is not None else {}
+                write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **weights, **best_details})
+        info(epoch_line(record, self.monitor, self.total_epochs, which, self.ema is not None, eta))
+        if state.early.stopped == epoch:
+            info(state.early.message(self.monitor, state.best, self.total_epochs))
 
     def _log_epoch(self, record: dict[str, Any], details: dict[str, Any], step: int) -> None:
         """The epoch's line in ``metrics.jsonl`` and its scalars in TensorBoard (per-class tables,
         e.g. AP per category, go to TensorBoard only). A full disk shows here first, before the
         checkpoint: it is told as clearly as a failed checkpoint save."""
         tables = {k: t for k, t in details.items() if isinstance(t, dict)
-                  and all(v is None or _is_scalar(v) for v in t.values())}
+                  and all(v is None or is_scalar(v) for v in t.values())}
         with _writing(f"logging epoch {record['epoch']} in {self.run_dir}",
                       "the run stopped before saving this epoch's checkpoint (any earlier one is intact)"):
             self.logger.scalars({f"val_{k}/{name}": v for k, t in tables.items() for name, v in t.items()
@@ -336,61 +350,12 @@ class Trainer:
             self.logger.epoch(record, step)
 
     # -------------------------------------------------------------------------------- helpers
-    def _trainer_state(self, state: _FitState, optimizer, scheduler) -> dict[str, Any]:
-        return {
-            "epoch": state.epoch,
-            "phase": state.phase,
-            "global_step": state.global_step,
-            "best": state.best,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": get_rng_state(),
-        }
-
-    def _monitor(self) -> tuple[str, str]:
+    @property
+    def monitor(self) -> Monitor:
+        """The task's validation metric, or the training loss when there is no validation data."""
         if self.val_loader is None:
-            return "train/loss", "min"
-        return f"val/{self.task.monitor}", self.task.monitor_mode
-
-    def _improved(self, record: dict[str, Any], best: dict[str, Any] | None) -> bool:
-        key, mode = self._monitor()
-        if not _is_scalar(record.get(key)) or not math.isfinite(record[key]):
-            return False  # not evaluated this epoch
-        if best is None or key not in best:
-            return True
-        return record[key] > best[key] if mode == "max" else record[key] < best[key]
-
-    def _summary(self, record: dict[str, Any], improved: bool, eta: float) -> str:
-        """The epoch line: losses, the monitored metric, then other validation scores, at most 5.
-        Counts (``val/images``, ``val/count``, ``val/pixels``) are bookkeeping, not scores: printed
-        as ``1234.0000`` they would read as one, so they stay in the logs only."""
-        monitor = f"val/{self.task.monitor}"
-        counts = {"val/images", "val/count", "val/pixels"}
-        keys = ["train/loss", "val/loss", monitor] + [k for k in record if k.startswith("val/") and k not in counts]
-        keys = list(dict.fromkeys(k for k in keys if k in record))[:5]
-        parts = [f"{k} {record[k]:.4f}" for k in keys if _is_scalar(record[k])]
-        mark = " (best)" if improved else ""
-        return (f"epoch {record['epoch']}/{self.total_epochs} [{record['phase']}] " + "  ".join(parts)
-                + f"{mark}  {record['time_s']:.1f}s" + (f", ~{_fmt_time(eta)} left" if eta >= 1 else ""))
-
-
-@contextlib.contextmanager
-def _writing(what: str, state_of_run: str):
-    """Turn a failed write into the run folder (a full disk, mostly) into one clear message: what
-    was being written, what state the run folder is left in, and what to do."""
-    try:
-        yield
-    except DinotuneError:
-        raise
-    except OSError as exc:
-        failure = space_problem(exc) or f"a write failed ({exc})"
-        raise CheckpointError(f"{failure} while {what}; {state_of_run}. Free some space (or fix the cause), "
-                              "then continue the run with --resume") from exc
-
-
-def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return Monitor("train/loss", "min")
+        return Monitor(f"val/{self.task.monitor}", self.task.monitor_mode)
 
 
 class _NullLogger:

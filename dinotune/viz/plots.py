@@ -163,14 +163,15 @@ def training_curve_panels(history: Sequence[Mapping[str, Any]]) -> dict[str, dic
         x = _as_float(record.get("epoch"))
         x = float(idx + 1) if x is None else x
         for key, value in record.items():
-            if not isinstance(key, str) or not key.startswith(("train/", "val/")):
+            # val_ema/*: the same metrics of the weights' moving average (--ema), drawn beside val/*
+            if not isinstance(key, str) or not key.startswith(("train/", "val/", "val_ema/")):
                 continue
             name = key.split("/", 1)[1]
             if name == "loss":
                 title = "loss"
             elif "loss" in name:
                 title = "loss components"
-            elif key.startswith("val/") and not name.endswith(_COUNT_KEYS):
+            elif key.startswith(("val/", "val_ema/")) and not name.endswith(_COUNT_KEYS):
                 title = _metric_family(name)
             else:
                 continue

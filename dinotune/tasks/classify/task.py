@@ -14,20 +14,27 @@ from dinotune.config import ClassifyConfig, ClassifyInferenceConfig
 from dinotune.data.bands import InputSpec, check_inputs
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
+from dinotune.data.sampler import class_balanced_weights, class_counts, describe_class_balance
 from dinotune.data.transforms import classify_eval_transform, classify_train_transform
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
+from dinotune.errors import ConfigError
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.losses import build_loss
 from dinotune.runtime.records import format_predictions as format_records
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
-from dinotune.tasks.classify.data import ImageListDataset, build_classification_data, build_eval_dataset
+from dinotune.tasks.classify.data import (
+    HFImageDataset,
+    ImageListDataset,
+    build_classification_data,
+    build_eval_dataset,
+)
 from dinotune.tasks.classify.heads import build_head, pooled_dim
 from dinotune.tasks.classify.metrics import ClassificationMetrics, collapse_warning, format_per_class_table
 from dinotune.tasks.classify.model import Classifier
-from dinotune.tasks.classify.probe import cached_features
-from dinotune.utils import warn
+from dinotune.tasks.classify.probe import FeatureDataset, cached_features
+from dinotune.utils import info, warn
 
 
 class ClassifyTask(Task):
@@ -75,11 +82,19 @@ class ClassifyTask(Task):
         return TaskData(data.train, data.val, meta)
 
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
+        """Training and validation loaders; with ``--sampler balanced`` the training loader draws
+        every class equally often (see ``dinotune.data.sampler``), on images or cached features."""
         t = self.cfg.train
         workers = 0 if self.cfg.head.cache_features else t.workers
         pin = torch.cuda.is_available()
+        weights = None
+        if self.cfg.data.sampler == "balanced":
+            labels = training_labels(data.train)
+            names = list(data.meta["class_names"])
+            info(describe_class_balance(names, class_counts(labels, len(names))))
+            weights = class_balanced_weights(labels)
         train = make_loader(data.train, t.batch_size, shuffle=True, workers=workers, seed=t.seed,
-                            drop_last=False, pin_memory=pin)
+                            drop_last=False, pin_memory=pin, weights=weights)
         val = (make_loader(data.val, t.batch_size, shuffle=False, workers=workers, pin_memory=pin)
                if data.val is not None else None)
         return train, val
@@ -237,6 +252,20 @@ class ClassifyTask(Task):
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         return format_per_class_table(metrics) if "per_class" in metrics else None
+
+
+def training_labels(dataset: Dataset) -> list[int]:
+    """The class index of every item of a training dataset, read from its metadata (file lists,
+    the label column of a Hugging Face dataset, cached features), never by decoding an image."""
+    if isinstance(dataset, ImageListDataset):
+        return [int(label) for _, label in dataset.items]
+    if isinstance(dataset, FeatureDataset):
+        return [int(v) for v in dataset.labels.tolist()]
+    if isinstance(dataset, HFImageDataset):
+        column = [int(v) for v in dataset.ds[dataset.label_column]]  # the label column alone: no image decoded
+        return [dataset.label_map[v] for v in column] if dataset.label_map is not None else column
+    raise ConfigError(f"--sampler balanced needs the class of every training image without decoding it, and a "
+                      f"{type(dataset).__name__} does not list them; use --sampler shuffle")
 
 
 def sample_title(predicted: str, score: float, truth: str) -> str:

@@ -14,6 +14,12 @@ from dinotune.config import LIGHTWEIGHT_PRESET, DetectConfig, DetectInferenceCon
 from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
+from dinotune.data.sampler import (
+    describe_image_balance,
+    expected_image_draws,
+    image_class_counts,
+    rarest_class_weights,
+)
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
@@ -135,13 +141,30 @@ class DetectTask(Task):
         return source
 
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
+        """Training and validation loaders; with ``--sampler balanced`` training images are drawn
+        by the rarest class they contain (see ``dinotune.data.sampler``)."""
         t = self.cfg.train
         pin = torch.cuda.is_available()
+        weights = self._balanced_weights(data) if self.cfg.data.sampler == "balanced" else None
         train = make_loader(data.train, t.batch_size, shuffle=True, workers=t.workers, seed=t.seed,
-                            collate_fn=detection_collate, pin_memory=pin)
+                            collate_fn=detection_collate, pin_memory=pin, weights=weights)
         val = (make_loader(data.val, t.batch_size, shuffle=False, workers=t.workers,
                            collate_fn=detection_collate, pin_memory=pin) if data.val is not None else None)
         return train, val
+
+    @staticmethod
+    def _balanced_weights(data: TaskData) -> torch.Tensor:
+        """Rarest-class weights of the training images, from their annotations (no image decoded)."""
+        if not isinstance(data.train, DetectionDataset):
+            raise ConfigError(f"--sampler balanced reads the classes of every training image from its annotations, "
+                              f"which a {type(data.train).__name__} does not list; use --sampler shuffle")
+        image_labels = [labels.tolist() for labels in data.train.labels]
+        names, n = list(data.meta["class_names"]), len(data.train)
+        weights = rarest_class_weights(image_labels, len(names))
+        info(describe_image_balance(names, image_class_counts(image_labels, len(names)),
+                                    expected_image_draws(weights, image_labels, len(names), n),
+                                    sum(1 for labels in image_labels if not labels), n))
+        return weights
 
     # --------------------------------------------------------------------------------- model
     def build_model(self, meta: dict[str, Any], backbone: DinoBackbone) -> ModelBundle:
