@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Real datasets for integration tests and benchmarks (read-only, never copied into the repo).
 export DINOTUNE_SHARED ?= $(abspath ../shared)
 
-.PHONY: demo test test-slow bench install install-dev clean
+.PHONY: demo test test-slow examples bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(VENV)/.installed-dev
 
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m slow
+
+# The tutorials in examples/, converted to notebooks and executed (nothing written into the repo).
+examples: $(VENV)/.installed-dev
+	$(BIN)/python examples/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -350,6 +350,68 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ data download
+def cmd_data_download(ns: argparse.Namespace) -> int:
+    from dinotune.data.download import download_dataset
+
+    try:
+        result = download_dataset(ns.dataset, to=ns.to, splits=ns.splits or (), mirror=ns.mirror,
+                                  keep_archives=ns.keep_archives, progress=not ns.quiet)
+    except KeyboardInterrupt:
+        print("dinotune: download interrupted; run the same command again to resume it (the partial file is kept)",
+              file=sys.stderr)
+        return 130
+    print(result["dir"])
+    return 0
+
+
+def _download_epilog() -> str:
+    from dinotune.data.download.catalog import CATALOG, MIRROR_ENV, human_size
+
+    lines = ["datasets: their archives (size; checksum verified) and the layout they give"]
+    for entry in CATALOG.values():
+        lines.append(f"  {entry.name:12s} {entry.title}; splits {', '.join(entry.splits)}"
+                     + (f" ({entry.note})" if entry.note else ""))
+        seen: list = []
+        for archive in (a for archives in entry.splits.values() for a in archives):
+            if archive not in seen:
+                seen.append(archive)
+                lines.append(f"  {'':12s}   {archive.file_name} ({human_size(archive.size)}; "
+                             f"{archive.checksum[0] if archive.checksum else 'no checksum published'})")
+        lines.append(f"  {'':12s}   -> {entry.layout}")
+    lines += ["", (f"--mirror URL (or ${MIRROR_ENV}) replaces the official base URL: each archive is fetched "
+                   "from URL/<its path under the official base> (e.g. URL/zips/val2017.zip for COCO)."),
+              "examples:",
+              "  dinotune data download hymenoptera",
+              "  dinotune data download coco --splits val --to data/coco"]
+    return "\n".join(lines)
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    from dinotune.data.download.catalog import CATALOG
+
+    p_data = sub.add_parser("data", help="get datasets: download and extract the official archives",
+                            description="Dataset tools.")
+    p_data.set_defaults(func=lambda ns: (p_data.print_help(), 2)[1])
+    data_sub = p_data.add_subparsers(dest="data_command", metavar="COMMAND")
+    p_dl = data_sub.add_parser(
+        "download", help="download coco, voc, ade20k or hymenoptera into data/<name>",
+        description="Download a dataset's official archives (streamed with a progress bar, resumed after an "
+                    "interruption, checked against the published size and checksum) and extract them into the "
+                    "layout dinotune reads. A second call finds the dataset done and does nothing.",
+        epilog=_download_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_dl.add_argument("dataset", choices=list(CATALOG), help="which dataset")
+    p_dl.add_argument("--to", metavar="DIR", default=None, help="dataset folder (default: data/<dataset>)")
+    p_dl.add_argument("--splits", nargs="+", choices=sorted({s for e in CATALOG.values() for s in e.splits}),
+                      default=None,
+                      help="splits to get (default: all; VOC, ADE20K and hymenoptera ship both in one archive)")
+    p_dl.add_argument("--mirror", metavar="URL", default=None,
+                      help="base URL replacing the official one (also $DINOTUNE_DOWNLOAD_MIRROR)")
+    p_dl.add_argument("--keep-archives", action="store_true",
+                      help="keep the downloaded archives after extraction (default: deleted)")
+    p_dl.set_defaults(func=cmd_data_download)
+
+
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -597,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_models = sub.add_parser("models", help="list the backbones --model accepts (DINOv2, DINOv3), by family")
     p_models.set_defaults(func=cmd_models)
+
+    _add_data_parser(sub)
     return parser
 
 

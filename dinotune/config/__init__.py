@@ -83,6 +83,13 @@ def apply_presets(cfg: Any, explicit: dict[str, Any]) -> Any:
         for key, value in LIGHTWEIGHT_PRESET.items():
             if key not in explicit:
                 set_dotted(cfg, key, value)
+    # a --baseline (detection) replaces the DINOv2 detector: its head, no adapter, a placeholder backbone
+    if explicit.get("model.baseline", "none") != "none":
+        from dinotune.config.detect import BASELINE_PRESET
+
+        for key, value in BASELINE_PRESET.items():
+            if key not in explicit:
+                set_dotted(cfg, key, value)
     # the "improved" single-object detector is defined by its two-stage freeze-then-unfreeze schedule
     if explicit.get("model.head") == "improved" and "train.two_stage" not in explicit:
         set_dotted(cfg, "train.two_stage", True)

@@ -53,10 +53,11 @@ class DetectDataConfig:
 
 @dataclass
 class DetectModelConfig:
-    head: Literal["detr", "simple", "improved"] = opt(
+    head: Literal["detr", "simple", "improved", "fasterrcnn"] = opt(
         "detr",
         "detr = multi-scale deformable DETR decoder; simple / improved = single-object detectors, one "
-        "class and one box per image from the CLS token (improved turns on --two-stage unless told otherwise)",
+        "class and one box per image from the CLS token (improved turns on --two-stage unless told otherwise); "
+        "fasterrcnn = torchvision's Faster R-CNN (RPN + RoI heads) on the simple feature pyramid (ViTDet)",
     )
     lightweight: bool = opt(
         False,
@@ -77,6 +78,23 @@ class DetectModelConfig:
     decoder_dropout: float = opt(0.0, "dropout in the decoder", ge=0, lt=1)
     single_hidden: int = opt(256, "improved single-object head: hidden width of its MLPs", ge=2)
     single_dropout: float = opt(0.3, "improved single-object head: dropout inside its MLPs", ge=0, lt=1)
+    rcnn_anchor_scales: list[float] = opt(
+        [2.0, 4.0, 8.0], "fasterrcnn: anchor sides in strides of each pyramid level (with 14-pixel patches and "
+        "--pyramid-scales 2 1 0.5: 14..224 pixels; COCO's many small objects want the small ones)", gt=0)
+    rcnn_aspect_ratios: list[float] = opt([0.5, 1.0, 2.0], "fasterrcnn: anchor aspect ratios (height / width)", gt=0)
+    rcnn_rpn_batch: int = opt(256, "fasterrcnn (and --baseline): anchors sampled per image for the proposal-network loss", ge=1)
+    rcnn_roi_batch: int = opt(512, "fasterrcnn (and --baseline): proposals sampled per image for the box-head loss", ge=1)
+    rcnn_score_threshold: float = opt(
+        0.05, "fasterrcnn (and --baseline): drop class scores below this before NMS (torchvision's default)", ge=0, lt=1)
+    baseline: Literal["none", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"] = opt(
+        "none",
+        "train a plain torchvision Faster R-CNN instead of a DINOv2 detector, to compare against (implies "
+        "--head fasterrcnn, --adapter none and a never-run random:tiny placeholder as --model)",
+    )
+    baseline_weights: str = opt(
+        "", "--baseline: initial weights: empty = random, DEFAULT = torchvision's COCO weights (downloaded), "
+        "or a .pth state dict of the same torchvision model",
+    )
 
 
 @dataclass
@@ -145,9 +163,47 @@ class DetectConfig:
             raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from {', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
         if m.hidden_dim % 4:
             raise ConfigError(f"--hidden-dim {m.hidden_dim}: must be a multiple of 4 (sine position encoding)")
+        if m.baseline != "none":
+            _validate_baseline(self)
+        elif m.baseline_weights:
+            raise ConfigError(f"--baseline-weights {m.baseline_weights}: only used with --baseline; add --baseline "
+                              "fasterrcnn_resnet50_fpn_v2 (or the MobileNet one) or drop it")
         if self.loss.class_weight == self.loss.bbox_weight == self.loss.giou_weight == 0:
             raise ConfigError("--class-weight, --bbox-weight and --giou-weight are all 0: nothing would be learned "
                               "(and the matcher needs at least one cost)")
+
+
+# The DINOv2 backbone a --baseline run carries without running it: the engine trains backbone + head
+# models, and the baseline's whole torchvision detector is the head (see tasks/detect/baseline.py).
+BASELINE_PLACEHOLDER = "random:tiny"
+
+# What --baseline sets (explicit flags are applied after it, and refused when they make no sense)
+BASELINE_PRESET: dict[str, Any] = {
+    "model.head": "fasterrcnn",
+    "adapter.kind": "none",
+    "backbone.model": BASELINE_PLACEHOLDER,
+}
+
+
+def _validate_baseline(cfg: DetectConfig) -> None:
+    """A --baseline has no DINOv2 backbone: refuse the options that would act on one."""
+    m, name = cfg.model, f"--baseline {cfg.model.baseline}"
+    refused = {
+        "--head": (m.head, "fasterrcnn"),
+        "--adapter": (cfg.adapter.kind, "none"),
+        "--model": (cfg.backbone.model, BASELINE_PLACEHOLDER),
+        "--two-stage": (cfg.train.two_stage, False),
+        "--grad-checkpointing": (cfg.train.grad_checkpointing, False),
+        "--compile": (cfg.train.compile, False),
+    }
+    for flag, (value, wanted) in refused.items():
+        if value != wanted:
+            raise ConfigError(f"{name} with {flag} {value}: the baseline is a whole torchvision Faster R-CNN with no "
+                              f"DINOv2 backbone to adapt, load or speed up; leave {flag} out (it is {wanted} with "
+                              "--baseline)")
+    if cfg.bands.in_channels not in (0, 3):
+        raise ConfigError(f"{name} with --in-channels {cfg.bands.in_channels}: torchvision's detectors read RGB "
+                          "pictures only")
 
 
 # What --lightweight sets (a small DETR-style detector for one GPU); explicit flags are applied after it.

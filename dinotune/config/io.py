@@ -83,6 +83,9 @@ ADDED_KEYS = frozenset({
     "train.grad_checkpointing", "train.compile", "train.ema", "train.patience", "train.min_delta",
     "train.report_to", "optim.layer_decay", "data.sampler",
     "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",
+    # issue 13's Faster R-CNN head: runs from before had another head, which ignores these
+    "model.rcnn_anchor_scales", "model.rcnn_aspect_ratios", "model.rcnn_rpn_batch", "model.rcnn_roi_batch",
+    "model.rcnn_score_threshold", "model.baseline", "model.baseline_weights",
 })
 
 _INCOMPLETE_HINT = ("a config.yaml dinotune saves holds every key, so this one was cut or edited. Restore "

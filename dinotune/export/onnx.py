@@ -72,6 +72,9 @@ def build_graph(loaded: Any, image_size: int, model: nn.Module | None = None
     if task == "detect":
         post = {"head": cfg.model.head, "score_threshold": inf.score_threshold, "draw_threshold": inf.draw_threshold,
                 "category_ids": inf.category_ids, "batch_size": inf.batch_size}
+        if cfg.model.head == "fasterrcnn":  # proposals, NMS and per-image loops: not exported yet
+            raise ExportError("--head fasterrcnn runs (and --baseline runs) cannot be exported yet: use "
+                              "`dinotune predict` / `dinotune serve` on the run folder")
         if cfg.model.head == "detr":
             topk = min(inf.top_k, cfg.model.num_queries * len(loaded.bundle.class_names))
             # PostProcess drops detections under the run's own threshold before any predict option

@@ -56,7 +56,8 @@ class RunDetector:
         if loaded.cfg.task != "detect":
             raise ValueError(f"{name} is a {loaded.cfg.task} run, not a detection run")
         self.loaded = loaded
-        self.name = f"dinotune:{name} ({loaded.cfg.model.head})"
+        m = loaded.cfg.model  # a --baseline run is named by its torchvision detector, not by the head it shares
+        self.name = f"dinotune:{name} ({m.head if getattr(m, 'baseline', 'none') == 'none' else m.baseline})"
         self.batch_size = batch_size
 
     def detect(self, paths: Sequence[Path]) -> list[Detections]:

@@ -19,8 +19,10 @@ from typing import Callable
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import DetectConfig
 from dinotune.models.bundle import ModelBundle
+from dinotune.tasks.detect.baseline import build_baseline
 from dinotune.tasks.detect.criterion import SetCriterion
 from dinotune.tasks.detect.detr import build_detr
+from dinotune.tasks.detect.fasterrcnn import FasterRCNNLoss, FasterRCNNPostProcess, build_fasterrcnn
 from dinotune.tasks.detect.matcher import HungarianMatcher
 from dinotune.tasks.detect.postprocess import PostProcess
 from dinotune.tasks.detect.single import (
@@ -66,11 +68,23 @@ def _build_single(backbone: DinoBackbone, num_classes: int, cfg: DetectConfig, n
                        SingleObjectPostProcess(cfg.backbone.image_size), names, categories)
 
 
+def _build_fasterrcnn(backbone: DinoBackbone, num_classes: int, cfg: DetectConfig, names: list[str],
+                      categories: list[dict]) -> ModelBundle:
+    # the model computes its losses from the targets it is given (see fasterrcnn.py); a --baseline
+    # is a whole torchvision Faster R-CNN beside the unused placeholder backbone (see baseline.py)
+    m = cfg.model
+    model = (build_baseline(backbone, num_classes, m.baseline, m.baseline_weights, cfg.inference.top_k,
+                            m.rcnn_score_threshold, m.rcnn_rpn_batch, m.rcnn_roi_batch) if m.baseline != "none"
+             else build_fasterrcnn(backbone, num_classes, m, cfg.inference.top_k))
+    return ModelBundle(model, FasterRCNNLoss(), FasterRCNNPostProcess(), names, categories)
+
+
 # single-object runs are judged by mAP@0.5 of each image's one detection against its largest object
 DETECTORS: dict[str, Detector] = {
     "detr": Detector("AP", _build_detr),
     "simple": Detector("map50", _build_single),
     "improved": Detector("map50", _build_single),
+    "fasterrcnn": Detector("AP", _build_fasterrcnn),
 }
 
 

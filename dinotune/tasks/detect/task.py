@@ -47,6 +47,14 @@ from dinotune.tasks.detect.transforms import eval_transforms, resize_pad, to_inp
 from dinotune.utils import info, warn
 
 
+def _forward(bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+    """The model's outputs on a batch; a detector that computes its losses inside forward (Faster
+    R-CNN, ``needs_targets``) also gets the targets."""
+    if getattr(bundle.model, "needs_targets", False):
+        return model(batch["images"], batch["targets"])
+    return model(batch["images"])
+
+
 def _image_outputs(outputs: Any, i: int) -> Any:
     """Image ``i``'s slice of batched model outputs (tensors ``B x ...`` inside dicts and lists)."""
     if torch.is_tensor(outputs):
@@ -174,7 +182,7 @@ class DetectTask(Task):
     # ------------------------------------------------------------------------- step and eval
     def training_step(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         # the box count is averaged over processes before normalising (DETR's num_boxes)
-        return bundle.criterion(model(batch["images"]), batch["targets"], count_reduce=distributed.average_count)
+        return bundle.criterion(_forward(bundle, model, batch), batch["targets"], count_reduce=distributed.average_count)
 
     def evaluation_pass(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
                         show_progress: bool) -> dict[str, Any]:
@@ -188,7 +196,7 @@ class DetectTask(Task):
             batch = to_device(batch, device)
             targets = batch["targets"]
             with autocast(device, precision):
-                outputs = bundle.model(batch["images"])
+                outputs = _forward(bundle, bundle.model, batch)
             for i, target in enumerate(targets):
                 loss_sum += float(bundle.criterion(_image_outputs(outputs, i), [target])["loss"])
             images += len(targets)
