@@ -58,6 +58,17 @@ class TrainableTask(Protocol):
                  show_progress: bool = False) -> dict[str, Any]: ...
 
 
+def seed_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Reseed ``loader`` for ``epoch``: data order and worker seeds come from a generator reseeded
+    per epoch, so a resumed run (and the sweep's linear grid) sees the batches of an uninterrupted one."""
+    gen = getattr(loader, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed * 1_000_003 + epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler: the same shuffle on every process
+        sampler.set_epoch(epoch)
+
+
 class Trainer:
     """Fits ``bundle.model`` for the epochs of ``cfg.train`` and writes the run folder.
 
@@ -193,20 +204,10 @@ class Trainer:
                 self.scaler.load_state_dict(saved["scaler"])
         return optimizer, scheduler
 
-    def _seed_epoch(self, epoch: int) -> None:
-        # Data order and worker seeds come from a generator reseeded per epoch, so a resumed run
-        # sees the same batches as an uninterrupted one.
-        gen = getattr(self.train_loader, "generator", None)
-        if gen is not None:
-            gen.manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: the same shuffle on every process
-            sampler.set_epoch(epoch)
-
     def train_epoch(self, epoch: int, phase: Phase, optimizer, scheduler, global_step: int):
         """One pass over the training data; returns the epoch's record (mean losses over every
         process, learning rates) and the new optimizer-step count."""
-        self._seed_epoch(epoch)
+        seed_epoch(self.train_loader, self.cfg.train.seed, epoch)
         model, accumulate = self.model, self.cfg.optim.accumulate
         model.train()
         if not phase.train_backbone:

@@ -42,6 +42,7 @@ from dinotune.engine.logging import METRICS_FILE, progress
 from dinotune.engine.memory import peak_memory_mb, reset_peak
 from dinotune.engine.monitor import Monitor
 from dinotune.engine.optim import build_optimizer, build_phases, build_scheduler, logged_lrs, set_trainable
+from dinotune.engine.trainer import seed_epoch
 from dinotune.models.bundle import ModelBundle
 from dinotune.sweep.grid import Axis, Trial
 from dinotune.sweep.table import Row
@@ -152,16 +153,6 @@ def _monitor(head: _Head) -> Monitor:
     return Monitor(f"val/{head.task.monitor}", head.task.monitor_mode)
 
 
-def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
-    # the data order of a lone run: the trainer reseeds its loader this way every epoch (Trainer._seed_epoch)
-    gen = getattr(loader, "generator", None)
-    if gen is not None:
-        gen.manual_seed(seed * 1_000_003 + epoch)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-
-
 def train_heads(cfg: Any, trials: Sequence[Trial], cache_dir: Path, *, show_progress: bool = False,
                 ) -> tuple[list[_Head], dict[str, Any], float | None]:
     """Train every trial's head on one pass of cached features per epoch. Returns the heads (their
@@ -221,7 +212,7 @@ def train_heads(cfg: Any, trials: Sequence[Trial], cache_dir: Path, *, show_prog
 def _epoch(heads: list[_Head], loader: Any, epoch: int, cfg: Any, device: torch.device, precision: str) -> None:
     """One epoch of every live head: the trainer's steps (accumulation, clipping, schedule), then
     its evaluation when due."""
-    _seed_epoch(loader, cfg.train.seed, epoch)
+    seed_epoch(loader, cfg.train.seed, epoch)  # the data order of a lone run
     live = [h for h in heads if not h.error]
     accumulate, n = cfg.optim.accumulate, len(loader)
     sums: dict[int, dict[str, float]] = {id(h): {} for h in live}
