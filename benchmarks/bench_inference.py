@@ -7,7 +7,7 @@ Two models: a classifier (``random:small``, LoRA, 224 px) and the lightweight DE
 (``--lightweight`` on ``random:small``, 224 px here to keep the run short; the preset's own size is
 518). Each is trained for one epoch on a few real images first (random weights: speed does not depend
 on them). Every variant computes the same thing: the graph module the export writes (model + the
-tensor part of the post-processing, ``dinotune/export/graphs.py``) on the same preprocessed batch.
+tensor part of the post-processing, each task's ``export.py``) on the same preprocessed batch.
 
 - latency: batch 1, median of ``--repeats`` calls after warm-up;
 - throughput: batch 8, images per second from the median of ``--repeats // 2`` calls;
@@ -64,7 +64,8 @@ def train_runs(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
 def real_inputs(task: str, info: Any, args: argparse.Namespace) -> list[tuple[np.ndarray, ...]]:
     """The real evaluation images, preprocessed as the runtime does (each a tuple of graph inputs)."""
     from dinotune.runtime.inputs import read_image
-    from dinotune.runtime.preprocess import classify_input, detect_input
+    from dinotune.tasks.classify.runtime import classify_input
+    from dinotune.tasks.detect.runtime import detect_input
 
     if task == "classify":
         paths = sorted((shared_dataset("hymenoptera", args.hymenoptera) / "val").rglob("*.jpg"))
@@ -90,13 +91,13 @@ def runners(run: Path, folder: Path, threads: int) -> dict[str, Callable[..., li
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import dinotune
-    from dinotune.export.onnx import build_graph
     from dinotune.runtime import ExportInfo
 
     size = ExportInfo.read(folder).image_size
     graphs = {}
     for name, merge in (("pytorch unmerged", False), ("pytorch merged", True)):
-        graphs[name] = build_graph(dinotune.load(run, device="cpu", merge=merge), size)[0].eval()
+        loaded = dinotune.load(run, device="cpu", merge=merge)
+        graphs[name] = loaded.task.export_graph(loaded, loaded.model, size).eval()
 
     def torch_runner(graph: torch.nn.Module) -> Callable[..., list[np.ndarray]]:
         def run_graph(*inputs: np.ndarray) -> list[np.ndarray]:

@@ -1,35 +1,34 @@
 """The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``sweep``, ``pca``, ``export``.
-The CLI is a thin layer on it; everything below it (tasks, engine, models, data) never imports it."""
+The CLI is a thin layer on it; everything below it (tasks, runs, engine, models, data) never imports it.
+It names no task: what differs between tasks is asked of the run's task or the task registry."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from dinotune.adapters import count_parameters, format_parameter_count, merge_adapter
+from dinotune.adapters import count_parameters, format_parameter_count
 from dinotune.backbone.channels import adapt_input_to_meta
-from dinotune.config import ConfigError, build_config, check_ranges, load_yaml, save_yaml
+from dinotune.config import ConfigError, build_config, load_yaml, save_yaml
+from dinotune.config.commands import AnalyzeConfig, CompareConfig, EvalConfig, PredictConfig
 from dinotune.config.io import load_run_config
 from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.batch_size import resolve_auto_batch_size
 from dinotune.engine.device import resolve_precision, select_device
 from dinotune.engine.logging import read_metrics
-from dinotune.engine.run_folder import RunFolder
+from dinotune.engine.run_folder import RunFolder, RunLayout
 from dinotune.engine.speed import check_compile, prepare_for_training
 from dinotune.engine.trackers import check_trackers
 from dinotune.engine.trainer import Trainer
-from dinotune.errors import CheckpointError
-from dinotune.models.bundle import ModelBundle
-from dinotune.tasks import Task, build_backbone, get_task
+from dinotune.runs import LoadedRun, load
+from dinotune.tasks import Task, build_backbone, get_task, registry
 from dinotune.utils import info, seed_everything, set_quiet, warn, write_json
-
 
 # What may change when a run resumes: where and how it runs, never what it trains.
 RESUME_OPTIONS = ("device", "workers", "progress")
@@ -41,11 +40,11 @@ def _train_config(config: Any, task: str, resume: str | Path | None, options: di
         if refused:
             raise ConfigError(f"resume continues {resume} with its own saved settings; it takes only "
                               f"{', '.join(RESUME_OPTIONS)}, not {', '.join(refused)}")
-        run_dir = Path(resume).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml) to resume")
-        checkpoint.resolve(run_dir / "checkpoints" / "last")
-        saved = load_run_config(run_dir / "config.yaml")  # a run's own config must be complete
+        layout = RunLayout(Path(resume).expanduser())
+        if not layout.config.is_file():
+            raise FileNotFoundError(f"{layout.root}: not a run folder (no {layout.config.name}) to resume")
+        checkpoint.resolve(layout.last)
+        saved = load_run_config(layout.config)  # a run's own config must be complete
         return build_config(saved.task, saved, **options)
     if config is None:
         task_name = task
@@ -58,26 +57,31 @@ def _train_config(config: Any, task: str, resume: str | Path | None, options: di
     return build_config(task_name, config, **options)
 
 
-def train(config: Any = None, *, task: str = "classify", resume: str | Path | None = None,
-          **options: Any) -> dict[str, Any]:
+def train(config: Any = None, *, task: str | None = None, resume: str | Path | None = None,
+          **options: Any) -> Run:
     """Train a model and write a run folder.
 
     Args:
         config: a task config object, a dict, or a YAML path (defaults when None).
-        task: task name when ``config`` is not a config object (``classify``).
-        resume: a run folder to continue exactly where its ``checkpoints/last`` stopped.
+        task: task name when ``config`` is not a config object (default: the first registered,
+            image classification).
+        resume: a run folder to continue exactly where its last checkpoint stopped.
         **options: overrides named like the CLI flags (``data=..., adapter="lora", epochs=5``).
 
     Returns:
-        ``{"run_dir", "best", "last", "metrics", "files"}``.
+        the trained ``Run``: ``run.evaluate(data)``, ``run.predict(images)``, ``run.export(out)``, and
+        the summary by key (``run["run_dir"]``, ``"best"``, ``"last"``, ``"metrics"``, ``"files"``).
     """
-    cfg = _train_config(config, task, resume, options)
+    cfg = _train_config(config, task or registry.default_name(), resume, options)
     cfg.validate()
     if resume is None:
         RunFolder.check(cfg.train.out)
     ctx = distributed.setup(cfg.train.device)  # a no-op unless launched by torchrun
+    the_task = get_task(cfg)
     if ctx.enabled:
-        _check_distributed(cfg, ctx)
+        the_task.check_distributed()  # what does not combine with several processes, before any work
+        if not ctx.is_main:
+            set_quiet(True)
     seed_everything(cfg.train.seed)
     device = distributed.device_for(ctx, select_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
@@ -87,7 +91,6 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
     check_trackers(cfg.train.report_to)  # a missing wandb / mlflow package is told before any folder exists
     if cfg.train.compile:
         check_compile(device)  # a missing compiler is told now, not after the data is scanned
-    the_task = get_task(cfg)
     # the backbone first, before any folder is made: it refuses a bad --model or an image size
     # that is not a multiple of its patch size, and the patch size shapes the data
     backbone, fingerprint = build_backbone(cfg)
@@ -108,8 +111,9 @@ def train(config: Any = None, *, task: str = "classify", resume: str | Path | No
         if folder is not None:
             folder.release()
     if not ctx.is_main:
-        return {"run_dir": str(run_dir), "best": None, "last": None, "metrics": {}, "files": []}
-    return _finish(run_dir, the_task, meta, result, _parameters(trainer.model))
+        return Run({"run_dir": str(run_dir), "task": cfg.task, "best": None, "last": None, "metrics": {},
+                    "files": []})
+    return Run(_finish(run_dir, the_task, meta, result, _parameters(trainer.model)))
 
 
 def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path, resume: bool,
@@ -118,11 +122,11 @@ def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path,
     if not resume:
         cfg.train.out = str(run_dir)
     if distributed.current().is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, RunLayout(run_dir).config)
     data = task.build_data(run_dir, backbone.patch_size)
     data.meta["backbone_fingerprint"] = fingerprint
     if resume:
-        last = run_dir / "checkpoints" / "last"
+        last = RunLayout(run_dir).last
         checkpoint.check_compatible(last, data.meta)
         saved = checkpoint.read_meta(last).get("data_fingerprint")
         if saved and saved != data.meta.get("data_fingerprint"):
@@ -146,15 +150,6 @@ def _start(cfg: Any, task: Task, backbone: Any, fingerprint: str, run_dir: Path,
     return trainer, data.meta
 
 
-def _check_distributed(cfg: Any, ctx: distributed.DistContext) -> None:
-    """What does not combine with several processes, refused before any work; quiet followers."""
-    if getattr(getattr(cfg, "head", None), "cache_features", False):
-        raise ConfigError("--cache-features extracts features in one process; run it without torchrun "
-                          "(a linear probe on cached features is fast on one GPU)")
-    if not ctx.is_main:
-        set_quiet(True)
-
-
 def _parameters(model: nn.Module) -> dict[str, int]:
     """``{"trainable", "total"}`` parameter counts of a trained model (what a sweep's table shows)."""
     counts = count_parameters(model)
@@ -168,7 +163,7 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
 
     history = read_metrics(run_dir)
     files = [plot_training_curves(history, run_dir / "training_curves.png")] if history else []
-    best_path = run_dir / "best_metrics.json"
+    best_path = RunLayout(run_dir).best_metrics
     best_metrics = {}
     if best_path.is_file():
         best_metrics = json.loads(best_path.read_text())
@@ -178,111 +173,65 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
                "metrics": best_metrics, "files": [str(f) for f in files]}
     if parameters is not None:
         summary["parameters"] = parameters
-    write_json(run_dir / "results.json", summary)
+    write_json(RunLayout(run_dir).results, summary)
     return summary
 
 
-# --------------------------------------------------------------------------------- loading runs
-@dataclass
-class LoadedRun:
-    """A trained model ready for inference: ``bundle`` (model on ``device``, post-processing,
-    class names), plus its config, checkpoint metadata and task."""
+# ------------------------------------------------------------------------------- a trained run
+class Run(Mapping[str, Any]):
+    """A trained run folder, as ``train`` returns it: its summary by key (``run_dir``, ``task``,
+    ``best``, ``last``, ``metrics``, ``files``, ``stopped_early``, ``parameters``: the contents of
+    ``results.json``), and the model to use at once: ``evaluate``, ``predict`` and ``export`` load the
+    best checkpoint (once, merged, on ``device``) unless told otherwise.
 
-    run_dir: Path
-    cfg: Any
-    meta: dict[str, Any]
-    task: Task
-    bundle: ModelBundle
-    device: torch.device
-    precision: str
+        run = dinotune.train(task="classify", data="data/", epochs=5, out="runs/ants")
+        run.evaluate("data/")["top1"]; run.predict("photos/"); run.export("exported/")
+    """
+
+    def __init__(self, summary: dict[str, Any], device: str = PredictConfig.device):
+        self._summary = dict(summary)
+        self.device = device
+        self._loaded: LoadedRun | None = None
 
     @property
-    def model(self) -> nn.Module:
-        return self.bundle.model
+    def path(self) -> Path:
+        return Path(self._summary["run_dir"])
 
-    def settings(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
-        """The run's inference section with ``overrides`` of its fields applied, and the overrides
-        that are not its fields (task options such as ``draw``), checked by name."""
-        fields = {f.name for f in dataclasses.fields(self.cfg.inference)}
-        given = {k: v for k, v in overrides.items() if v is not None}
-        settings = dataclasses.replace(self.cfg.inference, **{k: v for k, v in given.items() if k in fields})
-        check_ranges(settings, "inference.")
-        return settings, {k: v for k, v in given.items() if k not in fields}
+    def __getitem__(self, key: str) -> Any:
+        return self._summary[key]
 
-    def predict_option_names(self) -> set[str]:
-        """The options ``predict`` takes for this run: its inference fields and its task's options."""
-        return {f.name for f in dataclasses.fields(self.cfg.inference)} | set(self.task.predict_options)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._summary)
+
+    def __len__(self) -> int:
+        return len(self._summary)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, task={self._summary.get('task')!r})"
+
+    def load(self, **options: Any) -> LoadedRun:
+        """The run's model (``dinotune.load`` options); without options, loaded once and kept."""
+        if options:
+            return load(self.path, **options)
+        if self._loaded is None:
+            self._loaded = load(self.path, device=self.device)
+        return self._loaded
+
+    def evaluate(self, data: str, **options: Any) -> dict[str, Any]:
+        """Metrics on ``data`` (``LoadedRun.evaluate``'s options)."""
+        return self.load().evaluate(data, **options)
 
     def predict(self, images: str | Path | Sequence[str | Path], **options: Any) -> list[dict[str, Any]]:
-        """Task outputs per image (classification: top-k classes; detection: boxes; segmentation:
-        class shares and label maps). Options: the fields of the config's ``inference`` section
-        (``batch_size``, ``top_k``, ``score_threshold``, ...) and the task's ``predict_options``
-        (detection: ``image_ids``, ``draw``; segmentation: ``masks``, ``draw``)."""
-        settings, extra = self.settings(**options)
-        unknown = sorted(set(extra) - self.task.predict_options)
-        if unknown:
-            raise ConfigError(f"{', '.join(unknown)}: not an option of {self.task.name} predictions "
-                              f"(valid: {', '.join(sorted(self.predict_option_names()))})")
-        return self.task.predict(self, images, settings, **extra)
+        """Predictions per image (``LoadedRun.predict``'s options)."""
+        return self.load().predict(images, **options)
 
-    def evaluate(self, data: str, split: str = "val", *, batch_size: int | None = None, images: str = "",
-                 subset: int = 0, subset_seed: int = 0, pre_transform: Any = None) -> dict[str, Any]:
-        """Metrics on ``data`` in any layout the task reads; ``subset``: a reproducible random
-        subset of that many images (detection and segmentation)."""
-        if subset and not self.task.supports_subset:
-            raise ConfigError(f"--subset does not apply to {self.task.name} runs")
-        settings, _ = self.settings(batch_size=batch_size)
-        return self.task.evaluate_data(self, data, split, settings, images=images, subset=subset,
-                                       subset_seed=subset_seed, pre_transform=pre_transform)
+    def export(self, out: str | Path, *, format: str = "onnx", **options: Any) -> Path:
+        """The run exported into ``out`` (``dinotune.export``'s formats and options)."""
+        return export(self.path, out, format=format, **options)
 
 
-def _checkpoint_dir(run: Path, which: str) -> Path:
-    run = Path(run).expanduser()
-    if (run / checkpoint.META).is_file():  # a checkpoint folder itself
-        return run
-    folder = run / "checkpoints" / which
-    try:
-        return checkpoint.resolve(folder)
-    except CheckpointError:
-        other = "last" if which == "best" else "best"
-        try:
-            found = checkpoint.resolve(run / "checkpoints" / other)
-        except CheckpointError:
-            raise CheckpointError(f"{run}: no checkpoints (expected {folder})") from None
-        warn(f"{folder} is missing; using {found}")
-        return found
-
-
-def load(run: str | Path, *, checkpoint_name: str = "best", device: str = "auto", merge: bool = True,
-         model: str | None = None, precision: str = "auto") -> LoadedRun:
-    """Rebuild a run's model: base backbone + saved adapter + head, optionally merged.
-
-    Args:
-        run: a run folder, or one of its checkpoint folders.
-        checkpoint_name: ``best`` or ``last``.
-        merge: fold LoRA / DoRA into the backbone weights (same outputs, faster inference).
-        model: a different location of the base weights (e.g. a local copy of the hub model).
-    """
-    folder = _checkpoint_dir(Path(run), checkpoint_name)
-    cfg = checkpoint.read_config(folder)
-    meta = checkpoint.read_meta(folder)
-    task = get_task(cfg)
-    backbone, fingerprint = build_backbone(cfg, model_override=model)
-    if meta.get("backbone_fingerprint") and fingerprint != meta["backbone_fingerprint"]:
-        warn(f"the base backbone weights ({model or cfg.backbone.model}) differ from the ones this run "
-             "was trained on; predictions will not match the training results")
-    adapt_input_to_meta(backbone, meta, trainable=cfg.adapter.kind != "none")  # the run's bands, if not RGB
-    bundle = task.build_model(meta, backbone)
-    checkpoint.load_weights(folder, bundle.model, cfg.adapter)
-    if merge:
-        merge_adapter(bundle.model.backbone)
-    dev = select_device(device)
-    bundle.model.to(dev).eval()
-    return LoadedRun(folder.parent.parent if folder.parent.name == "checkpoints" else folder, cfg, meta,
-                     task, bundle, dev, resolve_precision(precision, dev))
-
-
-def evaluate(run: str | Path | LoadedRun, data: str, *, split: str = "val", **load_options: Any) -> dict[str, Any]:
+def evaluate(run: str | Path | LoadedRun, data: str, *, split: str = EvalConfig.split,
+             **load_options: Any) -> dict[str, Any]:
     """Metrics of a trained run on ``data`` (for classification, a folder / CSV / dataset)."""
     loaded = run if isinstance(run, LoadedRun) else load(run, **load_options)
     return loaded.evaluate(data, split=split)
@@ -295,15 +244,16 @@ def predict(run: str | Path | LoadedRun, images: str | Path | Sequence[str | Pat
     return loaded.predict(images, top_k=top_k)
 
 
-def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out: str | Path | None = None,
-            samples: int = 8, draw_threshold: float | None = None, **load_options: Any) -> list[Path]:
+def analyze(run: str | Path, *, data: str | None = None, split: str = AnalyzeConfig.split,
+            out: str | Path | None = None, samples: int = AnalyzeConfig.samples, draw_threshold: float | None = None,
+            **load_options: Any) -> list[Path]:
     """Charts of a run into ``out`` (default ``RUN/analysis``): training curves, the task's metric
     charts (from evaluating ``data``, else the best validation epoch) and drawn sample predictions
     (``draw_threshold``: detection boxes to draw, default the run's ``inference.draw_threshold``)."""
     from dinotune.viz.plots import plot_training_curves
 
     run_dir = Path(run).expanduser()
-    out_dir = Path(out) if out else run_dir / "analysis"
+    out_dir = Path(out) if out else RunLayout(run_dir).analysis_dir
     files: list[Path] = []
     history = read_metrics(run_dir)
     if history:
@@ -314,8 +264,8 @@ def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out
     settings, _ = loaded.settings(draw_threshold=draw_threshold)
     if data:
         metrics = loaded.evaluate(data, split=split)
-    elif (run_dir / "best_metrics.json").is_file():
-        metrics = json.loads((run_dir / "best_metrics.json").read_text())
+    elif RunLayout(run_dir).best_metrics.is_file():
+        metrics = json.loads(RunLayout(run_dir).best_metrics.read_text())
     else:
         metrics = {}
     if metrics:
@@ -327,26 +277,33 @@ def analyze(run: str | Path, *, data: str | None = None, split: str = "val", out
     return files
 
 
-def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] = (), out: str | Path,
-            split: str = "val", images: str = "", subset: int = 0, subset_seed: int = 0, device: str = "auto",
-            batch_size: int | None = None, yolo_image_size: int | None = None,
+def compare(*, data: str, runs: Sequence[str | Path] = (), yolo: Sequence[str] = (),
+            out: str | Path = CompareConfig.out, split: str = CompareConfig.split, images: str = CompareConfig.images,
+            subset: int = CompareConfig.subset, subset_seed: int = CompareConfig.subset_seed,
+            device: str = CompareConfig.device, batch_size: int | None = None, yolo_image_size: int | None = None,
             class_map: str | Path | dict[Any, Any] | None = None) -> str:
-    """Detection runs and YOLO baselines scored on the same images by the same metric code;
-    writes ``compare.json``, ``compare.md`` and charts into ``out``, returns the Markdown table.
-    ``batch_size`` / ``yolo_image_size`` default to the inference section of the (first) run's
-    config, else the detection config's defaults. ``class_map``: YOLO class (index or name) ->
-    dataset category name, as ``"0=person,1=bicycle"``, a JSON file or a dict; classes not in it
-    are matched by name, and a YOLO model with no class in common with the data is refused."""
-    from dinotune.config import DetectConfig
-    from dinotune.tasks.detect.compare import run_compare
-
+    """Trained runs and third-party baselines (ultralytics YOLO weights) scored on the same images by
+    the same metric code, by the runs' task (``Task.compare``; the task that offers a comparison when
+    only baselines are given); writes ``compare.json``, ``compare.md`` and charts into ``out``,
+    returns the Markdown table. ``batch_size`` / ``yolo_image_size`` default to the inference
+    section of the (first) run's config, else the task config's defaults. ``class_map``: YOLO class
+    (index or name) -> dataset category name, as ``"0=person,1=bicycle"``, a JSON file or a dict."""
     loaded = [load(r, device=device) for r in runs]
-    defaults = loaded[0].cfg if loaded else DetectConfig()
-    return run_compare(data=data, split=split, runs=loaded, run_names=[Path(r).name for r in runs], yolo=yolo,
-                       out=Path(out), images=images, subset=subset, subset_seed=subset_seed, device=device,
-                       yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
-                       batch_size=batch_size, min_box_size=defaults.data.min_box_size,
-                       max_pixels=defaults.data.max_image_pixels, class_map=class_map)
+    task_class = type(loaded[0].task) if loaded else _comparing_task()
+    defaults = loaded[0].cfg if loaded else registry.entry(task_class.name).config_class()()
+    return task_class.compare(data=data, split=split, runs=loaded, run_names=[Path(r).name for r in runs],
+                              yolo=yolo, out=Path(out), images=images, subset=subset, subset_seed=subset_seed,
+                              device=device, batch_size=batch_size, yolo_image_size=yolo_image_size,
+                              class_map=class_map, defaults=defaults)
+
+
+def _comparing_task() -> type[Task]:
+    """The registered task whose runs ``compare`` scores against baselines (it overrides ``compare``)."""
+    owners = [e.task_class() for e in map(registry.entry, registry.names())]
+    owners = [c for c in owners if c.compare.__func__ is not Task.compare.__func__]  # classmethods: bound anew
+    if not owners:
+        raise ConfigError("no registered task compares runs against baselines")
+    return owners[0]
 
 
 def _grid_items(grid: Sequence[str] | dict[str, Sequence[Any]]) -> list[str]:
@@ -361,14 +318,15 @@ def _grid_items(grid: Sequence[str] | dict[str, Sequence[Any]]) -> list[str]:
     return [f"{key}={','.join(text(v) for v in values)}" for key, values in grid.items()]
 
 
-def sweep(task: str = "classify", config: Any = None, *, grid: Sequence[str] | dict[str, Sequence[Any]] = (),
+def sweep(task: str | None = None, config: Any = None, *, grid: Sequence[str] | dict[str, Sequence[Any]] = (),
           linear_grid: Sequence[str] | dict[str, Sequence[Any]] = (), search: str | None = None,
           trials: int | None = None, out: str | Path | None = None, retry_failed: bool = False,
           **options: Any) -> dict[str, Any]:
     """Train a grid of settings (each trial a run folder, in its own process) and compare them.
 
     Args:
-        task: ``classify``, ``detect`` or ``segment`` (``config``'s own task when it names one).
+        task: a registered task name (``config``'s own task when it names one; default: the first
+            registered, image classification).
         config: the base config every trial starts from: a config object, a dict or a YAML path.
         grid: ``{"adapter": ["none", "lora"], "rank": [4, 16], "lr": [1e-4, 3e-4]}`` or
             ``["adapter=none,lora", "rank=4,16", ...]``: keys are train options (``backbone_lr``)
@@ -393,7 +351,7 @@ def sweep(task: str = "classify", config: Any = None, *, grid: Sequence[str] | d
     from dinotune.sweep.table import markdown
 
     defaults = SweepConfig()
-    cfg = _train_config(config, task, None, options)
+    cfg = _train_config(config, task or registry.default_name(), None, options)
     names = {flag.lstrip("-").replace("-", "_"): key for flag, key in flag_map(TASK_CONFIGS[cfg.task]).items()}
     explicit = {name if "." in name else names.get(name, name) for name in options}
     result = run_sweep(cfg.task, cfg, grid=_grid_items(grid), linear_grid=_grid_items(linear_grid),
@@ -408,7 +366,7 @@ def sweep(task: str = "classify", config: Any = None, *, grid: Sequence[str] | d
 
 
 def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,
-        image_size: int | None = None, foreground_threshold: float | None = None, device: str = "auto",
+        image_size: int | None = None, foreground_threshold: float | None = None, device: str = PcaConfig.device,
         max_images: int | None = None) -> Path:
     """The PCA picture of patch features (``dinotune pca``) for ``images`` under a backbone: a
     ``--model`` spec (``random:tiny``, a hub id, a ``.pth``, a local folder) or a dinotune run
@@ -431,7 +389,7 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
         warn(f"pca: using the first {max_images} of {len(paths)} images (raise --max-images for more)")
         paths = paths[:max_images]
     spec = Path(model).expanduser()
-    if (spec / "config.yaml").is_file() and (spec / "checkpoints").is_dir():
+    if RunLayout.is_run(spec):
         loaded = load(spec, device=device)
         backbone = loaded.model.backbone
         image_size = image_size or loaded.cfg.backbone.image_size

@@ -1,19 +1,45 @@
 """The ``dinotune`` command: parses flags into a config or API options and calls the Python API.
 
 Its own logic is limited to the command line: flag parsing, refusing flags that do not apply to a
-run's task (asked of the task, not decided by its name), and printing results."""
+run's task (asked of the task, not decided by its name), and printing results.
+
+Every command's flags and operands are made from a typed config (``add_config_flags``): the task
+configs for ``train`` / ``sweep``, ``config/commands.py`` and ``config/tools.py`` for the others, and
+for ``predict`` also the task configs' ``inference`` sections and ``predict_options``. Written by hand
+are only the options that are no config field: ``-q`` / ``-v``, ``train --resume`` (with the three
+settings a resumed run may change, passed to the API as they are), ``--config`` and ``--set``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin
 
-from dinotune.config import TASK_CONFIGS, ConfigError, DetectConfig, flag_map, leaf_fields
-from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.config import (
+    TASK_CONFIGS,
+    ConfigError,
+    check_ranges,
+    coerce,
+    flag_map,
+    flag_name,
+    leaf_fields,
+    set_dotted,
+)
+from dinotune.config.commands import (
+    AnalyzeConfig,
+    CompareConfig,
+    DemoConfig,
+    DownloadConfig,
+    EvalConfig,
+    PredictConfig,
+)
+from dinotune.config.tools import EXPORT_FORMAT_OPTIONS, ExportConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.tasks import registry
 
 EXAMPLES = """examples:
   dinotune demo                                    # offline demo on scikit-learn's digits
@@ -29,11 +55,6 @@ EXAMPLES = """examples:
 """
 
 
-TASK_HELP = {
-    "classify": "Train an image classifier (class folders, CSV, or Hugging Face datasets)",
-    "detect": "Train an object detector (COCO or YOLO data): DETR-style, or single-object simple / improved",
-    "segment": "Train a semantic segmenter (VOC, ADE20K, image/mask folders, COCO masks): linear or FPN decoder",
-}
 CONFIG_NOTE = ("Every option below is a key of the saved config.yaml; flags override --config FILE.yaml, "
                "which overrides the defaults shown.")
 
@@ -54,31 +75,153 @@ def _metavar(key: str, tp: Any) -> str:
     return {int: "N", float: "X"}.get(tp) or key.rsplit(".", 1)[-1].upper()
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per config field, with its help text and default; unset flags are not overrides."""
+def _literal_choices(tp: Any) -> list[Any] | None:
+    """The values of a ``Literal`` (or of an optional one, ``Literal["json", "csv"] | None``)."""
+    if get_origin(tp) in (Union, UnionType):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        tp = members[0] if len(members) == 1 else tp
+    return list(get_args(tp)) if get_origin(tp) is Literal else None
+
+
+def _help_text(meta: Mapping[str, Any], default_text: str | None) -> str:
+    """A field's help with ``(default: X)``; an operand or a required flag has no default to show."""
+    text = meta.get("help", "")
+    if default_text is not None and not (meta.get("positional") or meta.get("required")):
+        text += f" (default: {default_text})"
+    return text.replace("%", "%%")
+
+
+def _add_argument(target: Any, key: str, meta: Mapping[str, Any], tp: Any, help_text: str,
+                  choices: Sequence[Any] | None = None) -> None:
+    """One flag (or operand) for the config field ``key`` of type ``tp``. A flag's default is left out
+    of the namespace (``argparse.SUPPRESS``): what is there was given, and ``command_config`` /
+    ``_overrides`` fill in the rest from the config, so no default is repeated here."""
+    choices = list(choices) if choices else _literal_choices(tp)
+    kw: dict[str, Any] = {"help": help_text}
+    if choices:
+        kw["choices"] = choices
+    if get_origin(tp) is list:
+        kw["nargs"] = "+"
+        if meta.get("repeatable") and not meta.get("positional"):
+            kw["action"] = "extend"
+    if meta.get("positional"):
+        target.add_argument(key, metavar=meta.get("metavar"), **kw)
+        return
+    names = [meta.get("flag") or "--" + key.rsplit(".", 1)[-1].replace("_", "-")]
+    names += [meta["short"]] if meta.get("short") else []
+    kw.update(dest=key, default=argparse.SUPPRESS)
+    if meta.get("required"):
+        kw["required"] = True
+    if tp is bool:
+        action = argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true"
+        target.add_argument(*names, action=action, **kw)
+        return
+    kw["metavar"] = meta.get("metavar") or (None if choices else _metavar(key, tp))
+    target.add_argument(*names, **kw)
+
+
+def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                     choices: Mapping[str, Sequence[Any]] | None = None) -> None:
+    """One flag per config field (an operand per ``positional`` field), with its help text and
+    default; unset flags are not overrides. Fields of a section (``adapter.rank``) are grouped under
+    it. ``choices``: the valid values of fields only known at run time (key -> values), e.g. the
+    datasets of the download catalog."""
     defaults = cls()
+    flag_map(cls)  # refuses two fields with one flag
     groups: dict[str, argparse._ArgumentGroup] = {}
-    flags = {v: k for k, v in flag_map(cls).items()}
-    hints = {key: (f, tp) for key, f, tp in leaf_fields(cls)}
-    for key, flag in flags.items():
-        f, tp = hints[key]
-        section = key.split(".")[0]
-        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+    for key, f, tp in leaf_fields(cls):
+        if key == "task":
+            continue
         default = defaults
         for part in key.split("."):
             default = getattr(default, part)
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
-        names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
-        kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if get_origin(tp) is Literal:
-            kw["choices"] = list(get_args(tp))
-        elif get_origin(tp) is list:
-            kw["nargs"] = "+"
-        kw["metavar"] = None if "choices" in kw else _metavar(key, tp)
-        group.add_argument(*names, **kw)
+        target: Any = parser
+        if "." in key:
+            section = key.split(".")[0]
+            if section not in groups:
+                groups[section] = parser.add_argument_group(f"{section} options")
+            target = groups[section]
+        shown = f.metadata.get("default_text") or repr(default)
+        _add_argument(target, key, f.metadata, tp, _help_text(f.metadata, shown), (choices or {}).get(key))
+
+
+def add_task_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``train`` / ``sweep``'s flags of the task config ``cls``, after the two that are not a field:
+    the config file to start from and ``--set`` for any key (a key without a flag included)."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="start from this config (e.g. a run's config.yaml)")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                        help="override any config key, e.g. --set optim.min_lr_ratio=0.01")
+    add_config_flags(parser, cls)
+
+
+def command_config(ns: argparse.Namespace, cls: type) -> tuple[Any, set[str]]:
+    """The config of a command (``EvalConfig``, ...) from its parsed flags: the config's defaults with
+    the given values coerced to the fields' types and range-checked (ConfigError naming the flag),
+    and the keys that were given."""
+    cfg = cls()
+    given = set()
+    for key, f, tp in leaf_fields(cls):
+        if hasattr(ns, key):
+            set_dotted(cfg, key, coerce(getattr(ns, key), tp, flag_name(key, f)))  # errors name the flag
+            given.add(key)
+    check_ranges(cfg)
+    return cfg, given
+
+
+@dataclass
+class _TaskOption:
+    """A ``predict`` flag made from the task configs: the type and texts of one option name."""
+
+    meta: dict[str, Any]
+    type: Any
+    helps: list[str] = field(default_factory=list)  # "task: help" per task that has it
+    defaults: list[tuple[str, str]] = field(default_factory=list)  # (task, what its default is)
+
+
+def _merged_type(a: Any, b: Any, flag: str) -> Any:
+    if a == b:
+        return a
+    ca, cb = _literal_choices(a), _literal_choices(b)
+    if ca is None or cb is None:
+        raise AssertionError(f"predict {flag}: task configs declare it with different types ({a} and {b})")
+    return Literal[tuple(dict.fromkeys(ca + cb))]  # type: ignore[misc]
+
+
+def predict_task_options() -> dict[str, _TaskOption]:
+    """``predict``'s task options by name: the fields of every registered task config's ``inference``
+    section (default: the run's own) and of its ``predict_options`` dataclass. An option several
+    tasks have is one flag whose help joins theirs (``detect: ...; segment: ...``); ``PredictConfig``'s
+    own fields (``batch_size``) are its flags, not these."""
+    own = {key for key, _, _ in leaf_fields(PredictConfig)}
+    out: dict[str, _TaskOption] = {}
+    for task, cls in TASK_CONFIGS.items():
+        inference = typing.get_type_hints(cls).get("inference")
+        fields = [(f, tp, f"the run's inference.{f.name}")
+                  for _, f, tp in (leaf_fields(inference) if inference else [])]
+        extra = getattr(cls, "predict_options", None)
+        fields += [(f, tp, f.metadata.get("default_text") or repr(f.default)) for _, f, tp in
+                   (leaf_fields(extra) if extra else [])]
+        for f, tp, default_text in fields:
+            if f.name in own:
+                continue
+            flag = flag_name(f.name, f)
+            option = out.setdefault(f.name, _TaskOption({"flag": flag}, tp))
+            option.type = _merged_type(option.type, tp, flag)
+            for name in ("metavar", "negatable"):
+                if option.meta.get(name) is None and f.metadata.get(name) is not None:
+                    option.meta[name] = f.metadata[name]
+            option.helps.append(f"{task}: {f.metadata.get('help', '')}")
+            option.defaults.append((task, default_text))
+    return out
+
+
+def _add_predict_task_flags(parser: argparse.ArgumentParser) -> None:
+    """The task options of ``predict`` (see ``predict_task_options``), in a group of their own."""
+    group = parser.add_argument_group("task options (refused for runs of a task that has no use for them)")
+    for name, option in predict_task_options().items():
+        texts = {text for _, text in option.defaults}
+        default = texts.pop() if len(texts) == 1 else "; ".join(f"{task}: {text}" for task, text in option.defaults)
+        _add_argument(group, name, option.meta, option.type, _help_text({"help": "; ".join(option.helps)}, default))
 
 
 def _parse_set(items: list[str]) -> dict[str, str]:
@@ -125,9 +268,10 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     if not ns.task:
         raise ConfigError("name a task: dinotune sweep classify|detect|segment --data D --grid KEY=V1,V2 ...")
     overrides = _overrides(ns, TASK_CONFIGS[ns.task])
+    sweep, _ = command_config(ns, SweepConfig)
     try:
-        result = api.sweep(ns.task, ns.config, grid=ns.grid, linear_grid=ns.linear_grid, search=ns.search,
-                           trials=ns.trials, out=ns.sweep_out, retry_failed=ns.retry_failed, **overrides)
+        result = api.sweep(ns.task, ns.config, grid=sweep.grid, linear_grid=sweep.linear_grid, search=sweep.search,
+                           trials=sweep.trials, out=sweep.out, retry_failed=sweep.retry_failed, **overrides)
     except KeyboardInterrupt:
         print("dinotune: sweep interrupted; run the same command again to continue it (finished trials are kept, "
               "the interrupted one resumes)", file=sys.stderr)
@@ -157,12 +301,12 @@ def _print_result(result: dict[str, Any]) -> None:
         print(f"  wrote {f}")
 
 
-def _refuse_inapplicable(given: dict[str, str], accepted: set[str], task: str) -> None:
+def _refuse_inapplicable(given: dict[str, str], accepted: set[str], what: str) -> None:
     """``given``: option name -> the flag that set it. A flag the run's task has no use for is an
-    error naming it, never silently ignored."""
+    error naming it (and ``what``: the runs it does not apply to), never silently ignored."""
     wrong = [flag for name, flag in given.items() if name not in accepted]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} does not apply to {task} runs")
+        raise ConfigError(f"{', '.join(wrong)} does not apply to {what}")
 
 
 def _data_name(data: str) -> str:
@@ -179,21 +323,22 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from dinotune import api
     from dinotune.utils import write_json
 
-    loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
-    options: dict[str, Any] = {"batch_size": ns.batch_size, "images": ns.images}
-    if ns.subset:
-        options.update(subset=ns.subset, subset_seed=ns.subset_seed)
-    if ns.corruptions:
+    cfg, _ = command_config(ns, EvalConfig)
+    loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
+    options: dict[str, Any] = {"batch_size": cfg.batch_size, "images": cfg.images}
+    if cfg.subset:
+        options.update(subset=cfg.subset, subset_seed=cfg.subset_seed)
+    if cfg.corruptions:
         from dinotune.robustness import evaluate_corruptions
 
-        out_dir = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"corruptions-{_data_name(ns.data)}"
-        evaluate_corruptions(loaded, ns.data, split=ns.split, names=ns.corruption_names, severities=ns.severities,
-                             seed=ns.corruption_seed, out_dir=out_dir, **options)
+        out_dir = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"corruptions-{_data_name(cfg.data)}"
+        evaluate_corruptions(loaded, cfg.data, split=cfg.split, names=cfg.corruption_names or None,
+                             severities=cfg.severities, seed=cfg.corruption_seed, out_dir=out_dir, **options)
         print((out_dir / "corruptions.md").read_text())
         print(f"wrote {out_dir / 'corruptions.json'} and {out_dir / 'corruptions.png'}", file=sys.stderr)
         return 0
-    metrics = loaded.evaluate(ns.data, split=ns.split, **options)
-    out = Path(ns.out) if ns.out else loaded.run_dir / "eval" / f"{_data_name(ns.data)}-{ns.split}.json"
+    metrics = loaded.evaluate(cfg.data, split=cfg.split, **options)
+    out = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"{_data_name(cfg.data)}-{cfg.split}.json"
     write_json(out, metrics)
     files = loaded.task.report(out.parent, metrics, loaded.meta)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
@@ -213,71 +358,66 @@ def _is_export(path: str | Path) -> bool:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    options: dict[str, Any] = {"batch_size": ns.batch_size, "top_k": ns.top_k, "score_threshold": ns.score_threshold,
-                               "draw_threshold": ns.draw_threshold, "draw": ns.draw, "masks": ns.masks,
-                               "category_ids": ns.category_ids}
-    if ns.image_info:
-        info = json.loads(Path(ns.image_info).read_text())
-        options["image_ids"] = {im["file_name"]: im["id"] for im in info.get("images", [])}
-    flags = {"top_k": "--top-k", "score_threshold": "--score-threshold", "draw_threshold": "--draw-threshold",
-             "draw": "--draw", "masks": "--masks", "image_ids": "--image-info", "category_ids": "--category-ids"}
-    given = {k: flags[k] for k, v in options.items() if v is not None and k in flags}
-    options = {k: v for k, v in options.items() if v is not None}
-    backend = ns.backend or ("onnx" if _is_export(ns.run) else "torch")
+    cfg, _ = command_config(ns, PredictConfig)
+    # the task options given, typed; which of them the run's task takes is asked of the run
+    task_options = predict_task_options()
+    given = {name: coerce(getattr(ns, name), option.type, option.meta["flag"])
+             for name, option in task_options.items() if hasattr(ns, name)}
+    flags = {name: task_options[name].meta["flag"] for name in given}
+    options = {**given, **({"batch_size": cfg.batch_size} if cfg.batch_size is not None else {})}
+    backend = cfg.backend or ("onnx" if _is_export(cfg.run) else "torch")
     if backend == "onnx":  # the exported graph in onnxruntime; no torch needed for an export
-        predictor = _onnx_predictor(ns)
-        from dinotune.runtime.predictor import OPTIONS
-
-        _refuse_inapplicable(given, OPTIONS[predictor.task] | {"draw"}, predictor.task)
-        results, format_predictions = predictor.predict(ns.images, **options), predictor.format_predictions
+        predictor = _onnx_predictor(cfg)
+        _refuse_inapplicable(flags, set(predictor.options), f"{predictor.task} runs with --backend onnx")
+        results, format_predictions = predictor.predict(cfg.images, **options), predictor.format_predictions
     else:
-        if _is_export(ns.run):
-            raise ConfigError(f"{ns.run} is an exported ONNX model: predict it with --backend onnx")
+        if _is_export(cfg.run):
+            raise ConfigError(f"{cfg.run} is an exported ONNX model: predict it with --backend onnx")
         from dinotune import api
 
-        loaded = api.load(ns.run, checkpoint_name=ns.checkpoint, device=ns.device, model=ns.model)
-        _refuse_inapplicable(given, loaded.predict_option_names(), loaded.task.name)
-        results, format_predictions = loaded.predict(ns.images, **options), loaded.task.format_predictions
-    fmt = ns.format or (Path(ns.out).suffix.lstrip(".").lower() if ns.out else "") or "json"
+        loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
+        _refuse_inapplicable(flags, loaded.predict_option_names(), f"{loaded.task.name} runs")
+        results, format_predictions = loaded.predict(cfg.images, **options), loaded.task.format_predictions
+    fmt = cfg.format or (Path(cfg.out).suffix.lstrip(".").lower() if cfg.out else "") or "json"
     if fmt not in ("json", "csv"):
-        raise ConfigError(f"--out {ns.out}: cannot tell the format from the extension '.{fmt}'; name the file "
+        raise ConfigError(f"--out {cfg.out}: cannot tell the format from the extension '.{fmt}'; name the file "
                           "*.json or *.csv, or pass --format json|csv")
     text = format_predictions(results, fmt)
-    if ns.out:
+    if cfg.out:
         from dinotune.utils import atomic_write_text
 
-        atomic_write_text(Path(ns.out), text)
-        print(f"wrote predictions for {len(results)} images to {ns.out} ({fmt.upper()})", file=sys.stderr)
+        atomic_write_text(Path(cfg.out), text)
+        print(f"wrote predictions for {len(results)} images to {cfg.out} ({fmt.upper()})", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
 
 
-def _onnx_predictor(ns: argparse.Namespace) -> Any:
-    """The ONNX predictor of ``ns.run``: an exported model, or a run folder exported once into
+def _onnx_predictor(cfg: PredictConfig) -> Any:
+    """The ONNX predictor of ``cfg.run``: an exported model, or a run folder exported once into
     ``RUN/export/onnx-<checkpoint>`` (reused while the checkpoint is unchanged)."""
     from dinotune.runtime import load_predictor
 
-    target = ns.run
+    target = cfg.run
     if not _is_export(target):
         from dinotune.export.onnx import onnx_for_run
 
-        target = onnx_for_run(ns.run, checkpoint_name=ns.checkpoint, model=ns.model)
-    return load_predictor(target, device=ns.device)
+        target = onnx_for_run(cfg.run, checkpoint_name=cfg.checkpoint, model=cfg.model or None)
+    return load_predictor(target, device=cfg.device)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from dinotune.export import export
 
-    by_format = {"onnx": {"image_size", "half", "opset", "exporter"}, "torchscript": {"image_size", "half"},
-                 "hf": {"push_to_hub", "private"}}
-    flags = {"image_size": "--image-size", "half": "--half", "opset": "--opset", "exporter": "--exporter",
-             "push_to_hub": "--push-to-hub", "private": "--private"}
-    given = {k: getattr(ns, k) for k in flags if getattr(ns, k) not in (None, False)}
-    wrong = [flags[k] for k in given if k not in by_format[ns.format]]
+    cfg, given = command_config(ns, ExportConfig)
+    flags = {key: flag_name(key, f) for key, f, _ in leaf_fields(ExportConfig)}
+    takes = EXPORT_FORMAT_OPTIONS[cfg.format]
+    others = frozenset().union(*EXPORT_FORMAT_OPTIONS.values()) - takes
+    wrong = [flag for key, flag in flags.items() if key in given and key in others]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} does not apply to --format {ns.format}")
-    out = export(ns.run, ns.out, format=ns.format, checkpoint_name=ns.checkpoint, model=ns.model, **given)
+        raise ConfigError(f"{', '.join(wrong)} does not apply to --format {cfg.format}")
+    out = export(cfg.run, cfg.out, format=cfg.format, checkpoint_name=cfg.checkpoint, model=cfg.model or None,
+                 **{k: getattr(cfg, k) for k in given & takes})
     print(out)
     return 0
 
@@ -285,8 +425,9 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def cmd_analyze(ns: argparse.Namespace) -> int:
     from dinotune import api
 
-    files = api.analyze(ns.run, data=ns.data, split=ns.split, out=ns.out, samples=ns.samples,
-                        device=ns.device, model=ns.model, draw_threshold=ns.draw_threshold)
+    cfg, _ = command_config(ns, AnalyzeConfig)
+    files = api.analyze(cfg.run, data=cfg.data or None, split=cfg.split, out=cfg.out or None, samples=cfg.samples,
+                        device=cfg.device, model=cfg.model or None, draw_threshold=cfg.draw_threshold)
     for f in files:
         print(f"wrote {f}")
     return 0
@@ -295,8 +436,11 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
 def cmd_pca(ns: argparse.Namespace) -> int:
     from dinotune import api
 
-    path = api.pca(ns.model, [Path(p) for p in ns.images], Path(ns.out), image_size=ns.image_size,
-                   foreground_threshold=ns.foreground_threshold, device=ns.device, max_images=ns.max_images)
+    cfg, given = command_config(ns, PcaConfig)
+    # --image-size is the size for a backbone spec: a run folder keeps its own unless it is given
+    path = api.pca(cfg.model, [Path(p) for p in cfg.images], Path(cfg.out),
+                   image_size=cfg.image_size if "image_size" in given else None,
+                   foreground_threshold=cfg.foreground_threshold, device=cfg.device, max_images=cfg.max_images)
     print(f"wrote {path}")
     return 0
 
@@ -304,9 +448,11 @@ def cmd_pca(ns: argparse.Namespace) -> int:
 def cmd_compare(ns: argparse.Namespace) -> int:
     from dinotune import api
 
-    table = api.compare(data=ns.data, split=ns.split, runs=ns.runs or [], yolo=ns.yolo or [], out=Path(ns.out),
-                        images=ns.images, subset=ns.subset, subset_seed=ns.subset_seed, device=ns.device,
-                        yolo_image_size=ns.yolo_image_size, batch_size=ns.batch_size, class_map=ns.class_map)
+    cfg, _ = command_config(ns, CompareConfig)
+    table = api.compare(data=cfg.data, split=cfg.split, runs=cfg.runs, yolo=cfg.yolo, out=Path(cfg.out),
+                        images=cfg.images, subset=cfg.subset, subset_seed=cfg.subset_seed, device=cfg.device,
+                        yolo_image_size=cfg.yolo_image_size, batch_size=cfg.batch_size,
+                        class_map=cfg.class_map or None)
     print(table)
     return 0
 
@@ -314,6 +460,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from importlib.util import find_spec
 
+    cfg, _ = command_config(ns, ServeConfig)
     missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
                                           ("python-multipart", ["python_multipart", "multipart"]))
                if not any(find_spec(m) for m in modules)]
@@ -321,16 +468,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise ConfigError(f"dinotune serve needs {', '.join(missing)}: pip install 'dinotune[serve]'")
     from dinotune.serve.app import run_server
 
-    run_server(ns.target, host=ns.host, port=ns.port, device=ns.device, max_upload_mb=ns.max_upload_mb)
+    run_server(cfg.target, host=cfg.host, port=cfg.port, device=cfg.device, max_upload_mb=cfg.max_upload_mb)
     return 0
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from dinotune.demo import run_demo
 
-    run_demo(out=ns.out, epochs=ns.epochs, model=ns.model, device=ns.device)
+    cfg, _ = command_config(ns, DemoConfig)
+    run_demo(out=cfg.out, epochs=cfg.epochs, model=cfg.model, device=cfg.device)
     return 0
-
 
 def cmd_models(ns: argparse.Namespace) -> int:
     from dinotune.backbone.registry import HUB_ARCH, HUB_FAMILIES, RANDOM_FAMILIES, arch_summary
@@ -354,9 +501,10 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_data_download(ns: argparse.Namespace) -> int:
     from dinotune.data.download import download_dataset
 
+    cfg, _ = command_config(ns, DownloadConfig)
     try:
-        result = download_dataset(ns.dataset, to=ns.to, splits=ns.splits or (), mirror=ns.mirror,
-                                  keep_archives=ns.keep_archives, progress=not ns.quiet)
+        result = download_dataset(cfg.dataset, to=cfg.to or None, splits=cfg.splits, mirror=cfg.mirror or None,
+                                  keep_archives=cfg.keep_archives, progress=not ns.quiet)
     except KeyboardInterrupt:
         print("dinotune: download interrupted; run the same command again to resume it (the partial file is kept)",
               file=sys.stderr)
@@ -400,15 +548,8 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                     "interruption, checked against the published size and checksum) and extract them into the "
                     "layout dinotune reads. A second call finds the dataset done and does nothing.",
         epilog=_download_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_dl.add_argument("dataset", choices=list(CATALOG), help="which dataset")
-    p_dl.add_argument("--to", metavar="DIR", default=None, help="dataset folder (default: data/<dataset>)")
-    p_dl.add_argument("--splits", nargs="+", choices=sorted({s for e in CATALOG.values() for s in e.splits}),
-                      default=None,
-                      help="splits to get (default: all; VOC, ADE20K and hymenoptera ship both in one archive)")
-    p_dl.add_argument("--mirror", metavar="URL", default=None,
-                      help="base URL replacing the official one (also $DINOTUNE_DOWNLOAD_MIRROR)")
-    p_dl.add_argument("--keep-archives", action="store_true",
-                      help="keep the downloaded archives after extraction (default: deleted)")
+    splits = sorted({s for e in CATALOG.values() for s in e.splits})
+    add_config_flags(p_dl, DownloadConfig, choices={"dataset": list(CATALOG), "splits": splits})
     p_dl.set_defaults(func=cmd_data_download)
 
 
@@ -435,15 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help=argparse.SUPPRESS)
     tasks = p_train.add_subparsers(dest="task", metavar="TASK")
     for name, cls in TASK_CONFIGS.items():
-        p = tasks.add_parser(name, help=TASK_HELP[name][0].lower() + TASK_HELP[name][1:], description=TASK_HELP[name] + ". " + CONFIG_NOTE)
-        p.add_argument("--config", metavar="FILE.yaml", help="start from this config (e.g. a run's config.yaml)")
-        p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
-                       help="override any config key, e.g. --set optim.min_lr_ratio=0.01")
-        add_config_flags(p, cls)
+        text = registry.entry(name).help
+        p = tasks.add_parser(name, help=text[0].lower() + text[1:], description=text + ". " + CONFIG_NOTE)
+        add_task_config_flags(p, cls)
         p.set_defaults(func=cmd_train)
     p_train.set_defaults(func=cmd_train, task=None)
 
-    sweep_defaults = SweepConfig()
     p_sweep = sub.add_parser("sweep", help="train a grid of settings and compare metric, memory and speed",
                              description="Train every setting of a grid (or an optuna search over it) as a run "
                                          "folder in its own process, and compare them in one table and chart.")
@@ -455,62 +593,15 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"Sweep {name} settings: every option below is the base setting of every trial "
                         "(flags override --config FILE.yaml); --grid names what varies. SWEEP/results.md, "
                         "results.csv and pareto.png compare the trials; calling again continues the sweep.")
-        p.add_argument("--config", metavar="FILE.yaml", help="start from this config (e.g. a run's config.yaml)")
-        p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
-                       help="override any config key, e.g. --set optim.min_lr_ratio=0.01")
-        add_config_flags(p, cls)
-        group = p.add_argument_group("sweep options")
-        group.add_argument("--out", "-o", dest="sweep_out", default=sweep_defaults.out, metavar="SWEEP",
-                           help=f"the sweep folder (default: {sweep_defaults.out}); a second call with the same "
-                                "settings continues it, with other settings it is refused")
-        group.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
-                           help="the settings to try: a train flag without dashes (adapter, rank, lr, backbone-lr) "
-                                "or a dotted config key, with comma-separated values (list items joined by +); "
-                                "every combination is a trial, settings that do not apply collapse")
-        group.add_argument("--linear-grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
-                           help="classify, frozen backbone: heads trained together on one pass of cached features "
-                                "(keys lr, weight-decay, pool, label-smoothing), the best chosen on validation and "
-                                "saved as SWEEP/best")
-        group.add_argument("--search", choices=["grid", "optuna"], default=None,
-                           help=f"grid: every combination; optuna: TPE over the same choices, --trials of them "
-                                f"(pip install 'dinotune[sweep]') (default: {sweep_defaults.search})")
-        group.add_argument("--trials", type=int, default=None, metavar="N",
-                           help=f"--search optuna: trials in all, this call's and earlier ones' (default: "
-                                f"{sweep_defaults.trials})")
-        group.add_argument("--retry-failed", action="store_true",
-                           help="train trials that failed in an earlier call again (by default they stay failed)")
+        add_task_config_flags(p, cls)
+        add_config_flags(p.add_argument_group("sweep options"), SweepConfig)
         p.set_defaults(func=cmd_sweep)
     p_sweep.set_defaults(func=cmd_sweep, task=None)
-
-    def add_load_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-        p.add_argument("--model", help="where the base backbone weights are, if not where training found them")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-        p.add_argument("--batch-size", type=int, default=None,
-                       help="images per batch (default: the run's inference.batch_size)")
 
     p_eval = sub.add_parser("eval", help="evaluate a run on a dataset (metrics JSON)",
                             description="Metrics of a run on a dataset: classification top-1/top-5/F1/... with "
                                         "a confusion matrix; detection COCO AP/AR with per-class AP and a PR curve.")
-    p_eval.add_argument("run", help="run folder (or a checkpoint folder)")
-    p_eval.add_argument("--data", required=True,
-                        help="as for training: class folders / CSV / dataset, or COCO / YOLO detection data")
-    p_eval.add_argument("--split", choices=["val", "train"], default="val",
-                        help="split folder to use when --data has train/ and val/ (default: val)")
-    p_eval.add_argument("--out", help="metrics JSON path (default: RUN/eval/<data>-<split>.json)")
-    p_eval.add_argument("--images", default="", help="detection: COCO image folder, if not found next to the JSON")
-    p_eval.add_argument("--subset", type=int, default=0,
-                        help="detection / segmentation: evaluate on a reproducible random subset of N images")
-    p_eval.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
-    p_eval.add_argument("--corruptions", action="store_true",
-                        help="robustness: evaluate under the 15 ImageNet-C corruptions at each severity and write "
-                             "a table and a chart (mIoU, top-1 or COCO AP by task); --out is then a folder")
-    p_eval.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5],
-                        help="corruption severities (default: 1 2 3 4 5)")
-    p_eval.add_argument("--corruption-names", nargs="+", metavar="NAME",
-                        help="only these corruptions (default: all 15)")
-    p_eval.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (default: 0)")
-    add_load_flags(p_eval)
+    add_config_flags(p_eval, EvalConfig)
     p_eval.set_defaults(func=cmd_eval)
 
     p_pred = sub.add_parser("predict", help="predict images or folders (classes or boxes, JSON or CSV)",
@@ -518,143 +609,48 @@ def build_parser() -> argparse.ArgumentParser:
                                         "JSON (test-dev style) or CSV, optionally drawn images. Segmentation: "
                                         "per-image class pixel shares (JSON or CSV), optionally label PNGs "
                                         "(--masks) and colour overlays (--draw).")
-    p_pred.add_argument("run", metavar="RUN_OR_ONNX",
-                        help="run folder (or a checkpoint folder), or an exported ONNX model (folder or .onnx file)")
-    p_pred.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p_pred.add_argument("--top-k", type=int, default=None,
-                        help="classes (classification) or detections (detection) per image (default: the run's "
-                             "inference.top_k)")
-    p_pred.add_argument("--format", choices=["json", "csv"], help="output format (default: from --out, else json)")
-    p_pred.add_argument("--out", help="write to this file instead of stdout")
-    p_pred.add_argument("--score-threshold", type=float, default=None,
-                        help="detection: drop detections scoring below this (default: the run's "
-                             "inference.score_threshold, 0 unless set at training)")
-    p_pred.add_argument("--draw", metavar="DIR",
-                        help="detection: write each image with its boxes, and confidence_histogram.png, into DIR; "
-                             "segmentation: colour overlays into DIR")
-    p_pred.add_argument("--masks", metavar="DIR",
-                        help="segmentation: write each label map as a palette PNG (pixel values = class indices)")
-    p_pred.add_argument("--draw-threshold", type=float, default=None,
-                        help="detection: only draw boxes scoring at least this (default: the run's "
-                             "inference.draw_threshold)")
-    p_pred.add_argument("--category-ids", choices=["coco", "yolo"], default=None,
-                        help="detection: category_id in the results: coco = the dataset's ids (YOLO data: class "
-                             "index + 1), yolo = the 0-based YOLO class index (default: the run's "
-                             "inference.category_ids)")
-    p_pred.add_argument("--image-info", metavar="JSON",
-                        help="detection: COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids")
-    p_pred.add_argument("--backend", choices=["torch", "onnx"], default=None,
-                        help="torch: the run in PyTorch; onnx: the exported graph in onnxruntime, pre- and "
-                             "post-processing in numpy (a run folder is exported once into RUN/export/onnx-<checkpoint>) "
-                             "(default: onnx for an exported model, else torch)")
-    add_load_flags(p_pred)
+    add_config_flags(p_pred, PredictConfig)
+    _add_predict_task_flags(p_pred)
     p_pred.set_defaults(func=cmd_predict)
 
-    export_defaults = ExportConfig()
     p_exp = sub.add_parser("export", help="export a run: ONNX (+ the torch-free runtime), TorchScript or transformers",
                            description="Write a run in another format into --out: onnx (one graph, backbone with "
                                        "LoRA / DoRA merged + head + the tensor part of the post-processing, fixed "
                                        "image size, dynamic batch; dinotune_export.json beside it for dinotune.runtime "
                                        "and `dinotune predict DIR`), torchscript (the same graph traced; deprecated by "
                                        "PyTorch) or hf (a classification run as a transformers folder).")
-    p_exp.add_argument("run", help="run folder (or a checkpoint folder)")
-    p_exp.add_argument("--format", choices=["onnx", "hf", "torchscript"], default="onnx",
-                       help="output format (default: onnx)")
-    p_exp.add_argument("--out", required=True, help="folder to write (new or empty)")
-    p_exp.add_argument("--image-size", type=int, default=None,
-                       help="onnx / torchscript: the graph's fixed input side, a multiple of the patch size "
-                            "(default: the run's --image-size)")
-    p_exp.add_argument("--half", action="store_true",
-                       help="onnx / torchscript: fp16 weights and arithmetic inside the graph (inputs and outputs "
-                            "stay float32; fastest on a GPU runtime)")
-    p_exp.add_argument("--opset", type=int, default=None,
-                       help=f"onnx: the ONNX opset (default: {export_defaults.opset}; 17 or later)")
-    p_exp.add_argument("--exporter", choices=["dynamo", "legacy"], default=None,
-                       help=f"onnx: PyTorch's exporter (default: {export_defaults.exporter}; legacy: the TorchScript "
-                            "tracer, deprecated by PyTorch, several times faster to export)")
-    p_exp.add_argument("--push-to-hub", metavar="REPO", default=None, help="hf: also upload the folder to this hub repo")
-    p_exp.add_argument("--private", action="store_true", help="hf: create the hub repo private")
-    p_exp.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
-    p_exp.add_argument("--model", help="where the base backbone weights are, if not where training found them")
+    add_config_flags(p_exp, ExportConfig)
     p_exp.set_defaults(func=cmd_export)
 
     p_an = sub.add_parser("analyze", help="charts and sample pictures from a run",
                           description="Training curves, and per task: confusion matrix / per-class F1, or per-class "
                                       "AP, precision-recall curve, confidence histogram and drawn samples.")
-    p_an.add_argument("run", help="run folder")
-    p_an.add_argument("--data", help="evaluate on this data first (default: the run's best validation metrics)")
-    p_an.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
-    p_an.add_argument("--out", help="output folder (default: RUN/analysis)")
-    p_an.add_argument("--samples", type=int, default=8, help="images to draw (default: 8)")
-    p_an.add_argument("--draw-threshold", type=float, default=None,
-                      help="detection: draw boxes scoring at least this (default: the run's inference.draw_threshold)")
-    p_an.add_argument("--model", help="where the base backbone weights are, if not where training found them")
-    p_an.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    add_config_flags(p_an, AnalyzeConfig)
     p_an.set_defaults(func=cmd_analyze)
 
     p_cmp = sub.add_parser("compare", help="compare detectors (our runs, YOLO weights) on the same images",
                            description="Evaluate several detectors on the same images with the same metric code "
                                        "(COCO AP suite, and the single-object metrics) and write one table "
                                        "(JSON + Markdown) and charts.")
-    p_cmp.add_argument("--data", required=True, help="COCO folder / JSON or YOLO folder with ground truth")
-    p_cmp.add_argument("--split", choices=["val", "train"], default="val", help="split of --data (default: val)")
-    p_cmp.add_argument("--images", default="", help="COCO image folder, if not found next to the JSON")
-    p_cmp.add_argument("--runs", nargs="+", metavar="RUN", help="dinotune detection runs")
-    p_cmp.add_argument("--yolo", nargs="+", metavar="WEIGHTS",
-                       help="ultralytics weights (yolov8n.pt ...) or model YAMLs (random weights: their rows are "
-                            "marked so); needs pip install 'dinotune[yolo]'")
-    p_cmp.add_argument("--class-map", metavar="MAP", default=None,
-                       help="YOLO class -> dataset category: MODEL_CLASS=CATEGORY pairs (class index or name, e.g. "
-                            "0=person,1=bicycle) or a JSON file {\"0\": \"person\"}; other classes are matched by "
-                            "name. Needed when a model shares no class name with the data (a model YAML names its "
-                            "classes 0..79)")
-    p_cmp.add_argument("--yolo-image-size", type=int, default=None,
-                       help="YOLO inference size (default: inference.compare_image_size of the first run, else "
-                            f"{DetectConfig().inference.compare_image_size})")
-    p_cmp.add_argument("--subset", type=int, default=0, help="evaluate on N random images (0 = all)")
-    p_cmp.add_argument("--subset-seed", type=int, default=0, help="seed of --subset (default: 0)")
-    p_cmp.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
-    p_cmp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-    p_cmp.add_argument("--batch-size", type=int, default=None,
-                       help="images per batch for our runs (default: each run's inference.batch_size)")
+    add_config_flags(p_cmp, CompareConfig)
     p_cmp.set_defaults(func=cmd_compare)
 
     p_demo = sub.add_parser("demo", help="offline demo: fine-tune on scikit-learn's handwritten digits")
-    p_demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p_demo.add_argument("--epochs", type=int, default=None, help="epochs (default: 20 random-init, 3 pretrained)")
-    p_demo.add_argument("--model", default="facebook/dinov2-small",
-                        help="backbone; falls back to random:tiny when the hub cannot be reached")
-    p_demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    add_config_flags(p_demo, DemoConfig)
     p_demo.set_defaults(func=cmd_demo)
 
     p_pca = sub.add_parser("pca", help="PCA of patch features as RGB pictures (any backbone or run)",
                            description="The first three principal components of the patch features, fitted "
                                        "jointly over the given images, shown as RGB beside each image.")
-    p_pca.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p_pca.add_argument("--max-images", type=int, default=PcaConfig().max_images,
-                       help=f"use at most this many images, one figure row each (default: {PcaConfig().max_images})")
-    p_pca.add_argument("--model", required=True, help="a backbone (--model forms) or a dinotune run folder")
-    p_pca.add_argument("--out", default="pca.png", help="output PNG (default: pca.png)")
-    p_pca.add_argument("--image-size", type=int, default=None,
-                       help=f"short side in pixels (default: the run's size, else {PcaConfig().image_size})")
-    p_pca.add_argument("--foreground-threshold", type=float, default=None,
-                       help="black out patches whose first component is below this (0-1), as DINOv2's demo")
-    p_pca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    add_config_flags(p_pca, PcaConfig)
     p_pca.set_defaults(func=cmd_pca)
 
-    serve = ServeConfig()
     p_serve = sub.add_parser("serve", help="serve a run or an exported ONNX model over HTTP, with an upload page",
                              description="An HTTP server for one model: the page at / (upload an image, see the "
                                          "top-k bars, boxes or mask drawn), POST /predict (multipart field 'file' "
                                          "-> the JSON record of dinotune predict; ?overlay=1 adds the drawing) and "
                                          "GET /health. Needs pip install 'dinotune[serve]'.")
-    p_serve.add_argument("target", metavar="RUN_OR_ONNX",
-                         help="a run folder (or checkpoint folder), or an exported .onnx file / folder")
-    p_serve.add_argument("--host", default=serve.host, help=f"address to listen on (default: {serve.host})")
-    p_serve.add_argument("--port", type=int, default=serve.port, help=f"TCP port (default: {serve.port})")
-    p_serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto; runs only)")
-    p_serve.add_argument("--max-upload-mb", type=float, default=serve.max_upload_mb,
-                         help=f"largest upload in MB; larger ones get 413 (default: {serve.max_upload_mb:g})")
+    add_config_flags(p_serve, ServeConfig)
     p_serve.set_defaults(func=cmd_serve)
 
     p_models = sub.add_parser("models", help="list the backbones --model accepts (DINOv2, DINOv3), by family")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinotune.config.commands import DemoConfig
 from dinotune.utils import info, warn
 
 
@@ -40,8 +41,8 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0, scale: in
     return counts[0], counts[1]
 
 
-def run_demo(out: str = "runs/demo", epochs: int | None = None, model: str = "facebook/dinov2-small",
-             device: str = "auto") -> dict:
+def run_demo(out: str = DemoConfig.out, epochs: int | None = DemoConfig.epochs, model: str = DemoConfig.model,
+             device: str = DemoConfig.device) -> dict:
     from dinotune import api
     from dinotune.backbone.loading import BackboneLoadError, load_dinov2
     from dinotune.config import build_config

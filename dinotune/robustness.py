@@ -12,16 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from dinotune.config.base import check_ranges
+from dinotune.config.commands import EvalConfig
+from dinotune.config.io import coerce
 from dinotune.data.corruptions import CATEGORY, CORRUPTIONS, Corruption
 from dinotune.utils import info, write_json
 
 
-
-def evaluate_corruptions(loaded: Any, data: str, *, split: str = "val", names: Sequence[str] | None = None,
-                         severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, out_dir: Path,
-                         **eval_options: Any) -> dict[str, Any]:
+def evaluate_corruptions(loaded: Any, data: str, *, split: str = EvalConfig.split, names: Sequence[str] | None = None,
+                         severities: Sequence[int] | None = None, seed: int = EvalConfig.corruption_seed,
+                         out_dir: Path, **eval_options: Any) -> dict[str, Any]:
     """Evaluate ``loaded`` (a ``LoadedRun``) clean and under each corruption / severity; write the
-    table and chart."""
+    table and chart. ``names``: the corruptions (default: all 15); ``severities``: default and valid
+    range those of ``EvalConfig.severities`` (``eval --severities``)."""
     metric = loaded.task.monitor
     # ImageNet-C's elastic transform starts with a large affine warp that would move content away
     # from masks / boxes: tasks whose labels are tied to pixel positions get the dense variant
@@ -30,9 +33,9 @@ def evaluate_corruptions(loaded: Any, data: str, *, split: str = "val", names: S
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; choose from {', '.join(CORRUPTIONS)}")
-    bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
-    if bad:
-        raise ValueError(f"severities must be 1-5, got {bad}")
+    # whole numbers in the field's declared range; ConfigError (a ValueError) naming --severities
+    severities = coerce(list(EvalConfig().severities if severities is None else severities), list[int], "--severities")
+    check_ranges(EvalConfig(severities=severities))
     clean = loaded.evaluate(data, split=split, **eval_options)[metric]
     info(f"clean {metric}: {clean:.4f}")
     rows = []

@@ -2,17 +2,20 @@
 
 Layers, lowest first; a module may import its own layer or lower ones, never higher:
 
-    errors, utils, ops, config                 shared vocabulary
-    backbone, data, viz, runtime               DINOv2 features, readers, pictures; torch-free ONNX inference
-    adapters, models                           PEFT on the backbone; wrapper, pyramid, shared losses
-    engine                                     training loop, checkpoints, devices, processes
-    tasks                                      classify / detect / segment (siblings) over tasks.base
-    robustness                                 evaluation under corruptions, of any task
-    api, demo, export, sweep                   the Python API; export of a run (ONNX, TorchScript, HF); sweeps
-    serve                                      the prediction server (a run through the API, or an export)
-    cli, __main__, dinotune/__init__           the command line and the package face
+    errors, utils, ops, config, tasks.registry  shared vocabulary; the task registry (names, lazy references)
+    backbone, data, viz, runtime                DINOv2 / DINOv3 features, readers, pictures; torch-free inference
+    adapters, models                            PEFT on the backbone; wrapper, pyramid, export graph, losses
+    engine                                      training loop, checkpoints, devices, processes, the run layout
+    tasks                                       classify / detect / segment (siblings) over tasks.base
+    runs                                        a trained run loaded (LoadedRun, load, checkpoint resolution)
+    robustness, export, sweep                   corruptions; export of a run (ONNX, TorchScript, HF); sweeps
+    api, demo                                   the Python API
+    serve                                       the prediction server (a run, or an export)
+    cli, __main__, dinotune/__init__            the command line and the package face
 
-and inside ``tasks`` no task imports another (each may import ``tasks.base``).
+Besides: no unit-level import cycle; inside ``tasks`` no task imports another (each may import
+``tasks.base`` and the registry); the shared layers name no task (no task-name string, no import of
+a task's folder); the run folder's names live in one module; the registry imports no torch.
 """
 
 from __future__ import annotations
@@ -26,18 +29,21 @@ import dinotune
 
 ROOT = Path(dinotune.__file__).parent
 LAYERS = [
-    ("errors", "utils", "ops", "config"),
+    ("errors", "utils", "ops", "config", "tasks.registry"),
     ("backbone", "data", "viz", "runtime"),
     ("adapters", "models"),
     ("engine",),
     ("tasks",),
-    ("robustness",),
-    ("api", "demo", "export", "sweep"),
+    ("runs",),
+    ("robustness", "export", "sweep"),
+    ("api", "demo"),
     ("serve",),
     ("cli", "__main__", "__init__"),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 TASKS = ("classify", "detect", "segment")
+# Generic layers: they ask a task (or the registry) what it does, never which one it is.
+SHARED = ("api.py", "cli.py", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine")
 
 
 def _module_name(path: Path) -> str:
@@ -63,16 +69,24 @@ def _imports(path: Path, module: str | None = None) -> set[str]:
                 module = node.module or ""
             if module.split(".")[0] != "dinotune":
                 continue
-            if module == "dinotune":  # from dinotune import api -> dinotune.api
-                out.update(f"dinotune.{a.name}" for a in node.names)
-            else:
-                out.add(module)
+            for alias in node.names:  # from dinotune.tasks import registry -> dinotune.tasks.registry
+                sub = f"{module}.{alias.name}"
+                out.add(sub if module == "dinotune" or _is_module(sub) else module)
     return out
 
 
+def _is_module(name: str) -> bool:
+    """``dinotune.a.b`` names a module file or a package of the source tree."""
+    path = ROOT.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def _unit(module: str) -> str:
-    """The layer unit of a module: its first name under dinotune (``__init__`` for the package)."""
+    """The layer unit of a module: its first name under dinotune (``__init__`` for the package);
+    the task registry (``tasks.registry``) is a unit of its own, in the lowest layer."""
     parts = module.split(".")
+    if parts[1:3] == ["tasks", "registry"]:
+        return "tasks.registry"
     return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -96,6 +110,107 @@ def test_no_module_imports_a_higher_layer():
     assert not wrong, "\n".join(wrong)
 
 
+def test_no_import_cycle_between_units():
+    """Units may share a layer; even then none imports another that imports it back (the API and the
+    export once did: ``api`` imported ``export`` and ``export`` imported ``api.load``)."""
+    edges: dict[str, set[str]] = {}
+    for path in _sources():
+        here = _unit(_module_name(path))
+        edges.setdefault(here, set()).update(u for u in map(_unit, _imports(path)) if u != here)
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(unit: str, trail: list[str]) -> bool:
+        state[unit] = 1
+        for nxt in sorted(edges.get(unit, ())):
+            if state.get(nxt) == 1:
+                cycle.extend(trail[trail.index(nxt):] + [unit, nxt] if nxt in trail else [unit, nxt])
+                return True
+            if not state.get(nxt) and visit(nxt, trail + [unit]):
+                return True
+        state[unit] = 2
+        return False
+
+    for unit in sorted(edges):
+        if not state.get(unit) and visit(unit, []):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """``(line, value)`` of every string literal in a Python file (f-strings' literal parts included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def _shared_files() -> list[Path]:
+    out = []
+    for name in SHARED:
+        target = ROOT / name
+        out += sorted(p for p in target.rglob("*") if p.suffix in (".py", ".js", ".html")) if target.is_dir() else [target]
+    return out
+
+
+def test_shared_layers_name_no_task():
+    """No task-name string and no import of a task's own folder in the generic layers: adding a task
+    is a folder under ``tasks/`` and a registry entry, not an edit of these files."""
+    import re
+
+    from dinotune.tasks import registry
+
+    names = set(registry.names()) | set(TASKS)
+    wrong = []
+    for path in _shared_files():
+        where = path.relative_to(ROOT.parent)
+        if path.suffix == ".py":
+            wrong += [f"{where}:{line} {value!r}" for line, value in _string_literals(path) if value in names]
+            for target in _imports(path):
+                parts = target.split(".")
+                if len(parts) > 2 and parts[1] == "tasks" and parts[2] in names:
+                    wrong.append(f"{where} imports {target}")
+        else:  # the page: a quoted task name in its script or markup
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if any(re.search(rf"""["'`]{name}["'`]""", line) for name in names):
+                    wrong.append(f"{where}:{i} {line.strip()}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_run_folder_names_live_in_one_module():
+    """``"checkpoints"`` and ``"config.yaml"`` (and the checkpoint names) as string literals appear in
+    ``engine/run_folder.py`` alone: everything else asks ``RunLayout``."""
+    home = ROOT / "engine" / "run_folder.py"
+    wrong = []
+    for path in _sources():
+        if path == home:
+            continue
+        wrong += [f"{path.relative_to(ROOT.parent)}:{line} {value!r}" for line, value in _string_literals(path)
+                  if value in ("checkpoints", "config.yaml")]
+    assert not wrong, "\n".join(wrong)
+    literals = {value for _, value in _string_literals(home)}
+    assert {"checkpoints", "config.yaml", "best", "last"} <= literals
+
+
+def test_the_registry_imports_nothing_heavy():
+    """Reading the registry (the CLI, the torch-free runtime) imports no torch and no task."""
+    targets = _imports(ROOT / "tasks" / "registry.py")
+    assert targets <= {"dinotune.errors"}, targets
+    code = ("import sys, dinotune.tasks.registry as r; r.names(); r.entry('classify').config_class(); "
+            "assert 'torch' not in sys.modules and not any(m.startswith('dinotune.tasks.') and m != "
+            "'dinotune.tasks.registry' for m in sys.modules), sorted(sys.modules)")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent)
+
+
+def test_the_shared_layer_checks_see_violations(tmp_path):
+    """The task-name and layout checks find what they are written to find."""
+    src = tmp_path / "m.py"
+    src.write_text('def f(task):\n    if task == "detect":\n        return f"{task}" + "config.yaml"\n')
+    assert {value for _, value in _string_literals(src)} >= {"detect", "config.yaml"}
+
+
 def test_tasks_are_siblings():
     wrong = []
     for task in TASKS:
@@ -104,7 +219,7 @@ def test_tasks_are_siblings():
                 parts = target.split(".")
                 if len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS and parts[2] != task:
                     wrong.append(f"{path.relative_to(ROOT.parent)} imports {target}")
-    for path in (ROOT / "tasks" / "base.py", ROOT / "tasks" / "__init__.py"):
+    for path in (ROOT / "tasks" / "base.py", ROOT / "tasks" / "__init__.py", ROOT / "tasks" / "registry.py"):
         for target in _imports(path):
             parts = target.split(".")
             if len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS:
@@ -129,7 +244,7 @@ def test_the_import_reader_sees_violations(tmp_path, monkeypatch):
                    "    from dinotune.tasks.detect.coco import read_coco\n")
     assert {"dinotune.api", "dinotune.cli", "dinotune.tasks.detect.coco"} <= _imports(src, "dinotune.models.m")
     (tmp_path / "r.py").write_text("from ..detect import coco\nfrom . import base\n")
-    assert {"dinotune.tasks.detect", "dinotune.tasks.segment"} <= _imports(tmp_path / "r.py", "dinotune.tasks.segment.r")
+    assert {"dinotune.tasks.detect.coco", "dinotune.tasks.segment"} <= _imports(tmp_path / "r.py", "dinotune.tasks.segment.r")
 
 
 def test_no_patch_size_literal_outside_the_backbone_registry():

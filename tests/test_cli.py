@@ -288,7 +288,8 @@ def test_predict_defaults_come_from_the_run_and_foreign_flags_are_refused(small_
     assert results and all(len(r["predictions"]) == 1 for r in results)
     assert main(["predict", str(run), images, "--device", "cpu", "--top-k", "2"]) == 0
     assert all(len(r["predictions"]) == 2 for r in json.loads(capsys.readouterr().out))
-    for flag in (["--masks", str(tmp_path / "m")], ["--score-threshold", "0.5"], ["--draw", str(tmp_path / "d")]):
+    for flag in (["--masks", str(tmp_path / "m")], ["--score-threshold", "0.5"], ["--draw", str(tmp_path / "d")],
+                 ["--image-info", str(tmp_path / "info.json")], ["--window-batch", "2"]):
         assert main(["predict", str(run), images, "--device", "cpu", *flag]) == 2
         assert f"{flag[0]} does not apply to classify runs" in capsys.readouterr().err
     import dinotune

@@ -90,6 +90,12 @@ def test_predict_writes_coco_results_with_original_ids(coco_run, tmp_path):
                  "--out", str(tmp_path / "r.csv"), "--top-k", "5", "--device", "cpu"]) == 0
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 5 and rows[0]["image_id"] == "5001"
+    # --image-info JSON: the ids of test-dev style image info, read by the task (the CLI passes the path on)
+    info = tmp_path / "image_info.json"
+    info.write_text(json.dumps({"images": [{"file_name": "000000005001.jpg", "id": 42}]}))
+    assert main(["predict", str(run), str(coco / "val2017" / "000000005001.jpg"), "--format", "csv", "--image-info",
+                 str(info), "--out", str(tmp_path / "i.csv"), "--top-k", "1", "--device", "cpu"]) == 0
+    assert [r["image_id"] for r in csv.DictReader((tmp_path / "i.csv").open())] == ["42"]
 
 
 def test_analyze_writes_charts(coco_run, capsys):

@@ -26,7 +26,8 @@ import yaml
 import dinotune
 from dinotune.backbone.model import DinoBackbone
 from dinotune.errors import ExportError
-from dinotune.export.hf import check_exportable, export_hf, self_check, to_transformers
+from dinotune.export.hf import export_hf
+from dinotune.tasks.classify.hf import check_exportable, self_check, transformers_model
 from dinotune.utils import file_mode
 from tests.conftest import make_class_folders, shared_data, tiny_options
 
@@ -150,7 +151,7 @@ def test_registers_backbone_maps_onto_its_transformers_class(tmp_path):
     head = LinearHead(2 * backbone.embed_dim, 3)
     torch.nn.init.normal_(head.fc.weight)  # the zero-ish init would hide a swapped half
     ours = Classifier(backbone, head, "cls_mean").eval()
-    hf = to_transformers(ours, ["a", "b", "c"], "cls_mean")
+    hf = transformers_model(ours, ["a", "b", "c"], "cls_mean")
     hf.save_pretrained(tmp_path)
     theirs = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert type(theirs).__name__ == "Dinov2WithRegistersForImageClassification"
@@ -199,11 +200,17 @@ def test_processor_reproduces_the_eval_transform_on_real_photos(runs, tmp_path):
     ("classify", "last4", "linear", "last 4 layers"),
     ("classify", "cls_mean", "mlp", "not one linear map"),
     ("classify", "last4", "mlp", "'mlp' (pool 'last4')"),
-    ("detect", "", "", "classification runs only"),
+    ("detect", "", "", "detect runs have no transformers counterpart"),
 ])
 def test_heads_that_do_not_match_are_refused_with_the_reason(task, pool, head, expect):
+    from dinotune.config import build_config
+    from dinotune.tasks import get_task
+
     with pytest.raises(ExportError, match="--format hf") as e:
-        check_exportable(task, pool, head)
+        if task == "classify":
+            check_exportable(pool, head)
+        else:  # a task without a transformers counterpart says so from its config
+            get_task(build_config(task)).check_transformers_export()
     assert expect in str(e.value)
 
 
@@ -226,7 +233,7 @@ def test_dinov3_is_refused_naming_the_missing_transformers_class():
     backbone = DinoBackbone.from_spec("random:dinov3-tiny")
     model = Classifier(backbone, LinearHead(2 * backbone.embed_dim, 2), "cls_mean")
     with pytest.raises(ExportError, match="'dinov3_vit' model and transformers .* has no image-classification class"):
-        to_transformers(model, ["a", "b"], "cls_mean")
+        transformers_model(model, ["a", "b"], "cls_mean")
 
 
 def test_an_existing_folder_is_not_overwritten(runs, tmp_path):

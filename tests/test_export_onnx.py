@@ -17,8 +17,10 @@ from dinotune.cli import main
 from dinotune.errors import ConfigError, ExportError
 from dinotune.runtime import ExportInfo
 from dinotune.runtime.inputs import read_image
-from dinotune.runtime.preprocess import classify_input, detect_input, segment_input
 from dinotune.runtime.session import OnnxSession
+from dinotune.tasks.classify.runtime import classify_input
+from dinotune.tasks.detect.runtime import detect_input
+from dinotune.tasks.segment.runtime import segment_input
 from tests.conftest import shared_data
 from tests.export_runs import data_folder, exported, trained_run
 

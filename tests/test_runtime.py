@@ -26,14 +26,17 @@ from dinotune.config import build_config
 from dinotune.data.bands import InputSpec, read_input
 from dinotune.data.transforms import classify_eval_transform, normalize
 from dinotune.errors import ConfigError, DataError
-from dinotune.runtime import InputInfo, load_predictor
+from dinotune.runtime import InputSpec as RuntimeSpec
+from dinotune.runtime import load_predictor, windows
 from dinotune.runtime import postprocess as post
 from dinotune.runtime import preprocess as pre
-from dinotune.runtime.records import format_predictions
 from dinotune.tasks import get_task
+from dinotune.tasks.classify.runtime import classify_input
+from dinotune.tasks.detect.runtime import detect_input
 from dinotune.tasks.detect.transforms import resize_pad, to_input
 from dinotune.tasks.segment import data as seg_data
 from dinotune.tasks.segment import inference as seg_inference
+from dinotune.tasks.segment.runtime import eval_size, segment_input
 from tests.conftest import make_image, shared_data
 from tests.export_runs import copy_run, data_folder, exported, exported_into_run, trained_run
 
@@ -92,21 +95,21 @@ def test_uint8_resize_is_bit_identical_and_float_resize_close_to_torch(tmp_path)
 
 
 def test_model_inputs_equal_the_torch_transforms_for_every_task(tmp_path):
-    spec = InputInfo()
+    spec = RuntimeSpec()
     for path in _real_or_made(tmp_path):
         pil = Image.open(path).convert("RGB")
         array = np.asarray(pil)
         for size in (56, 28):
             want = classify_eval_transform(size)(pil).numpy()
-            assert np.abs(pre.classify_input(array, size, spec) - want).max() < 1e-6
+            assert np.abs(classify_input(array, size, spec) - want).max() < 1e-6
             canvas, _, factor = resize_pad(tv_tensors.Image(TF.pil_to_tensor(pil)), torch.zeros(0, 4), size)
-            got, got_factor = pre.detect_input(array, size, spec)
+            got, got_factor = detect_input(array, size, spec)
             assert got_factor == factor and np.abs(got - to_input()(canvas.as_subclass(torch.Tensor)).numpy()).max() < 1e-6
             hw = seg_data.eval_size(pil.height, pil.width, size, 14)
-            assert pre.eval_size(pil.height, pil.width, size, 14) == hw
+            assert eval_size(pil.height, pil.width, size, 14) == hw
             want = v2.Compose([v2.ToImage(), v2.Resize(list(hw), antialias=True), v2.ToDtype(torch.float32, scale=True),
                                normalize()])(pil)
-            got, valid = pre.segment_input(array, hw, 14, spec)
+            got, valid = segment_input(array, hw, 14, spec)
             assert valid == hw and np.abs(got[:, : hw[0], : hw[1]] - want.numpy()).max() < 1e-6
 
 
@@ -115,8 +118,8 @@ def test_band_array_inputs_equal_the_torch_transform(tmp_path):
     np.save(tmp_path / "tile.npy", tile)
     spec = InputSpec(in_channels=5, rgb_bands=[2, 1, 0], mean=[1000.0] * 5, std=[500.0, 400, 300, 200, 100], arrays=True)
     want = classify_eval_transform(28, spec)(read_input(tmp_path / "tile.npy")).numpy()
-    info = InputInfo.from_dict(spec.to_meta())
-    got = pre.classify_input(tile.astype(np.float32), 28, info)
+    info = RuntimeSpec.from_dict(spec.to_meta())
+    got = classify_input(tile.astype(np.float32), 28, info)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -130,14 +133,14 @@ def test_segmentation_postprocessing_equals_the_torch_path():
     want = seg_inference.crop_and_resize(logits, (70, 98), (56, 84), (60, 90)).numpy()
     assert np.abs(post.crop_and_resize(logits.numpy(), (70, 98), (56, 84), (60, 90)) - want).max() < 1e-5
     for size, window, stride in [(100, 28, 14), (28, 28, 14), (20, 28, 14), (90, 42, 28)]:
-        assert post.window_starts(size, window, stride) == seg_inference.window_starts(size, window, stride)
-        assert post.default_stride(window, 14) == seg_inference.default_stride(window, 14)
+        assert windows.window_starts(size, window, stride) == seg_inference.window_starts(size, window, stride)
+        assert windows.default_stride(window, 14) == seg_inference.default_stride(window, 14)
     conv = torch.nn.Conv2d(3, 4, kernel_size=14, stride=14)  # a stand-in segmenter of stride 14
     image = torch.randn(1, 3, 70, 98, generator=g)
     with torch.no_grad():
         want = seg_inference.predict_logits(conv, image, (65, 90), mode="slide", window=28, stride=14,
                                             valid_size=(61, 90), window_batch=3, patch_size=14).numpy()[0]
-        got = post.segment_logits(lambda x: conv(torch.from_numpy(x)).numpy(), image[0].numpy(), (65, 90), (61, 90),
+        got = post.dense_logits(lambda x: conv(torch.from_numpy(x)).numpy(), image[0].numpy(), (65, 90), (61, 90),
                                   "slide", 28, 14, 3)
     assert np.abs(got - want).max() < 1e-4
 
@@ -152,10 +155,20 @@ def test_records_text_equals_each_tasks_format_predictions():
         "segment": [{"image": "a.png", "mask": "m/a.png", "classes": {"sky": 0.25, "road": 0.75}},
                     {"image": "b.png", "mask": None, "classes": {"sky": 1.0}}],
     }
+    csv_rows = {"classify": 1, "detect": 1, "segment": 3}  # per image / per detection / per image and class
     for task, results in records.items():
         torch_task = get_task(build_config(task))
+        runtime = torch_task.runtime()
+        assert runtime.name == task
         for fmt in ("json", "csv"):
-            assert format_predictions(task, results, fmt) == torch_task.format_predictions(results, fmt)
+            assert runtime.format_predictions(results, fmt) == torch_task.format_predictions(results, fmt)
+        rows = runtime.format_predictions(results, "csv").strip().splitlines()
+        assert len(rows) == 1 + csv_rows[task], rows
+        loaded = json.loads(runtime.format_predictions(results, "json"))
+        assert loaded == results if task != "detect" else [
+            {"image_id": 1, "file_name": "1.jpg", "category_id": 3, "bbox": [1.0, 2.5, 3.0, 4.0], "score": 0.9}]
+        with pytest.raises(ConfigError, match="json or csv"):
+            runtime.format_predictions(results, "xml")
 
 
 # ----------------------------------------------------------------------- predictions, files
@@ -218,9 +231,15 @@ def test_band_arrays_predict_like_the_torch_path(tmp_path_factory):
 def test_predict_array_gives_the_record_of_the_file(kind, tmp_path_factory):
     predictor = load_predictor(exported(kind, tmp_path_factory))
     path = sorted(p for p in data_folder(kind, tmp_path_factory).rglob("*.png"))[0]
-    record, mask = predictor.predict_array_with_mask(np.asarray(Image.open(path).convert("RGB")), str(path))
+    record, extras = predictor.predict_view(np.asarray(Image.open(path).convert("RGB")), str(path))
     assert_records_close(record, predictor.predict([path])[0])
-    assert (mask is not None) == (kind == "segment")
+    assert ("mask" in extras) == (kind == "segment")
+    if kind == "segment":  # the label map the record's class shares were counted on
+        mask = extras["mask"]
+        assert mask.shape == np.asarray(Image.open(path)).shape[:2]
+        names = predictor.class_names
+        counted = {names[c]: round(float((mask == c).mean()), 5) for c in np.unique(mask)}
+        assert counted == record["classes"]
 
 
 def test_the_runtime_runs_where_torch_cannot_be_imported(tmp_path_factory, tmp_path):
@@ -255,10 +274,12 @@ def test_refusals_name_the_problem(tmp_path_factory, tmp_path, capsys):
     images = data_folder("classify", tmp_path_factory)
     with pytest.raises(ConfigError, match="masks: not an option of classify predictions"):
         classify.predict(images, masks=str(tmp_path))
-    with pytest.raises(ConfigError, match="draws segmentation overlays only"):
-        detect.predict(images, draw=str(tmp_path))
-    with pytest.raises(ConfigError, match="top_k must be at least 1"):
-        classify.predict(images, top_k=0)
+    with pytest.raises(ConfigError, match="draw: not an option of detect predictions with the ONNX backend"):
+        detect.predict(images, draw=str(tmp_path))  # detections are drawn by the torch path
+    with pytest.raises(ConfigError, match=r"--top-k 0: must be >= 1 \(inference.top_k\)"):
+        classify.predict(images, top_k=0)  # the range the task config declares
+    with pytest.raises(ConfigError, match="category_ids='voc' is not one of: coco, yolo"):
+        detect.predict(images, category_ids="voc")
     with pytest.raises(DataError, match="takes H x W x 3 uint8"):
         classify.predict_array(np.zeros((8, 8, 4), np.uint8), "rgba.png")
     np.save(tmp_path / "tile.npy", np.zeros((8, 8, 5), np.float32))

@@ -17,9 +17,9 @@ the RGB bands exactly (tested), so training starts from the pretrained function.
 marked, trains with every adapter that trains the backbone (LoRA and DoRA included, see
 ``dinotune.adapters``) and is saved with the checkpoint.
 
-Transformers' DINOv2 keeps the convolution at ``embeddings.patch_embeddings.projection`` (and the
-band count it checks inputs against at ``embeddings.patch_embeddings.num_channels``); DINOv3 at
-``embeddings.patch_embeddings``. ``patch_embedding`` finds either.
+Where the convolution lives is the backbone family's to say (``backbone/families``): transformers'
+DINOv2 keeps it at ``embeddings.patch_embeddings.projection`` (and the band count it checks inputs
+against at ``embeddings.patch_embeddings.num_channels``), DINOv3 at ``embeddings.patch_embeddings``.
 """
 
 from __future__ import annotations
@@ -29,31 +29,25 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dinotune.backbone.families import family_for, hf_model_of
+from dinotune.data.input_spec import InputSpec
+from dinotune.errors import BackboneLoadError
+
 # Set on a widened convolution: ``(in_channels, rgb_bands)``, so the layer can be found and saved.
 _MARK = "dinotune_input_bands"
 
 INPUT_EMBEDDING_WEIGHTS = "input_embedding.safetensors"
 
 
-def _hf(model: nn.Module) -> nn.Module:
-    """The transformers model under a ``DinoBackbone`` and / or a PEFT wrapper."""
-    if hasattr(model, "hf_model"):
-        return model.hf_model()
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def patch_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     """``(parent, attribute, conv)``: where the patch-embedding convolution of ``model`` (a
-    ``DinoBackbone``, a PEFT model or a transformers DINOv2 / DINOv3 model) lives."""
-    embeddings = getattr(_hf(model), "embeddings", None)
-    patches = getattr(embeddings, "patch_embeddings", None)
-    if isinstance(patches, nn.Conv2d):  # DINOv3
-        return embeddings, "patch_embeddings", patches
-    conv = getattr(patches, "projection", None)
-    if isinstance(conv, nn.Conv2d):  # DINOv2 (with or without registers)
-        return patches, "projection", conv
-    raise TypeError(f"{type(_hf(model)).__name__}: no patch-embedding convolution found "
-                    "(expected embeddings.patch_embeddings[.projection])")
+    ``DinoBackbone``, a PEFT model or a transformers DINOv2 / DINOv3 model) lives, as its family
+    says. TypeError when there is none (a model of no known family included)."""
+    try:
+        family = family_for(model)
+    except (BackboneLoadError, TypeError) as exc:
+        raise TypeError(f"{type(model).__name__}: no patch-embedding convolution known ({exc})") from None
+    return family.patch_embedding(model)
 
 
 def widened_kernels(weight: torch.Tensor, in_channels: int, rgb_bands: Sequence[int]) -> torch.Tensor:
@@ -84,11 +78,9 @@ def widen_patch_embedding(model: nn.Module, in_channels: int, rgb_bands: Sequenc
             new.bias.copy_(old.bias)
     setattr(new, _MARK, (int(in_channels), [int(b) for b in rgb_bands]))
     setattr(parent, name, new)
-    hf = _hf(model)
-    hf.config.num_channels = int(in_channels)
-    patches = getattr(hf.embeddings, "patch_embeddings", None)
-    if hasattr(patches, "num_channels"):  # DINOv2 checks every input against it
-        patches.num_channels = int(in_channels)
+    hf_model_of(model).config.num_channels = int(in_channels)
+    if hasattr(parent, "num_channels"):  # DINOv2's Dinov2PatchEmbeddings checks every input against it
+        parent.num_channels = int(in_channels)
     return new
 
 
@@ -136,5 +128,5 @@ def load_input_embedding_state(model: nn.Module, state: dict[str, torch.Tensor],
 def adapt_input_to_meta(backbone: nn.Module, meta: dict, trainable: bool) -> nn.Conv2d | None:
     """``adapt_input`` for the bands a run's data (or checkpoint) recorded in ``meta["input"]``
     (``in_channels``, ``rgb_bands``); runs without that key read RGB pictures and stay as they are."""
-    spec = meta.get("input") or {}
-    return adapt_input(backbone, int(spec.get("in_channels", 3)), spec.get("rgb_bands", [0, 1, 2]), trainable)
+    spec = InputSpec.from_meta(meta)
+    return adapt_input(backbone, spec.in_channels, spec.rgb_bands, trainable)

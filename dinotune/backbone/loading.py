@@ -18,19 +18,10 @@ import torch
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from dinotune.backbone.convert import load_official_checkpoint
-from dinotune.backbone.registry import (
-    DINOV3_PREFIX,
-    MODEL_TYPES,
-    RANDOM_SPECS,
-    arch_config,
-    family_of,
-    model_choices_text,
-    random_choices_for,
-)
+from dinotune.backbone.families import family_for
+from dinotune.backbone.registry import DINOV3_PREFIX, RANDOM_SPECS, arch_config, model_choices_text, random_choices_for
 from dinotune.errors import BackboneLoadError
 from dinotune.utils import warn
-
-_FAMILY_NAME = {"dinov2": "DINOv2", "dinov3": "DINOv3"}
 
 
 def load_backbone_model(spec: str, init_seed: int = 0) -> PreTrainedModel:
@@ -67,7 +58,7 @@ def _random_model(spec: str, init_seed: int) -> PreTrainedModel:
         raise BackboneLoadError(
             f"unknown random size {name!r}: choose one of {', '.join(RANDOM_SPECS)}"
         ) from None
-    arch = f"{_FAMILY_NAME[family_of(cfg.model_type)]}-{name.removeprefix(DINOV3_PREFIX)}"
+    arch = f"{family_for(cfg).display_name}-{name.removeprefix(DINOV3_PREFIX)}"
     warn(
         f"--model {spec}: the {arch} architecture with RANDOM weights (seed {init_seed}), "
         "not pretrained features; use it for tests and demos only"
@@ -82,10 +73,10 @@ def _random_model(spec: str, init_seed: int) -> PreTrainedModel:
 
 
 def _check_family(model_type: str, where: str) -> None:
-    if model_type not in MODEL_TYPES:
-        raise BackboneLoadError(
-            f"{where} holds a {model_type!r} model, not DINOv2 or DINOv3 ({', '.join(MODEL_TYPES)})"
-        )
+    try:
+        family_for(model_type)
+    except BackboneLoadError as exc:
+        raise BackboneLoadError(f"{where}: {exc}") from None
 
 
 def _from_folder(path: Path) -> PreTrainedModel:

@@ -16,13 +16,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from dinotune.backbone.families import BackboneFamily, family_for, hf_model_of
 from dinotune.backbone.loading import load_backbone_model
-from dinotune.backbone.registry import family_of
 from dinotune.errors import ConfigError
-
-# Learned tokens and position embeddings: parameters, but not weights AdamW should shrink. Both
-# families name their tokens alike in transformers (DINOv3 has no position table: RoPE).
-_NO_DECAY = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 
 @dataclass
@@ -65,21 +61,15 @@ def to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def patch_embedding(model: nn.Module) -> nn.Conv2d:
-    """The patch-embedding convolution of a transformers DINOv2 (``embeddings.patch_embeddings
-    .projection``) or DINOv3 (``embeddings.patch_embeddings``) model, PEFT-wrapped or not."""
-    embed = _unwrap(model).embeddings.patch_embeddings
-    return embed if isinstance(embed, nn.Conv2d) else embed.projection
+    """The patch-embedding convolution of a transformers DINOv2 / DINOv3 model, PEFT-wrapped or not
+    (where it lives is its family's to say)."""
+    return family_for(model).patch_embedding(model)[2]
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The LayerNorm after the last block: DINOv2's ``layernorm``, DINOv3's ``norm``."""
-    m = _unwrap(model)
-    return m.layernorm if hasattr(m, "layernorm") else m.norm
+    """The LayerNorm after the last block (DINOv2's ``layernorm``, DINOv3's ``norm``: its family's)."""
+    return family_for(model).final_norm(model)
 
 
 def _patch_side(patch_size: int | Sequence[int]) -> int:
@@ -114,13 +104,14 @@ def _out_of_memory(exc: BaseException) -> BaseException | None:
 
 class DinoBackbone(nn.Module):
     """Wraps a transformers DINOv2 or DINOv3 model (possibly inside a PEFT wrapper) as
-    ``self.model``; ``family`` is ``"dinov2"`` or ``"dinov3"``."""
+    ``self.model``; ``family`` says where its pieces live. A model of no known family is refused
+    (BackboneLoadError)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         cfg = self.config
-        self.family: str = family_of(cfg.model_type) or "dinov2"
+        self._family = family_for(cfg.model_type)
         self.embed_dim: int = cfg.hidden_size
         self.patch_size: int = _patch_side(cfg.patch_size)
         self.num_layers: int = cfg.num_hidden_layers
@@ -135,13 +126,18 @@ class DinoBackbone(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def family(self) -> BackboneFamily:
+        """The backbone's family (``DINOV2`` or ``DINOV3``; equal to its name, ``"dinov2"``)."""
+        return self._family
+
     def hf_model(self) -> nn.Module:
         """The underlying transformers model, unwrapped from PEFT if adapted."""
-        return _unwrap(self.model)
+        return hf_model_of(self.model)
 
     def patch_embedding(self) -> nn.Conv2d:
         """The patch-embedding convolution (``C x in_channels x p x p``), either family."""
-        return patch_embedding(self.model)
+        return self.family.patch_embedding(self.model)[2]
 
     def enable_grad_checkpointing(self) -> None:
         """Recompute each block's activations during backward instead of keeping them: transformers'
@@ -168,11 +164,9 @@ class DinoBackbone(nn.Module):
         return any(getattr(m, "gradient_checkpointing", False) for m in self.hf_model().modules())
 
     def blocks(self) -> list[nn.Module]:
-        """The transformer blocks, shallow to deep: the modules transformers checkpoints
-        (``GradientCheckpointingLayer``: ``Dinov2Layer``, ``DINOv3ViTLayer``), PEFT-wrapped or not."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        return [m for m in self.hf_model().modules() if isinstance(m, GradientCheckpointingLayer)]
+        """The transformer blocks, shallow to deep (``Dinov2Layer``, ``DINOv3ViTLayer``: the modules
+        transformers checkpoints), PEFT-wrapped or not."""
+        return self.family.blocks(self.model)
 
     def compile_model(self, **options) -> None:
         """``torch.compile`` each transformer block in place (``nn.Module.compile``; PyTorch's
@@ -197,7 +191,7 @@ class DinoBackbone(nn.Module):
         """Names (within this module) of the learned tokens and position embeddings; AdamW's
         weight decay would pull them towards zero. 1-d parameters (norms, biases, LayerScale,
         DoRA magnitudes) are exempt anyway."""
-        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in _NO_DECAY}
+        return {n for n, _ in self.named_parameters() if self.family.is_no_decay(n)}
 
     def resolve_layers(self, layers: int | Sequence[int]) -> list[int]:
         """``int n`` -> the last n block indices; a sequence -> those (0-based, negatives allowed)."""
@@ -226,7 +220,7 @@ class DinoBackbone(nn.Module):
         out = self._run(pixel_values, need_hidden)
         # Both families: hidden_states[0] is the embedding output, hidden_states[i + 1] block i's
         # (pre-norm); last_hidden_state is the last block's after the final norm.
-        norm = final_norm(self.model)
+        norm = self.family.final_norm(self.model)
         first = 1 + self.num_register_tokens
         layer_tokens = [
             out.last_hidden_state if i == self.num_layers - 1 else norm(out.hidden_states[i + 1])

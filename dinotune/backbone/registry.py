@@ -15,25 +15,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import DINOv3ViTConfig, Dinov2Config, Dinov2WithRegistersConfig, PretrainedConfig
+from transformers import Dinov2Config, Dinov2WithRegistersConfig, DINOv3ViTConfig, PretrainedConfig
+
+from dinotune.backbone.families import DINOV2, DINOV3, FAMILIES
 
 DINOV2_PATCH_SIZE = 14
 DINOV3_PATCH_SIZE = 16
 PATCH_SIZE = DINOV2_PATCH_SIZE  # the default of ``make_config`` (DINOv2 configs)
 
-DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-DINOV3_MODEL_TYPES = ("dinov3_vit",)
-MODEL_TYPES = DINOV2_MODEL_TYPES + DINOV3_MODEL_TYPES
+# Which model types make a family is the family's to say (``backbone/families``).
+DINOV2_MODEL_TYPES = DINOV2.model_types
+DINOV3_MODEL_TYPES = DINOV3.model_types
 DINOV3_PREFIX = "dinov3-"  # random:dinov3-<size>
 
 
 def family_of(model_type: str) -> str | None:
-    """``"dinov2"``, ``"dinov3"`` or None for a transformers ``model_type``."""
-    if model_type in DINOV2_MODEL_TYPES:
-        return "dinov2"
-    if model_type in DINOV3_MODEL_TYPES:
-        return "dinov3"
-    return None
+    """``"dinov2"``, ``"dinov3"`` or None for a transformers ``model_type`` (``family_for`` gives the
+    family itself, and refuses an unknown type)."""
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    return family.name if family else None
 
 
 # ------------------------------------------------------------------------------------- DINOv2

@@ -10,7 +10,7 @@ Precedence when a run is configured: dataclass defaults < ``--config FILE.yaml``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from dinotune.config.bands import BandLayout, BandsConfig
 from dinotune.config.base import (
@@ -22,8 +22,8 @@ from dinotune.config.base import (
     OptimConfig,
     Precision,
     TrainConfig,
-    opt,
     check_ranges,
+    opt,
     range_text,
     validate_common,
 )
@@ -60,6 +60,7 @@ from dinotune.config.segment import (
     SegmentLossConfig,
     SegmentModelConfig,
 )
+from dinotune.tasks import registry  # torch-free: names and lazy class references only
 
 __all__ = [
     "PYRAMID_SCALES", "AdapterKind", "Precision", "ConfigError", "opt", "validate_common", "check_ranges", "range_text",
@@ -73,26 +74,32 @@ __all__ = [
     "flag_name", "flag_map",
 ]
 
-TASK_CONFIGS: dict[str, type] = {"classify": ClassifyConfig, "detect": DetectConfig, "segment": SegmentConfig}
+class _TaskConfigs(Mapping[str, type]):
+    """Task name -> config class, read from the task registry (``dinotune.tasks.registry``), so a
+    task registered later (a plug-in) is known here too."""
+
+    def __getitem__(self, name: str) -> type:
+        if name not in registry.names():
+            raise KeyError(name)
+        return registry.entry(name).config_class()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.names())
+
+    def __len__(self) -> int:
+        return len(registry.names())
+
+
+TASK_CONFIGS: Mapping[str, type] = _TaskConfigs()
 
 
 def apply_presets(cfg: Any, explicit: dict[str, Any]) -> Any:
-    """Expand ``--lightweight`` when it is among the explicit overrides, without touching the other
-    keys the user set explicitly. (A saved config.yaml already holds the expanded values.)"""
-    if coerce(explicit.get("model.lightweight", False), bool, "model.lightweight"):
-        for key, value in LIGHTWEIGHT_PRESET.items():
-            if key not in explicit:
-                set_dotted(cfg, key, value)
-    # a --baseline (detection) replaces the DINOv2 detector: its head, no adapter, a placeholder backbone
-    if explicit.get("model.baseline", "none") != "none":
-        from dinotune.config.detect import BASELINE_PRESET
-
-        for key, value in BASELINE_PRESET.items():
-            if key not in explicit:
-                set_dotted(cfg, key, value)
-    # the "improved" single-object detector is defined by its two-stage freeze-then-unfreeze schedule
-    if explicit.get("model.head") == "improved" and "train.two_stage" not in explicit:
-        set_dotted(cfg, "train.two_stage", True)
+    """Expand the presets a task config defines (its ``apply_presets(explicit)``, e.g. detection's
+    ``--lightweight``) from the explicit overrides, without touching the keys the user set. (A
+    saved config.yaml already holds the expanded values.)"""
+    presets = getattr(cfg, "apply_presets", None)
+    if callable(presets):
+        presets(explicit)
     return cfg
 
 
@@ -100,9 +107,7 @@ def build_config(task: str, base: Any = None, **kwargs: Any) -> Any:
     """A task config from defaults (or ``base``: a config, a dict, or a YAML path) plus keyword
     overrides named like the CLI flags (``adapter="lora", rank=16, image_size=448``) or dotted
     keys passed as a dict (``**{"optim.lr": 1e-3}``)."""
-    if task not in TASK_CONFIGS:
-        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASK_CONFIGS)}")
-    cls = TASK_CONFIGS[task]
+    cls = registry.entry(task).config_class()
     if base is None:
         cfg = cls()
     elif isinstance(base, cls):

@@ -17,6 +17,9 @@ AdapterKind = Literal["none", "lora", "dora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Sampler = Literal["shuffle", "balanced"]
 
+# Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): the default of every pixel limit
+MAX_IMAGE_PIXELS = 89_478_485
+
 # Loggers --report-to takes (metrics.jsonl is always written).
 REPORTERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
@@ -24,17 +27,41 @@ REPORTERS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 
 def opt(default: Any, help: str, flag: str | None = None, short: str | None = None, *,
         ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None) -> Any:
+        lt: float | None = None, positional: bool = False, required: bool = False,
+        metavar: str | None = None, default_text: str | None = None, negatable: bool = True,
+        repeatable: bool = False) -> Any:
     """A config field with its help text; ``flag`` overrides the derived ``--field-name``.
 
     ``ge`` / ``gt`` / ``le`` / ``lt``: the valid range of a number (of every item of a list of
     numbers), checked by ``check_ranges`` for the CLI, the API and config files alike; a float
     must also be finite.
+
+    How the command line shows the field (``cli.add_config_flags``): ``positional`` (a command's
+    operand, ``dinotune eval RUN``; a list takes one or more), ``required`` (a flag the command
+    cannot do without), ``metavar`` (the value's name in the help), ``default_text`` (what the help
+    says the default is, where the value itself would not tell: ``None`` standing for "the run's
+    own"), ``negatable`` (a boolean gets ``--no-x`` too; False: a plain switch), ``repeatable`` (a
+    list flag given twice gathers both lists; otherwise the last one wins).
     """
-    meta = {"help": help, "flag": flag, "short": short, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = {"help": help, "flag": flag, "short": short, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "positional": positional, "required": required, "metavar": metavar, "default_text": default_text,
+            "negatable": negatable, "repeatable": repeatable}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def device_option(help: str = "auto, cpu, cuda, cuda:N, mps") -> Any:
+    """A ``device`` field (training and every command that runs a model): ``auto`` picks CUDA,
+    then MPS, then the CPU."""
+    return opt("auto", help)
+
+
+def max_image_pixels_option() -> Any:
+    """The ``data.max_image_pixels`` field every task config has."""
+    return opt(MAX_IMAGE_PIXELS, "skip (and report) images with more pixels than this, read from the header before "
+               "anything is decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
+               ge=0)
 
 
 def range_text(meta: Any) -> str:
@@ -147,7 +174,7 @@ class TrainConfig:
     stage2_epochs: int = opt(5, "two-stage: epochs of stage 2 (adapters / backbone unfrozen)", ge=1)
     stage2_lr: float = opt(1e-5, "two-stage: learning rate of stage 2 (head and backbone)", gt=0)
     precision: Precision = opt("auto", "auto = bf16 on CUDA when supported, fp32 elsewhere")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = device_option()
     seed: int = opt(0, "seed of data order, augmentation and head initialisation", ge=0)
     workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", ge=0)
     eval_every: int = opt(1, "evaluate every N epochs (and always after the last)", ge=1)

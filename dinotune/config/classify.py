@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
@@ -13,6 +13,7 @@ from dinotune.config.base import (
     OptimConfig,
     Sampler,
     TrainConfig,
+    max_image_pixels_option,
     opt,
     validate_common,
 )
@@ -40,12 +41,7 @@ class ClassifyDataConfig:
     )
     sampler: Sampler = opt("shuffle", "order of training images: shuffle = each once per epoch; balanced = "
                            "every class drawn equally often (weights 1 / class count, with replacement)")
-    max_image_pixels: int = opt(
-        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
-        "skip (and report) images with more pixels than this, read from the header before anything is "
-        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
-        ge=0,
-    )
+    max_image_pixels: int = max_image_pixels_option()
 
 
 @dataclass
@@ -89,6 +85,17 @@ class ClassifyConfig:
     bands: BandsConfig = field(default_factory=BandsConfig)
     head: ClassifyHeadConfig = field(default_factory=ClassifyHeadConfig)
     inference: ClassifyInferenceConfig = field(default_factory=ClassifyInferenceConfig)
+
+    @classmethod
+    def sweep_rules(cls) -> tuple[tuple[tuple[str, ...], Callable[[Any], bool], Callable[[Any], str]], ...]:
+        """For sweeps (``dinotune/sweep/grid.py``): ``(keys, applies(cfg), why not)`` of the settings
+        that do nothing under others, so trials differing only in them are one trial."""
+        return (
+            (("head.mlp_hidden",), lambda c: c.head.head == "mlp",
+             lambda c: f"head={c.head.head} (only the mlp head has it)"),
+            (("head.focal_gamma",), lambda c: c.head.loss == "focal",
+             lambda c: f"loss={c.head.loss} (only the focal loss has it)"),
+        )
 
     def validate(self) -> None:
         validate_common(self)

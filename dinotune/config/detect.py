@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
@@ -14,9 +14,11 @@ from dinotune.config.base import (
     OptimConfig,
     Sampler,
     TrainConfig,
+    max_image_pixels_option,
     opt,
     validate_common,
 )
+from dinotune.config.io import coerce, set_dotted
 
 
 @dataclass
@@ -43,12 +45,7 @@ class DetectDataConfig:
     )
     sampler: Sampler = opt("shuffle", "order of training images: shuffle = each once per epoch; balanced = "
                            "images drawn by the rarest class they contain (weight 1 / that class's image count, with replacement)")
-    max_image_pixels: int = opt(
-        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
-        "skip (and report) images with more pixels than this, read from the header before anything is "
-        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
-        ge=0,
-    )
+    max_image_pixels: int = max_image_pixels_option()
 
 
 @dataclass
@@ -128,6 +125,17 @@ class DetectInferenceConfig:
     )
 
 
+
+@dataclass
+class DetectPredictOptions:
+    """Options of ``dinotune predict`` on a detection run besides its inference section (the
+    keyword options of ``DetectTask.predict`` and, ``image_info`` only, of ``DetectRuntime``)."""
+
+    draw: str = opt("", "write each image with its boxes, and confidence_histogram.png, into DIR", metavar="DIR",
+                    default_text="not drawn")
+    image_info: str = opt("", "COCO image-info JSON (e.g. image_info_test-dev2017.json) giving image ids",
+                          metavar="JSON", default_text="numeric file names, else 1..N")
+
 def _detect_optim() -> OptimConfig:
     # DETR-family recipe: small decoder lr, smaller backbone lr, tight clipping
     return OptimConfig(lr=2e-4, backbone_lr=2e-5, weight_decay=1e-4, grad_clip=0.1)
@@ -153,6 +161,33 @@ class DetectConfig:
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     loss: DetectLossConfig = field(default_factory=DetectLossConfig)
     inference: DetectInferenceConfig = field(default_factory=DetectInferenceConfig)
+    # what predict takes besides the inference section (a ClassVar: not a key of the saved config)
+    predict_options: ClassVar[type] = DetectPredictOptions
+
+    @classmethod
+    def sweep_rules(cls) -> tuple[tuple[tuple[str, ...], Callable[[Any], bool], Callable[[Any], str]], ...]:
+        """For sweeps (``dinotune/sweep/grid.py``): ``(keys, applies(cfg), why not)`` of the settings
+        that do nothing under others, so trials differing only in them are one trial."""
+        detr = ("model.num_queries", "model.decoder_layers", "model.hidden_dim", "model.num_heads", "model.ffn_dim",
+                "model.sampling_points", "model.pyramid_scales", "model.decoder_dropout")
+        return (
+            (detr, lambda c: c.model.head == "detr", lambda c: f"head={c.model.head} (only the DETR decoder has it)"),
+            (("model.single_hidden", "model.single_dropout", "loss.box_loss_weight"),
+             lambda c: c.model.head == "improved",
+             lambda c: f"head={c.model.head} (only the improved single-object head has it)"),
+        )
+
+    def apply_presets(self, explicit: dict[str, Any]) -> None:
+        """Expand ``--lightweight``, ``--baseline`` and ``--head improved`` among the ``explicit``
+        overrides (dotted keys -> values) without touching the other keys the user set."""
+        if coerce(explicit.get("model.lightweight", False), bool, "model.lightweight"):
+            _preset(self, LIGHTWEIGHT_PRESET, explicit)
+        # a --baseline replaces the DINOv2 detector: its head, no adapter, a placeholder backbone
+        if explicit.get("model.baseline", "none") != "none":
+            _preset(self, BASELINE_PRESET, explicit)
+        # the "improved" single-object detector is defined by its two-stage freeze-then-unfreeze schedule
+        if explicit.get("model.head") == "improved" and "train.two_stage" not in explicit:
+            set_dotted(self, "train.two_stage", True)
 
     def validate(self) -> None:
         validate_common(self)
@@ -171,6 +206,12 @@ class DetectConfig:
         if self.loss.class_weight == self.loss.bbox_weight == self.loss.giou_weight == 0:
             raise ConfigError("--class-weight, --bbox-weight and --giou-weight are all 0: nothing would be learned "
                               "(and the matcher needs at least one cost)")
+
+
+def _preset(cfg: DetectConfig, preset: dict[str, Any], explicit: dict[str, Any]) -> None:
+    for key, value in preset.items():
+        if key not in explicit:
+            set_dotted(cfg, key, value)
 
 
 # The DINOv2 backbone a --baseline run carries without running it: the engine trains backbone + head

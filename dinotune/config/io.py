@@ -78,12 +78,12 @@ ADDED_KEYS = frozenset({
     "inference.batch_size", "inference.top_k", "inference.score_threshold", "inference.draw_threshold",
     "inference.compare_image_size", "inference.window_batch", "model.single_dropout", "model.single_hidden",
     "data.scale_range", "data.max_image_pixels",
-    # N-band input (multispectral): runs from before read pictures as RGB, which these defaults keep
-    # issue 12's training options: runs from before trained without them, which these defaults keep
+    # the training options (checkpointing, compile, EMA, early stopping, trackers, layer decay, sampler) and
+    # N-band input: runs without them trained plainly on RGB pictures, which these defaults keep
     "train.grad_checkpointing", "train.compile", "train.ema", "train.patience", "train.min_delta",
     "train.report_to", "optim.layer_decay", "data.sampler",
     "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",
-    # issue 13's Faster R-CNN head: runs from before had another head, which ignores these
+    # the Faster R-CNN head and baselines: runs without them had another head, which ignores these
     "model.rcnn_anchor_scales", "model.rcnn_aspect_ratios", "model.rcnn_rpn_batch", "model.rcnn_roi_batch",
     "model.rcnn_score_threshold", "model.baseline", "model.baseline_weights",
 })

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from dinotune.config.bands import BandsConfig
 from dinotune.config.base import (
@@ -12,6 +12,7 @@ from dinotune.config.base import (
     ConfigError,
     OptimConfig,
     TrainConfig,
+    max_image_pixels_option,
     opt,
     validate_common,
 )
@@ -49,12 +50,7 @@ class SegmentDataConfig:
         "fast", "scan images before training: full decodes each, fast reads headers; masks are always read "
         "whole, once, to check their size and labels (off: checked when first used)"
     )
-    max_image_pixels: int = opt(
-        89_478_485,  # Pillow's Image.MAX_IMAGE_PIXELS; dinotune.data.images.DEFAULT_MAX_IMAGE_PIXELS
-        "skip (and report) images with more pixels than this, read from the header before anything is "
-        "decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
-        ge=0,
-    )
+    max_image_pixels: int = max_image_pixels_option()
 
 
 @dataclass
@@ -91,6 +87,16 @@ class SegmentInferenceConfig:
     window_batch: int = opt(8, "slide inference: windows forwarded at once", ge=1)
 
 
+
+@dataclass
+class SegmentPredictOptions:
+    """Options of ``dinotune predict`` on a segmentation run besides its inference section (the
+    keyword options of ``SegmentTask.predict`` and ``SegmentRuntime``)."""
+
+    masks: str = opt("", "write each label map as a palette PNG (pixel values = class indices) into DIR",
+                     metavar="DIR", default_text="not written")
+    draw: str = opt("", "write colour overlays into DIR", metavar="DIR", default_text="not drawn")
+
 def _segment_train() -> TrainConfig:
     return TrainConfig(epochs=50, batch_size=8)
 
@@ -111,6 +117,18 @@ class SegmentConfig:
     model: SegmentModelConfig = field(default_factory=SegmentModelConfig)
     loss: SegmentLossConfig = field(default_factory=SegmentLossConfig)
     inference: SegmentInferenceConfig = field(default_factory=SegmentInferenceConfig)
+    # what predict takes besides the inference section (a ClassVar: not a key of the saved config)
+    predict_options: ClassVar[type] = SegmentPredictOptions
+
+    @classmethod
+    def sweep_rules(cls) -> tuple[tuple[tuple[str, ...], Callable[[Any], bool], Callable[[Any], str]], ...]:
+        """For sweeps (``dinotune/sweep/grid.py``): ``(keys, applies(cfg), why not)`` of the settings
+        that do nothing under others, so trials differing only in them are one trial."""
+        return (
+            (("model.linear_layers",), lambda c: c.model.decoder == "linear", lambda c: f"decoder={c.model.decoder}"),
+            (("model.fpn_layers", "model.fpn_dim"), lambda c: c.model.decoder == "fpn",
+             lambda c: f"decoder={c.model.decoder}"),
+        )
 
     def validate(self) -> None:
         validate_common(self)

@@ -14,9 +14,6 @@ arrays are shown through their RGB bands with a 2-98 % percentile stretch).
 
 from __future__ import annotations
 
-import dataclasses
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,54 +21,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinotune.data.arrays import BandLayout, band_header, is_band_file, read_bands
+from dinotune.data.arrays import BandLayout, is_band_file, read_bands
 from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from dinotune.data.input_spec import (  # noqa: F401 (re-exported: the torch path reads them from here)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+    check_band_counts,
+    check_inputs,
+    file_bands,
+)
 from dinotune.errors import ConfigError, DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Band statistics are computed over at most this many training files (evenly spaced): enough for
 # stable means and deviations, and a bounded cost on a large dataset.
 STATS_MAX_FILES = 2000
-
-
-@dataclass
-class InputSpec:
-    """The model's input, as the training data decided it.
-
-    Attributes:
-        in_channels: bands per image (3 for pictures).
-        rgb_bands: 0-based bands shown as red, green, blue; they keep the pretrained RGB kernels.
-        mean / std: per-band normalisation, in the units the reader returns (raw values for band
-            arrays, [0, 1] for pictures).
-        arrays: the files are band arrays (``.npy`` / multi-band TIFF), not pictures.
-        layout: axis order of 3-d arrays (``auto``, ``hwc``, ``chw``).
-    """
-
-    in_channels: int = 3
-    rgb_bands: list[int] = field(default_factory=lambda: [0, 1, 2])
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    arrays: bool = False
-    layout: BandLayout = "auto"
-
-    @property
-    def is_rgb(self) -> bool:
-        """Plain RGB input: the pretrained patch embedding is used as it is."""
-        return self.in_channels == 3 and list(self.rgb_bands) == [0, 1, 2]
-
-    def to_meta(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "InputSpec":
-        """The spec a run saved (``meta["input"]``); runs from before N-band input read RGB pictures."""
-        saved = meta.get("input")
-        if not saved:
-            return cls()
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 def default_rgb_bands(in_channels: int) -> list[int]:
@@ -98,40 +62,6 @@ def input_bands(image: Image.Image | torch.Tensor) -> int:
     return 3 if isinstance(image, Image.Image) else int(image.shape[0])
 
 
-def file_bands(path: Path, layout: BandLayout = "auto") -> int:
-    """Band count of a file from its header: 3 for a picture (read as RGB)."""
-    path = Path(path)
-    return band_header(path, layout).bands if is_band_file(path) else 3
-
-
-def check_band_counts(paths: Sequence[Path], layout: BandLayout = "auto", expected: int | None = None) -> int:
-    """The band count shared by ``paths`` (headers only). A file whose count differs from the rest
-    (the most common count, or ``expected``) is refused with a DataError naming it and both
-    counts. Pictures count 3 bands. Returns the count (``expected`` when there are no paths)."""
-    counts = [file_bands(p, layout) for p in paths]
-    if not counts:
-        return expected or 3
-    usual = expected if expected is not None else Counter(counts).most_common(1)[0][0]
-    odd = [(p, c) for p, c in zip(paths, counts) if c != usual]
-    if odd:
-        where = "the model takes" if expected is not None else "the other files have"
-        shown = "; ".join(f"{p} has {c} band(s)" for p, c in odd[:5]) + (" ..." if len(odd) > 5 else "")
-        raise DataError(f"{len(odd)} file(s) with another band count than the {usual} {where}: {shown}")
-    return usual
-
-
-def check_inputs(paths: Sequence[Path], spec: InputSpec, where: str) -> None:
-    """Refuse (DataError) files of ``where`` (evaluation, validation, prediction) that do not fit the
-    model's input: a picture where band arrays were trained on (or the reverse: their units
-    differ), or another band count; each named with both counts."""
-    for p in paths:
-        if is_band_file(p) != spec.arrays:
-            kind = "a band array" if spec.arrays else "a picture"
-            raise DataError(f"{p}: the model was trained on {'band arrays' if spec.arrays else 'pictures'} "
-                            f"({spec.in_channels} bands) but this {where} file is not {kind}")
-    check_band_counts(paths, spec.layout, expected=spec.in_channels)
-
-
 # ----------------------------------------------------------------------------------- statistics
 def band_statistics(paths: Sequence[Path], layout: BandLayout = "auto", max_pixels: int = 0,
                     max_files: int = STATS_MAX_FILES) -> tuple[list[float], list[float]]:
@@ -141,17 +71,21 @@ def band_statistics(paths: Sequence[Path], layout: BandLayout = "auto", max_pixe
     if not paths:
         raise DataError("no files to compute band statistics from")
     step = max(1, -(-len(paths) // max_files))
-    total = sq = None
+    total = sq = low = high = None
     count = 0
     for p in list(paths)[::step]:
         x = _as_array(read_input(p, max_pixels, layout))
         x = x.reshape(-1, x.shape[-1]).astype(np.float64)
         total = x.sum(0) if total is None else total + x.sum(0)
         sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        low = x.min(0) if low is None else np.minimum(low, x.min(0))
+        high = x.max(0) if high is None else np.maximum(high, x.max(0))
         count += x.shape[0]
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
-    std = np.where(std > 0, std, 1.0)
+    # constant bands by their range, not by the variance: sq / n - mean^2 need not cancel to exactly 0
+    # (a constant 17296.85 left std 2e-4, which would blow the band up instead of leaving it at 0)
+    std = np.where((high > low) & (std > 0), std, 1.0)
     return [float(v) for v in mean], [float(v) for v in std]
 
 

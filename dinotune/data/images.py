@@ -34,6 +34,7 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dinotune.config.base import MAX_IMAGE_PIXELS
 from dinotune.data.arrays import BandLayout, band_header, is_band_file
 from dinotune.errors import ImageReadError
 from dinotune.utils import info, warn
@@ -54,8 +55,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # 16-bit grayscale scaled), so caches keyed by file identity (path, size, mtime) can include it.
 READER_VERSION = 2
 
-# Pillow's own Image.MAX_IMAGE_PIXELS (~ 1/4 GB of 24-bit pixels); config files repeat the number.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Pillow's own Image.MAX_IMAGE_PIXELS (~ 1/4 GB of 24-bit pixels), the configs' default
+DEFAULT_MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 # EXIF orientation -> the transpose that turns the stored pixels upright (ImageOps.exif_transpose's table).
 _UPRIGHT = {

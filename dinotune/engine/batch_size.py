@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from dinotune.config import save_yaml
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
+from dinotune.engine.run_folder import RunLayout
 from dinotune.errors import ConfigError
 from dinotune.models.bundle import ModelBundle
 from dinotune.utils import get_rng_state, info, set_rng_state
@@ -139,7 +140,7 @@ def resolve_auto_batch_size(cfg: Any, task: Any, bundle: ModelBundle, dataset: D
         raise ConfigError(answer)
     cfg.train.batch_size = int(answer)
     if ctx.is_main:
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, RunLayout(run_dir).config)
     return int(answer)
 
 
@@ -157,5 +158,5 @@ def _search(cfg: Any, task: Any, bundle: ModelBundle, dataset: Dataset, collate:
            else f"capped at {limit}, " + ("the training images" + (" per process" if ctx.enabled else "")
                                           if limit < MAX_AUTO_BATCH else "the search's maximum"))
     info(f"--batch-size auto: {size} images per batch{' per process' if ctx.enabled else ''} "
-         f"(the largest power of two that fits; {why}); saved to {run_dir / 'config.yaml'}")
+         f"(the largest power of two that fits; {why}); saved to {RunLayout(run_dir).config}")
     return size

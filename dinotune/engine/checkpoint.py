@@ -39,16 +39,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dinotune.adapters import ADAPTER_WEIGHTS, BACKBONE_WEIGHTS, load_adapter, save_adapter
+from dinotune.adapters import adapter_for, load_adapter, save_adapter
 from dinotune.backbone.channels import INPUT_EMBEDDING_WEIGHTS
 from dinotune.config import AdapterConfig, ConfigError, save_yaml
 from dinotune.config.io import load_run_config
+from dinotune.data.input_spec import InputSpec
+from dinotune.engine.run_folder import BEST, CHECKPOINT_META, CONFIG_FILE, LAST
 from dinotune.errors import CheckpointError, DinotuneError
 from dinotune.utils import file_mode, space_problem, write_json
 
 HEAD_WEIGHTS = "head.safetensors"
-META = "meta.json"
-CONFIG = "config.yaml"
+META = CHECKPOINT_META
+CONFIG = CONFIG_FILE
 TRAINER_STATE = "trainer_state.safetensors"
 LEGACY_TRAINER_STATE = "trainer_state.pt"  # a pickle, written by older versions: never loaded
 _STATE_KEY = "dinotune_trainer_state"  # the trainer state's plain data, JSON in the safetensors header
@@ -80,12 +82,12 @@ def save_epoch(folder: Path, model: nn.Module, cfg: Any, meta: dict[str, Any], t
     the trainer state), and ``best`` when the epoch is the best so far: a copy of ``last`` when the
     raw weights won (``best="raw"``), the average of ``ema`` (a ``ModelEma``, swapped into the
     model while saving) when it did (``"ema"``). ``meta.json`` says which under ``"weights"``."""
-    save(folder / "last", model, cfg, {**meta, "weights": "raw"}, trainer_state)
+    save(folder / LAST, model, cfg, {**meta, "weights": "raw"}, trainer_state)
     if best == "ema":
         with ema.swapped():
-            save(folder / "best", model, cfg, {**meta, "weights": "ema"})
+            save(folder / BEST, model, cfg, {**meta, "weights": "ema"})
     elif best:
-        copy(folder / "last", folder / "best")
+        copy(folder / LAST, folder / BEST)
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -308,8 +310,8 @@ def load_weights(folder: Path, model: nn.Module, adapter: AdapterConfig) -> None
 def check_compatible(folder: Path, current: dict[str, Any]) -> None:
     """Refuse a checkpoint whose classes (or input bands) differ from the data's, naming both."""
     saved = read_meta(folder)
-    saved_bands = (saved.get("input") or {}).get("in_channels", 3)
-    current_bands = (current.get("input") or {}).get("in_channels", 3)
+    saved_bands = InputSpec.from_meta(saved).in_channels
+    current_bands = InputSpec.from_meta(current).in_channels
     if saved_bands != current_bands:
         raise CheckpointError(f"{folder} was trained on {saved_bands}-band input but the data has {current_bands} "
                               "band(s)")
@@ -338,9 +340,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 
 
 def _weight_files(folder: Path, adapter_kind: str) -> list[Path]:
-    """The safetensors files a checkpoint of an ``adapter_kind`` model holds."""
-    extra = {"lora": [ADAPTER_WEIGHTS], "dora": [ADAPTER_WEIGHTS], "full": [BACKBONE_WEIGHTS]}
-    files = [folder / name for name in [HEAD_WEIGHTS, *extra.get(adapter_kind, [])]]
+    """The safetensors files a checkpoint of an ``adapter_kind`` model holds (ConfigError for an
+    unknown kind)."""
+    files = [folder / name for name in [HEAD_WEIGHTS, *adapter_for(adapter_kind).weight_files]]
     if (folder / INPUT_EMBEDDING_WEIGHTS).exists():  # N-band runs only
         files.append(folder / INPUT_EMBEDDING_WEIGHTS)
     return files
@@ -380,7 +382,7 @@ def _other_note(folder: Path, resume: bool = False) -> str:
     """Whether the run's other checkpoint (``best`` for ``last``, and the reverse) is usable, and
     how to use it: what the user can do about a damaged checkpoint."""
     name = folder.name[1:-4] if folder.name.startswith(".") and folder.name.endswith(".old") else folder.name
-    other_name = {"last": "best", "best": "last"}.get(name)
+    other_name = {LAST: BEST, BEST: LAST}.get(name)
     if other_name is None:
         return "there is no other checkpoint next to it to fall back on"
     other = folder.parent / other_name
@@ -391,7 +393,7 @@ def _other_note(folder: Path, resume: bool = False) -> str:
         epoch = _read_meta(resolve(other)).get("epoch", "?")
     except CheckpointError:
         epoch = "?"
-    if other_name == "last":
+    if other_name == LAST:
         return f"{other} (epoch {epoch}) is intact: use it instead (--checkpoint last)"
     if resume:
         return (f"training cannot resume; {other} (epoch {epoch}) is intact for eval and predict "

@@ -14,6 +14,7 @@ from dinotune.config import AdapterConfig
 from dinotune.engine import checkpoint
 from dinotune.engine.ema import ModelEma
 from dinotune.engine.monitor import EarlyStopping
+from dinotune.engine.run_folder import RunLayout
 from dinotune.utils import get_rng_state, set_rng_state
 
 
@@ -53,7 +54,7 @@ def start(run_dir: Path, model: nn.Module, adapter: AdapterConfig, resume: bool,
     when ``ema_decay`` > 0 (restored too; older checkpoints without these states start them anew)."""
     state, saved = FitState(early=early), {}
     if resume:
-        last = run_dir / "checkpoints" / "last"
+        last = RunLayout(run_dir).last
         saved = checkpoint.load_trainer_state(last)
         checkpoint.load_weights(last, model, adapter)
         set_rng_state(saved["rng"])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dinotune.adapters import trainable_backbone_parameters
+from dinotune.adapters import adapter_for, trainable_backbone_parameters
+from dinotune.backbone.families import BackboneFamily
 from dinotune.config import AdapterConfig, OptimConfig, TrainConfig
 from dinotune.models.wrapper import declared_no_weight_decay
 from dinotune.utils import debug
@@ -32,7 +32,7 @@ def build_phases(train: TrainConfig, optim: OptimConfig, adapter: AdapterConfig)
             Phase("stage1", train.stage1_epochs, False, train.stage1_lr, 0.0),
             Phase("stage2", train.stage2_epochs, True, train.stage2_lr, train.stage2_lr),
         ]
-    return [Phase("train", train.epochs, adapter.kind != "none", optim.lr, optim.backbone_lr)]
+    return [Phase("train", train.epochs, adapter_for(adapter.kind).trains_backbone, optim.lr, optim.backbone_lr)]
 
 
 def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase]:
@@ -75,11 +75,12 @@ def build_optimizer(
     for name, p in model.head.named_parameters():
         named.setdefault((-1, _no_decay(name, p, head_nd)), []).append((name, p))
     num_layers = model.backbone.num_layers
+    family = model.backbone.family
     decay_layers = optim.layer_decay < 1
     if phase.train_backbone:
         backbone_nd = declared_no_weight_decay(model.backbone)
         for name, p in trainable_backbone_parameters(model.backbone, adapter):
-            lid = layer_id(name, num_layers) if decay_layers else num_layers + 1
+            lid = layer_id(name, num_layers, family) if decay_layers else num_layers + 1
             named.setdefault((lid, _no_decay(name, p, backbone_nd)), []).append((name, p))
     top_block = max((lid for lid, _ in named if 1 <= lid <= num_layers), default=None)
     param_groups, names = [], []
@@ -95,26 +96,22 @@ def build_optimizer(
             group["log_as"] = "backbone"  # the epoch record's lr/backbone: the top block's rate
         param_groups.append(group)
         names.append([n for n, _ in params])
-    debug(describe_groups(param_groups, names, phase.name))
+    debug(describe_groups(param_groups, names, phase.name, family))
     return torch.optim.AdamW(param_groups, lr=phase.lr)
 
 
-_BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-_EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
-
-
-def layer_id(name: str, num_layers: int) -> int:
+def layer_id(name: str, num_layers: int, family: BackboneFamily) -> int:
     """BEiT's layer id of backbone parameter ``name``: 0 for the embeddings (patch embedding,
     class / register / mask tokens, position embeddings), ``i + 1`` for block ``i``, and
     ``num_layers + 1`` for what follows the blocks (the final norm).
 
-    Matches transformers' DINOv2 names (``embeddings.*``, ``encoder.layer.N.*``, ``layernorm.*``)
-    and DINOv3 names (``embeddings.*``, ``model.layer.N.*``, ``norm.*``), with or without PEFT's
-    ``base_model.model.`` prefix (and LoRA / DoRA leaves such as ``q_proj.lora_A.default.weight``)."""
-    match = _BLOCK.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    if _EMBEDDINGS.search(name):
+    Where blocks and embeddings are is the backbone ``family``'s to say; its matchers take names
+    with or without PEFT's ``base_model.model.`` prefix (and LoRA / DoRA leaves such as
+    ``q_proj.lora_A.default.weight``)."""
+    block = family.block_index(name)
+    if block is not None:
+        return block + 1
+    if family.in_embeddings(name):
         return 0
     return num_layers + 1
 
@@ -136,23 +133,23 @@ def logged_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
-def describe_groups(param_groups: list[dict], names: list[list[str]], phase: str) -> str:
+def describe_groups(param_groups: list[dict], names: list[list[str]], phase: str, family: BackboneFamily) -> str:
     """The parameter groups as a table for ``--verbose``: name, learning rate, weight decay, tensor
-    and parameter counts, and the parameters' ``names`` (shortened to what follows the block)."""
+    and parameter counts, and the parameters' ``names`` (shortened to what follows the block or
+    the embeddings of the backbone ``family``)."""
     lines = [f"optimizer parameter groups (phase {phase}):"]
     for group, group_names in zip(param_groups, names):
         count = sum(p.numel() for p in group["params"])
         lines.append(f"  {group['name']:24s} lr {group['lr']:.3e}  wd {group['weight_decay']:<5g} "
-                     f"{len(group_names):3d} tensors {count:>12,d} params: {', '.join(map(_short, group_names))}")
+                     f"{len(group_names):3d} tensors {count:>12,d} params: {', '.join(_short(n, family) for n in group_names)}")
     return "\n".join(lines)
 
 
-def _short(name: str) -> str:
+def _short(name: str, family: BackboneFamily) -> str:
     """``name`` after its block or embeddings prefix (``attention.q_proj.lora_A.default.weight``)."""
-    for pattern in (_BLOCK, _EMBEDDINGS):
-        match = pattern.search(name)
-        if match:
-            return name[match.end():]
+    local = family.local_name(name)
+    if local is not None:
+        return local
     return name.removeprefix("model.").removeprefix("base_model.model.")
 
 

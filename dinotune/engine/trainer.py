@@ -43,6 +43,7 @@ from dinotune.engine.optim import (
     phase_at,
     set_trainable,
 )
+from dinotune.engine.run_folder import RunLayout
 from dinotune.errors import NonFiniteLossError
 from dinotune.models.bundle import ModelBundle
 from dinotune.utils import info, warn, write_json
@@ -270,7 +271,7 @@ class Trainer:
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"the loss became {value} at epoch {epoch + 1}, batch {i + 1}; the run stopped. "
-                    f"{self.run_dir / 'checkpoints' / 'last'} holds the last good epoch. Try a lower "
+                    f"{RunLayout(self.run_dir).last} holds the last good epoch. Try a lower "
                     "--lr / --backbone-lr, --precision fp32, or a smaller --grad-clip."
                 )
             scaled = loss / group_size
@@ -324,16 +325,16 @@ class Trainer:
             state.best = {**record, "weights": which} if self.ema is not None else dict(record)
         state.last, state.epoch = record, epoch
         self._log_epoch(record, details[0], state.global_step)  # before the checkpoint: see the docstring
-        checkpoint.save_epoch(self.run_dir / "checkpoints", self.model, self.cfg,
+        checkpoint.save_epoch(RunLayout(self.run_dir).checkpoints, self.model, self.cfg,
                               {**self.meta, "epoch": epoch, "metrics": record},
                               fit_state.trainer_state(state, optimizer, scheduler, self.scaler, self.ema), which,
                               self.ema)
         best_details = details[1] if which == "ema" else details[0]
         if which and best_details:
-            with _writing(f"writing {self.run_dir / 'best_metrics.json'}",
+            with _writing(f"writing {RunLayout(self.run_dir).best_metrics}",
                           f"the checkpoints of epoch {epoch} are saved, this file may describe an earlier one"):
                 weights = {"weights": which} if self.ema is not None else {}
-                write_json(self.run_dir / "best_metrics.json", {"epoch": epoch, **weights, **best_details})
+                write_json(RunLayout(self.run_dir).best_metrics, {"epoch": epoch, **weights, **best_details})
         info(epoch_line(record, self.monitor, self.total_epochs, which, self.ema is not None, eta))
         if state.early.stopped == epoch:
             info(state.early.message(self.monitor, state.best, self.total_epochs))

@@ -1,68 +1,36 @@
-"""``dinotune export RUN --format hf``: a classification run as a plain transformers folder.
+"""``dinotune export RUN --format hf``: a run as a plain transformers folder (``model.safetensors`` +
+``config.json``, the image processor, a ``README.md`` model card), written atomically and
+optionally uploaded to the hub.
 
-transformers' ``Dinov2ForImageClassification`` (and ``Dinov2WithRegistersForImageClassification``)
-is exactly one of dinotune's heads: the last layer's CLS token and mean patch token (registers
-excluded, after the final LayerNorm) concatenated, ``B x 2C``, into one ``nn.Linear``. A run with
-``--pool cls_mean --head linear`` therefore maps onto it weight for weight, with LoRA / DoRA merged
-into the base weights (``dinotune.load(merge=True)``); ``--pool cls`` maps too, its ``K x C``
-weight zero-padded over the mean-patch half (``0 * mean`` adds nothing). The head's dropout is the
-identity at inference. Everything else is refused with the reason: ``last4`` reads the CLS tokens of
-four layers (``5C`` inputs), which the transformers class never computes; the ``mlp`` head
-(LayerNorm, Linear, GELU, Linear) is not one linear layer; transformers has no image-classification
-class for DINOv3; and only classification runs have such a head.
-
-The image processor is read off the run's own evaluation transform (``ClassifyTask.eval_transform``),
-never re-derived: ``BitImageProcessor`` (DINOv2's on the hub) with the shortest edge, the crop, the
-interpolation (bilinear, antialiased: dinotune's, not the hub's bicubic) and the run's per-band mean /
-std. Both resize the same uint8 (pictures) or float32 (band arrays) tensor with the same torchvision
-kernel, so the pixels agree to float rounding, except for one difference no transformers setting
-removes: torchvision's center crop rounds its offset, ``round((H - h) / 2)`` (half to even), and
-transformers floors it, ``(H - h) // 2``. When a side exceeds the crop by ``3 (mod 4)`` pixels the
-transformers crop sits one pixel higher / further left. DINOv2 sizes (multiples of 14) never hit it on
-the short side (the margin is ``2 * size / 14``); on the long side it depends on the picture's aspect
-ratio (62 of the 396 hymenoptera photos, at 28 and at 224 px), and there the probabilities differ.
-
-N-band runs export too: ``num_channels`` and the widened patch embedding are in the model, the band
-statistics in the processor (no rescaling, channels first); transformers cannot read ``.npy`` /
-multi-band TIFF files, so the pipeline is given float32 ``C x H x W`` arrays in the files' units.
+What the folder holds comes from the run's task (``Task.to_transformers``: classification maps onto
+transformers' DINOv2 image classifiers, ``tasks/classify/hf.py``); a task without a transformers
+counterpart refuses with the reason before any weights are loaded.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
-
+from dinotune.engine.run_folder import BEST
 from dinotune.errors import ExportError
+from dinotune.runs import load, read_config
+from dinotune.tasks import get_task
 from dinotune.utils import file_mode
-
-# model_type -> (transformers class, attribute of its base model): the classes whose classifier reads
-# concat(CLS, mean patch token) as dinotune's cls_mean pool does (checked in transformers 5.x).
-HF_CLASSIFIERS = {
-    "dinov2": ("Dinov2ForImageClassification", "dinov2"),
-    "dinov2_with_registers": ("Dinov2WithRegistersForImageClassification", "dinov2_with_registers"),
-}
-# The exported model must give the run's logits on a random batch within this (it always does, to
-# ~1e-6; a miss means the mapping is wrong, not the weights).
-SELF_CHECK_TOLERANCE = 1e-4
 
 
 def export_hf(run: str | Path, out: str | Path, *, push_to_hub: str | None = None, private: bool = False,
-              checkpoint_name: str = "best", model: str | None = None) -> Path:
-    """Write ``run`` as a transformers image-classification folder and return ``out``.
+              checkpoint_name: str = BEST, model: str | None = None) -> Path:
+    """Write ``run`` as a transformers folder and return ``out``.
 
-    The folder holds ``model.safetensors`` + ``config.json`` (``id2label``), ``preprocessor_config.json``
-    and a short ``README.md`` model card; ``AutoModelForImageClassification``, ``AutoImageProcessor``
-    and ``pipeline("image-classification", model=out)`` read it with plain transformers.
+    The folder holds ``model.safetensors`` + ``config.json``, the image processor's
+    ``preprocessor_config.json`` and a short ``README.md`` model card; transformers' auto classes and
+    ``pipeline`` read it without dinotune (classification: ``pipeline("image-classification",
+    model=out)``).
 
     Args:
-        run: a classification run folder (or one of its checkpoint folders).
+        run: a run folder (or one of its checkpoint folders) whose task has a transformers counterpart.
         out: the folder to create; it must not exist, or be empty.
         push_to_hub: a hub repo (``user/name``) to create (if needed) and upload the folder to; refused
             within seconds when the hub cannot be reached or no token is set.
@@ -70,24 +38,15 @@ def export_hf(run: str | Path, out: str | Path, *, push_to_hub: str | None = Non
         checkpoint_name: ``best`` or ``last``.
         model: another location of the run's base weights (as ``dinotune.load``).
     """
-    from dinotune.api import load
-    from dinotune.config.io import load_run_config
-
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; remove it or choose another --out")
     if push_to_hub:
         check_hub(push_to_hub)  # before any work: offline or without a token this fails in seconds
-    saved = Path(run).expanduser() / "config.yaml"
-    if saved.is_file():  # refuse a head that does not fit before loading any weights
-        cfg = load_run_config(saved)
-        check_exportable(cfg.task, getattr(getattr(cfg, "head", None), "pool", ""),
-                         getattr(getattr(cfg, "head", None), "head", ""))
+    # a run that has no transformers counterpart is refused from its config, before any weights load
+    get_task(read_config(run)).check_transformers_export()
     loaded = load(run, checkpoint_name=checkpoint_name, device="cpu", merge=True, model=model, precision="fp32")
-    check_exportable(loaded.task.name, loaded.cfg.head.pool, loaded.cfg.head.head)
-    hf_model = to_transformers(loaded.model, loaded.bundle.class_names, loaded.cfg.head.pool)
-    processor = image_processor(loaded)
-    self_check(loaded.model, hf_model, loaded.cfg.backbone.image_size)
+    hf_model, processor, card = loaded.task.to_transformers(loaded)
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -95,7 +54,7 @@ def export_hf(run: str | Path, out: str | Path, *, push_to_hub: str | None = Non
     try:
         hf_model.save_pretrained(staging)  # safetensors
         processor.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(loaded, hf_model))
+        (staging / "README.md").write_text(card)
         for path in staging.iterdir():  # transformers writes the weights owner-only; keep the umask's mode
             path.chmod(file_mode())
         if out.exists():
@@ -107,185 +66,6 @@ def export_hf(run: str | Path, out: str | Path, *, push_to_hub: str | None = Non
     if push_to_hub:
         upload(out, push_to_hub, private=private)
     return out
-
-
-# ------------------------------------------------------------------------------------ refusals
-def check_exportable(task: str, pool: str, head: str) -> None:
-    """Raise ExportError unless a ``task`` run with this ``pool`` and ``head`` maps exactly onto
-    transformers' DINOv2 image classifier (a linear layer on concat(CLS, mean patch token))."""
-    if task != "classify":
-        raise ExportError(f"--format hf exports classification runs only; this is a {task} run (transformers' "
-                          "DINOv2 classes have no detection or segmentation head of dinotune's kind)")
-    if head != "linear":
-        raise ExportError(f"--format hf: the run's head is {head!r} (pool {pool!r}); transformers' "
-                          "Dinov2ForImageClassification has one linear layer, and the MLP head (LayerNorm, "
-                          "Linear, GELU, Linear) is not one linear map. Train with --head linear to export it")
-    if pool == "last4":
-        raise ExportError("--format hf: the run's pool is 'last4' (head 'linear'): it reads the CLS tokens of the "
-                          "last 4 layers and the mean patch token (5 x width inputs), and transformers' "
-                          "Dinov2ForImageClassification computes only the last layer's CLS + mean patch token "
-                          "(2 x width). Train with --pool cls_mean (or cls) to export it")
-    if pool not in ("cls", "cls_mean"):
-        raise ExportError(f"--format hf: unknown pool {pool!r} (cls_mean and cls can be exported)")
-
-
-def _classifier_class(model_type: str) -> tuple[type[nn.Module], str]:
-    import transformers
-
-    if model_type not in HF_CLASSIFIERS:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-        theirs = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
-        why = (f"transformers {transformers.__version__} has no image-classification class for it (only the "
-               "backbone models)" if theirs is None else
-               f"its transformers class {theirs} is not known to read the CLS + mean patch token as dinotune does")
-        raise ExportError(f"--format hf: the run's backbone is a {model_type!r} model and {why}; "
-                          "DINOv2 runs (with or without registers) can be exported")
-    name, attribute = HF_CLASSIFIERS[model_type]
-    return getattr(transformers, name), attribute
-
-
-# ------------------------------------------------------------------------------- the model
-def to_transformers(model: nn.Module, class_names: list[str], pool: str) -> nn.Module:
-    """The transformers classifier holding ``model``'s (merged) backbone and linear head (sharing
-    their tensors: a giant backbone is not copied).
-
-    Args:
-        model: a dinotune ``Classifier`` whose backbone has no adapter left (merged), on the CPU.
-        class_names: the run's classes, index order (``id2label``).
-        pool: ``cls_mean`` (the head's ``K x 2C`` weight as it is) or ``cls`` (``K x C``, padded with
-            zeros over the mean-patch half).
-    """
-    backbone = model.backbone
-    hf = backbone.hf_model()
-    if any("lora_" in n for n, _ in hf.named_parameters()):
-        raise ExportError("internal: the adapter must be merged before export (dinotune.load(merge=True))")
-    cls, attribute = _classifier_class(hf.config.model_type)
-    config = copy.deepcopy(hf.config)  # num_channels included: a widened patch embedding stays widened
-    config.id2label = dict(enumerate(class_names))
-    config.label2id = {name: i for i, name in enumerate(class_names)}
-    config.problem_type = "single_label_classification"  # the pipeline's softmax, as dinotune predict
-    config.architectures = [cls.__name__]
-
-    fc = model.head.fc
-    weight = fc.weight.detach().float()
-    if pool == "cls":
-        weight = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # the mean-patch half reads nothing
-    if weight.shape[1] != 2 * backbone.embed_dim:
-        raise ExportError(f"internal: a head of {weight.shape[1]} inputs for width {backbone.embed_dim}")
-    state = {f"{attribute}.{k}": v.detach().float().contiguous() for k, v in hf.state_dict().items()}
-    state["classifier.weight"] = weight.contiguous()
-    state["classifier.bias"] = fc.bias.detach().float().contiguous()
-    with torch.device("meta"):  # no random init of weights that are overwritten at once
-        out = cls(config)
-    out.load_state_dict(state, strict=True, assign=True)
-    return out.eval()
-
-
-def image_processor(loaded: Any) -> Any:
-    """``BitImageProcessor`` reproducing the run's evaluation transform, read off its steps (resize
-    of the short side, center crop, scaling to [0, 1] for pictures, per-band normalisation)."""
-    from torchvision.transforms import v2
-    from transformers import BitImageProcessor
-    from transformers.image_utils import pil_torch_interpolation_mapping
-
-    from dinotune.data.bands import InputSpec
-
-    spec = InputSpec.from_meta(loaded.meta)
-    resample = {mode: pil for pil, mode in pil_torch_interpolation_mapping.items()}
-    settings: dict[str, Any] = {"do_resize": False, "do_center_crop": False, "do_rescale": False,
-                                "do_normalize": False}
-    for step in loaded.task.eval_transform(spec).transforms:
-        if isinstance(step, v2.ToImage):
-            continue
-        # torchvision keeps the interpolation as the enum or as its string value, by version
-        mode = v2.InterpolationMode(step.interpolation) if isinstance(step, v2.Resize) else None
-        if (isinstance(step, v2.Resize) and len(step.size) == 1 and step.max_size is None and step.antialias
-                and mode in resample):
-            settings.update(do_resize=True, size={"shortest_edge": int(step.size[0])}, resample=int(resample[mode]))
-        elif isinstance(step, v2.CenterCrop):
-            h, w = step.size
-            settings.update(do_center_crop=True, crop_size={"height": int(h), "width": int(w)})
-        elif isinstance(step, v2.ToDtype) and step.scale:
-            settings["do_rescale"] = not spec.arrays  # uint8 pictures / 255; float band arrays unchanged
-        elif isinstance(step, v2.Normalize):
-            settings.update(do_normalize=True, image_mean=[float(m) for m in step.mean],
-                            image_std=[float(s) for s in step.std])
-        else:
-            raise ExportError(f"--format hf: the evaluation transform's step {step} has no transformers "
-                              "image-processor equivalent")
-    if spec.arrays:  # float32 bands, channels first; no RGB conversion (a 4-band array is not RGBA)
-        settings.update(do_convert_rgb=False, input_data_format="channels_first")
-    return BitImageProcessor(**settings)
-
-
-@torch.no_grad()
-def self_check(model: nn.Module, hf_model: nn.Module, image_size: int) -> float:
-    """The largest logit difference between the run and the export on a random normalised batch;
-    ExportError above ``SELF_CHECK_TOLERANCE`` (a wrong mapping must never be written)."""
-    channels = hf_model.config.num_channels
-    x = torch.randn(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    ours = model.eval()(images=x).float()
-    theirs = hf_model(pixel_values=x).logits.float()
-    diff = float((ours - theirs).abs().max())
-    if not diff <= SELF_CHECK_TOLERANCE:
-        raise ExportError(f"internal: the transformers model's logits differ from the run's by {diff:.3g}")
-    return diff
-
-
-# ------------------------------------------------------------------------------ model card
-_CARD_METRICS = ("top1", "top5", "f1_macro", "precision_macro", "recall_macro", "accuracy_balanced", "roc_auc",
-                 "loss", "images")
-
-
-def model_card(loaded: Any, hf_model: nn.Module) -> str:
-    """A short ``README.md``: task, classes, base model, adapter, head, input, validation metrics
-    (``best_metrics.json``) and how to use the folder."""
-    cfg, meta = loaded.cfg, loaded.meta
-    base = cfg.backbone.model
-    hub_base = (base.count("/") == 1 and not base.startswith(("random:", ".", "/", "~"))
-                and Path(base).suffix not in (".pth", ".pt") and not Path(base).expanduser().exists())
-    adapter = cfg.adapter.kind
-    if adapter in ("lora", "dora"):
-        adapter = f"{adapter} (rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha:g}), merged into the weights"
-    names = loaded.bundle.class_names
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-    bands = hf_model.config.num_channels
-    size = cfg.backbone.image_size
-    pictures = not (meta.get("input") or {}).get("arrays")  # else band arrays (.npy, multi-band TIFF)
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-classification",
-             f"tags: [dinotune, image-classification, {hf_model.config.model_type}]",
-             *([f"base_model: {base}"] if hub_base else []), "---", "",
-             f"# {loaded.run_dir.name}", "",
-             f"An image classifier fine-tuned with dinotune (run `{loaded.run_dir.name}`), exported as a "
-             f"`{type(hf_model).__name__}`.", "",
-             f"- **classes** ({len(names)}): {shown}",
-             f"- **base model**: `{base}`" + ("" if hub_base else " (not a hub model)"),
-             f"- **adapter**: {adapter}",
-             f"- **head**: linear on the CLS + mean patch token (dinotune `--pool {cfg.head.pool} --head linear`)",
-             f"- **input**: {size} x {size} pixels after resizing and center-cropping; " + (
-                 "RGB pictures" if pictures else
-                 f"{bands} bands, given as float32 `C x H x W` arrays in the training files' units"),
-             ""]
-    metrics_file = loaded.run_dir / "best_metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    rows = [f"| {k} | {metrics[k]:.4g} |" for k in _CARD_METRICS if isinstance(metrics.get(k), (int, float))]
-    if rows:
-        epoch = metrics.get("epoch", "?")
-        which = (f"this checkpoint (epoch {epoch})" if epoch == meta.get("epoch") else
-                 f"the run's best epoch ({epoch}; this export is epoch {meta.get('epoch', '?')})")
-        lines += [f"Validation metrics of {which}:", "", "| metric | value |", "|---|---|", *rows, ""]
-    call = ('classify("image.jpg", top_k=3)' if pictures else
-            "classify(bands, top_k=3)  # bands: a float32 numpy array, C x H x W, in the files' units")
-    lines += ["```python", "from transformers import pipeline", "",
-              'classify = pipeline("image-classification", model="PATH_OR_REPO")',
-              f"print({call})",
-              "```", "",
-              "The image processor resizes and center-crops as dinotune's evaluation does, with one difference: "
-              "transformers floors the crop offset where torchvision rounds it, so for images whose resized side "
-              "exceeds the crop by 3 (mod 4) pixels the crop sits one pixel higher or further left and the scores "
-              "differ slightly from `dinotune predict`'s.", ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------- the hub

@@ -3,8 +3,8 @@ image size, beside ``dinotune_export.json`` for ``dinotune.runtime``.
 
 The run is loaded with its adapter merged (``dinotune.load(merge=True)``: LoRA / DoRA folded into the
 base weights, so the frozen backbone and the head are one plain network), wrapped in its task's graph
-module (``export/graphs.py``: the model and the tensor part of its post-processing) and exported
-with a dynamic batch. DINOv2's position table is interpolated once for the export size. The ONNX
+(``Task.export_graph``: the model and the tensor part of its post-processing, ``models/graph.py``)
+and exported with a dynamic batch. DINOv2's position table is interpolated once for the export size. The ONNX
 file is checked with ``onnx.checker`` and then run once with onnxruntime on a random batch against
 PyTorch; the largest difference is written into the JSON (``verification``).
 
@@ -27,16 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinotune.adapters import adapter_for, merge_adapter
 from dinotune.config.tools import ExportConfig
+from dinotune.engine.run_folder import BEST
 from dinotune.errors import ConfigError, ExportError
-from dinotune.export.graphs import (
-    ClassifyGraph,
-    DetrGraph,
-    SegmentGraph,
-    SingleObjectGraph,
-    fixed_position_embeddings,
-)
-from dinotune.runtime.metadata import ExportInfo, InputInfo
+from dinotune.models.graph import ExportGraph
+from dinotune.runs import LoadedRun, checkpoint_folder, load, run_root
+from dinotune.runtime.metadata import EXPORT_META, ExportInfo
 from dinotune.utils import info, warn
 
 # ONNX operators the graphs need: LayerNormalization (opset 17); GridSample, the deformable
@@ -47,69 +44,26 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 EXPORTERS = ("dynamo", "legacy")
 
 
-def _load(run: Any, checkpoint_name: str, model: str | None, device: str) -> Any:
+def _load(run: Any, checkpoint_name: str, model: str | None, device: str) -> LoadedRun:
     """A loaded run with its adapter merged (``run`` may already be one; it is merged in place,
     which changes none of its outputs)."""
-    from dinotune.adapters import merge_adapter
-    from dinotune.api import LoadedRun, load
-
     if isinstance(run, LoadedRun):
         merge_adapter(run.model.backbone)
         return run
     return load(run, checkpoint_name=checkpoint_name, device=device, merge=True, model=model, precision="fp32")
 
 
-def build_graph(loaded: Any, image_size: int, model: nn.Module | None = None
-                ) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
-    """The task's graph module for ``loaded``'s model (or ``model``, e.g. its fp16 copy) at
-    ``image_size``, its input names, and the post-processing settings ``dinotune.runtime`` applies
-    after it (``ExportInfo.postprocess``)."""
-    task, cfg = loaded.task.name, loaded.cfg
-    model = model if model is not None else loaded.model
-    inf = cfg.inference
-    if task == "classify":
-        return ClassifyGraph(model), ("images",), {"top_k": inf.top_k, "batch_size": inf.batch_size}
-    if task == "detect":
-        post = {"head": cfg.model.head, "score_threshold": inf.score_threshold, "draw_threshold": inf.draw_threshold,
-                "category_ids": inf.category_ids, "batch_size": inf.batch_size}
-        if cfg.model.head == "fasterrcnn":  # proposals, NMS and per-image loops: not exported yet
-            raise ExportError("--head fasterrcnn runs (and --baseline runs) cannot be exported yet: use "
-                              "`dinotune predict` / `dinotune serve` on the run folder")
-        if cfg.model.head == "detr":
-            topk = min(inf.top_k, cfg.model.num_queries * len(loaded.bundle.class_names))
-            # PostProcess drops detections under the run's own threshold before any predict option
-            post.update(top_k=topk, min_score=inf.score_threshold)
-            return DetrGraph(model, topk, image_size), ("images", "orig_sizes"), post
-        post.update(top_k=1, min_score=0.0)
-        return SingleObjectGraph(model, image_size), ("images", "orig_sizes"), post
-    if task == "segment":
-        post = {"inference": cfg.model.inference, "slide_stride": cfg.model.slide_stride,
-                "output_stride": model.output_stride, "window_batch": inf.window_batch, "batch_size": inf.batch_size,
-                "ignore_index": loaded.meta.get("ignore_index", cfg.data.ignore_index)}
-        return SegmentGraph(model), ("images",), post
-    raise ExportError(f"runs of task {task!r} cannot be exported (known: classify, detect, segment)")
-
-
-def example_inputs(input_names: tuple[str, ...], channels: int, size: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """A random normalised batch (and, for detectors, original sizes of both orientations). Two
-    images, not one: an exporter may take a batch of 1 for a constant."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, channels, size, size, generator=g)
-    if input_names == ("images",):
-        return (images,)
-    sizes = torch.tensor([[size * 0.75, size], [size * 2.0, size * 1.5]] * batch, dtype=torch.float32)[:batch]
-    return images, sizes
-
-
 @contextlib.contextmanager
-def export_ready(loaded: Any, image_size: int, half: bool) -> Iterator[nn.Module]:
-    """``loaded``'s model in eval mode (a half-precision copy with ``half``) with DINOv2's position
-    embeddings fixed for ``image_size``."""
+def export_ready(loaded: LoadedRun, image_size: int, half: bool) -> Iterator[ExportGraph]:
+    """The task's graph of ``loaded``'s model in eval mode (a half-precision copy with ``half``),
+    with DINOv2's position embeddings fixed for ``image_size``."""
     model = loaded.model.eval()
     if half:
         model = copy.deepcopy(model).half()
-    with fixed_position_embeddings(model.backbone, image_size, image_size):
-        yield model
+    # DINOv2 interpolates its learned position table (bicubic) at every forward: fixed once for the
+    # export size, the graph holds a constant and no bicubic Resize (DINOv3's RoPE has no table)
+    with model.backbone.family.fixed_position_embeddings(model.backbone, image_size, image_size):
+        yield loaded.task.export_graph(loaded, model, image_size).eval()
 
 
 def _resolve(loaded: Any, image_size: int | None, opset: int | None, exporter: str | None) -> tuple[int, int, str]:
@@ -135,7 +89,7 @@ def _prepare_out(out: str | Path) -> Path:
 
 
 def export_onnx(run: Any, out: str | Path, *, image_size: int | None = None, half: bool = False,
-                opset: int | None = None, exporter: str | None = None, checkpoint_name: str = "best",
+                opset: int | None = None, exporter: str | None = None, checkpoint_name: str = BEST,
                 model: str | None = None, device: str = "cpu") -> Path:
     """Export ``run`` as ``out/model.onnx`` + ``out/dinotune_export.json``; returns ``out``.
 
@@ -156,11 +110,10 @@ def export_onnx(run: Any, out: str | Path, *, image_size: int | None = None, hal
     out = _prepare_out(out)
     graph_path = out / "model.onnx"
     try:
-        with export_ready(loaded, size, half) as net:
-            graph, names, post = build_graph(loaded, size, net)
-            graph.eval()
-            device = next(net.parameters()).device
-            args = tuple(a.to(device) for a in example_inputs(names, _channels(loaded), size))
+        with export_ready(loaded, size, half) as graph:
+            names = graph.input_names
+            device = next(graph.parameters()).device
+            args = tuple(a.to(device) for a in graph.example_inputs(loaded.input_spec.in_channels, size))
             info(f"exporting {loaded.task.name} run to ONNX (opset {opset}, {exporter} exporter, {size} x {size}, "
                  f"{'fp16' if half else 'fp32'})")
             _export(graph, args, names, graph.output_names, graph_path, opset, exporter)
@@ -171,7 +124,7 @@ def export_onnx(run: Any, out: str | Path, *, image_size: int | None = None, hal
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    meta = _metadata(loaded, size, names, graph.output_names, post, checkpoint_name, half)
+    meta = _metadata(loaded, size, graph, checkpoint_name, half)
     meta.update(format="onnx", model_file=graph_path.name, opset=opset, exporter=exporter,
                 verification={"max_abs_diff": difference, "labels_equal": labels_equal, "batch": len(args[0]),
                               "inputs": "random", "runtime": "onnxruntime CPUExecutionProvider"})
@@ -181,7 +134,7 @@ def export_onnx(run: Any, out: str | Path, *, image_size: int | None = None, hal
 
 
 def export_torchscript(run: Any, out: str | Path, *, image_size: int | None = None, half: bool = False,
-                       checkpoint_name: str = "best", model: str | None = None, device: str = "cpu") -> Path:
+                       checkpoint_name: str = BEST, model: str | None = None, device: str = "cpu") -> Path:
     """Export ``run`` as ``out/model.pt`` (``torch.jit.trace`` of the same graph module as the ONNX
     export: same inputs, outputs and fixed size) + ``out/dinotune_export.json``. TorchScript is
     deprecated by PyTorch (it recommends ``torch.export``); this format is for tools that still
@@ -191,32 +144,27 @@ def export_torchscript(run: Any, out: str | Path, *, image_size: int | None = No
     out = _prepare_out(out)
     path = out / "model.pt"
     try:
-        with export_ready(loaded, size, half) as net:
-            graph, names, post = build_graph(loaded, size, net)
-            graph.eval()
-            device = next(net.parameters()).device
-            args = tuple(a.to(device) for a in example_inputs(names, _channels(loaded), size))
+        with export_ready(loaded, size, half) as graph:
+            channels = loaded.input_spec.in_channels
+            device = next(graph.parameters()).device
+            args = tuple(a.to(device) for a in graph.example_inputs(channels, size))
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TracerWarnings, and jit's own deprecation notice
                 traced = torch.jit.trace(graph, args, check_trace=False)
                 traced.save(str(path))
-                check = tuple(a.to(device) for a in example_inputs(names, _channels(loaded), size, batch=3))
+                check = tuple(a.to(device) for a in graph.example_inputs(channels, size, batch=3))
                 reloaded = torch.jit.load(str(path), map_location=device)
                 difference = max(float((a.float() - b.float()).abs().max())
                                  for a, b in zip(_as_tuple(reloaded(*check)), _as_tuple(graph(*check))))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    meta = _metadata(loaded, size, names, graph.output_names, post, checkpoint_name, half)
+    meta = _metadata(loaded, size, graph, checkpoint_name, half)
     meta.update(format="torchscript", model_file=path.name, exporter="torch.jit.trace",
                 verification={"max_abs_diff": difference, "batch": 3, "inputs": "random", "runtime": "torch.jit.load"})
     ExportInfo(**meta).write(out)
     info(f"wrote {path}")
     return out
-
-
-def _channels(loaded: Any) -> int:
-    return int(InputInfo.from_dict(loaded.meta.get("input")).in_channels)
 
 
 def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
@@ -295,30 +243,29 @@ def _verify(path: Path, names: tuple[str, ...], args: tuple[torch.Tensor, ...], 
     return worst, share
 
 
-def _metadata(loaded: Any, size: int, names: tuple[str, ...], outputs: tuple[str, ...], post: dict[str, Any],
-              checkpoint_name: str, half: bool) -> dict[str, Any]:
+def _metadata(loaded: LoadedRun, size: int, graph: ExportGraph, checkpoint_name: str, half: bool) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         dinotune_version = version("dinotune")
     except PackageNotFoundError:  # a source tree that was never installed
         dinotune_version = "unknown"
-    cfg, meta = loaded.cfg, loaded.meta
+    cfg = loaded.cfg
     categories = loaded.bundle.categories
     return dict(
         task=loaded.task.name, class_names=list(loaded.bundle.class_names), image_size=size,
-        patch_size=loaded.model.patch_size, inputs=list(names), outputs=list(outputs),
-        input=InputInfo.from_dict(meta.get("input")), postprocess=post,
+        patch_size=loaded.model.patch_size, inputs=list(graph.input_names), outputs=list(graph.output_names),
+        input=loaded.input_spec, postprocess=graph.postprocess,
         categories=[{"id": int(c["id"]), "name": str(c["name"])} for c in categories] if categories else None,
         dtype="float16" if half else "float32", max_image_pixels=cfg.data.max_image_pixels,
         dinotune_version=dinotune_version,
         source={"run": str(loaded.run_dir), "checkpoint": checkpoint_name, "backbone": cfg.backbone.model,
-                "adapter": cfg.adapter.kind, "adapter_merged": cfg.adapter.kind in ("lora", "dora"),
+                "adapter": cfg.adapter.kind, "adapter_merged": adapter_for(cfg.adapter.kind).merges,
                 "trained_image_size": cfg.backbone.image_size},
     )
 
 
-def onnx_for_run(run: str | Path, *, checkpoint_name: str = "best", model: str | None = None,
+def onnx_for_run(run: str | Path, *, checkpoint_name: str = BEST, model: str | None = None,
                  exporter: str | None = None) -> Path:
     """The ONNX export of a run folder for ``predict --backend onnx``: ``RUN/export/onnx-<checkpoint>``,
     exported on first use (with ``exporter``, default ``ExportConfig.exporter``) and again whenever
@@ -326,14 +273,11 @@ def onnx_for_run(run: str | Path, *, checkpoint_name: str = "best", model: str |
     export's ``source``)."""
     import json
 
-    from dinotune.api import load
-    from dinotune.runtime.metadata import EXPORT_META
+    from dinotune.engine.run_folder import RunLayout
 
-    run = Path(run).expanduser()
-    folder = _checkpoint_folder(run, checkpoint_name)
+    folder = checkpoint_folder(Path(run).expanduser(), checkpoint_name, quiet=True)
     stamp = _files_stamp(folder) + (f"|model={model}" if model else "")
-    base = folder.parent.parent if folder.parent.name == "checkpoints" else folder
-    out = base / "export" / f"onnx-{folder.name}"
+    out = RunLayout(run_root(folder)).export_dir(f"onnx-{folder.name}")
     meta_path = out / EXPORT_META
     if meta_path.is_file():
         try:
@@ -352,20 +296,6 @@ def onnx_for_run(run: str | Path, *, checkpoint_name: str = "best", model: str |
     info_file.source["checkpoint_stamp"] = stamp
     info_file.write(out)
     return out
-
-
-def _checkpoint_folder(run: Path, which: str) -> Path:
-    """The checkpoint folder ``dinotune.load`` reads for ``run`` and ``which``."""
-    from dinotune.engine import checkpoint
-    from dinotune.errors import CheckpointError
-
-    if (run / checkpoint.META).is_file():
-        return run
-    try:
-        return checkpoint.resolve(run / "checkpoints" / which)
-    except CheckpointError:
-        other = "last" if which == "best" else "best"
-        return checkpoint.resolve(run / "checkpoints" / other)
 
 
 def _files_stamp(folder: Path) -> str:

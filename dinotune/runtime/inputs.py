@@ -4,7 +4,7 @@ Listing and checking reuse ``dinotune.data.images`` (folders searched recursivel
 reported and skipped, pixel limits from the header) and decoding reuses ``load_image`` (upright,
 RGB) and ``data.arrays.read_bands`` (``.npy`` / multi-band TIFF); neither imports torch. A file that
 does not fit the model (a picture for a band-array model, another band count) is refused naming
-it and both counts, as ``data.bands.check_inputs`` refuses it.
+it and both counts (``data.input_spec.check_inputs``, which the PyTorch path uses too).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from dinotune.data.arrays import band_header, check_band_file, is_band_file, read_bands
+from dinotune.data.arrays import check_band_file, is_band_file, read_bands
 from dinotune.data.images import SkipReport, collect_images, load_image, scan_images
+from dinotune.data.input_spec import InputSpec, check_inputs
 from dinotune.errors import DataError, ImageReadError
-from dinotune.runtime.metadata import InputInfo
 
 
-def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputInfo, max_pixels: int,
+def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputSpec, max_pixels: int,
                     mode: Literal["full", "fast"] = "fast") -> list[Path]:
     """The image files named by ``inputs`` (files, or folders searched recursively) that read;
     the others are reported and skipped. Raises ImageReadError when none is left, DataError when
@@ -44,27 +44,14 @@ def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputInfo, 
     return paths
 
 
-def check_inputs(paths: Iterable[Path], spec: InputInfo, where: str) -> None:
-    """Refuse (DataError) a picture where the model takes band arrays (or the reverse: their units
-    differ) and a band count other than the model's, naming the file and both counts."""
-    for p in paths:
-        if is_band_file(p) != spec.arrays:
-            kind = "a band array" if spec.arrays else "a picture"
-            raise DataError(f"{p}: the model was trained on {'band arrays' if spec.arrays else 'pictures'} "
-                            f"({spec.in_channels} bands) but this {where} file is not {kind}")
-        count = band_header(p, spec.layout).bands if spec.arrays else 3
-        if count != spec.in_channels:
-            raise DataError(f"{p} has {count} band(s); the model takes {spec.in_channels}")
-
-
-def read_image(path: Path, spec: InputInfo, max_pixels: int) -> np.ndarray:
+def read_image(path: Path, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """``H x W x C``: a picture as uint8 RGB (upright), a band array as float32 in its units."""
     if spec.arrays:
         return read_bands(path, spec.layout, max_pixels).astype(np.float32, copy=False)
     return np.asarray(load_image(path, max_pixels))
 
 
-def as_model_image(image: np.ndarray, spec: InputInfo, name: str) -> np.ndarray:
+def as_model_image(image: np.ndarray, spec: InputSpec, name: str) -> np.ndarray:
     """An in-memory image for the model: ``H x W x 3`` uint8 RGB for a picture model (a gray
     ``H x W`` is repeated to RGB, as pictures are read), ``H x W x C`` (or ``H x W`` for one band)
     float32 band values for a band-array model. DataError naming ``name`` when it does not fit."""

@@ -4,16 +4,14 @@
 
 - ``format`` (``onnx`` / ``torchscript``), ``model_file``, ``dtype`` (``float32`` / ``float16``),
   ``opset``, ``exporter``, ``dinotune_version``;
-- ``task`` (``classify`` / ``detect`` / ``segment``), ``class_names``, ``categories`` (detection and
-  segmentation: ``[{"id", "name"}]``, the dataset's ids);
+- ``task`` (a registered task's name), ``class_names``, ``categories`` (tasks whose data has category
+  ids: ``[{"id", "name"}]``, the dataset's ids);
 - ``image_size`` ``S`` (the graph's fixed input side), ``patch_size``, ``input``: the run's bands
   (``in_channels``, ``rgb_bands``, per-band ``mean`` / ``std`` in the reader's units, ``arrays``:
   band-array files rather than pictures, ``layout``), ``max_image_pixels``;
-- ``inputs`` / ``outputs``: the graph's tensor names (see ``export/graphs.py`` for their shapes);
-- ``postprocess``: the run's inference settings (classification ``top_k``; detection ``head``,
-  ``top_k`` (the graph's ``k``), ``score_threshold``, ``draw_threshold``, ``category_ids``;
-  segmentation ``inference`` (whole / slide), ``slide_stride``, ``output_stride``,
-  ``ignore_index``; all: ``batch_size``);
+- ``inputs`` / ``outputs``: the graph's tensor names (each task's ``export.py`` gives their shapes);
+- ``postprocess``: the run's inference section and what the task's runtime needs beside it (each
+  task's ``export.py`` says which keys);
 - ``source`` (the run, checkpoint, backbone, adapter) and ``verification`` (the largest difference
   between the exported graph and PyTorch on the export's own check).
 """
@@ -25,28 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError
+from dinotune.tasks import registry
 
 EXPORT_META = "dinotune_export.json"
-TASKS = ("classify", "detect", "segment")
-
-
-@dataclass
-class InputInfo:
-    """The model's input, as the run's ``meta["input"]`` saved it (the fields of
-    ``dinotune.data.bands.InputSpec``, without torch)."""
-
-    in_channels: int = 3
-    rgb_bands: list[int] = field(default_factory=lambda: [0, 1, 2])
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    arrays: bool = False
-    layout: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "InputInfo":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 @dataclass
@@ -59,7 +41,7 @@ class ExportInfo:
     patch_size: int
     inputs: list[str]
     outputs: list[str]
-    input: InputInfo = field(default_factory=InputInfo)
+    input: InputSpec = field(default_factory=InputSpec)
     postprocess: dict[str, Any] = field(default_factory=dict)
     categories: list[dict[str, Any]] | None = None
     format: str = "onnx"
@@ -67,7 +49,7 @@ class ExportInfo:
     dtype: str = "float32"
     opset: int | None = None
     exporter: str = ""
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     dinotune_version: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
@@ -95,9 +77,9 @@ class ExportInfo:
         missing = [k for k in ("task", "class_names", "image_size", "patch_size", "inputs", "outputs") if k not in raw]
         if not isinstance(raw, dict) or missing:
             raise ConfigError(f"{path}: not a dinotune export description (missing {', '.join(missing) or 'keys'})")
-        if raw["task"] not in TASKS:
-            raise ConfigError(f"{path}: unknown task {raw['task']!r} (expected one of {', '.join(TASKS)})")
+        if raw["task"] not in registry.names():
+            raise ConfigError(f"{path}: unknown task {raw['task']!r} (expected one of {', '.join(registry.names())})")
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in raw.items() if k in known}
-        values["input"] = InputInfo.from_dict(raw.get("input"))
+        values["input"] = InputSpec.from_dict(raw.get("input"))
         return cls(**values)

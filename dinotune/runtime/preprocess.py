@@ -1,5 +1,6 @@
-"""The run's evaluation preprocessing in numpy, for each task, equal to the torchvision transforms
-the torch path uses (``data/transforms.py``, ``tasks/detect/transforms.py``, ``tasks/segment/data.py``).
+"""The steps of the PyTorch evaluation transforms in numpy, equal to torchvision's: each task
+composes its model input from them (``tasks/<name>/runtime.py``), as its PyTorch path composes
+``data/transforms.py`` and its own transforms.
 
 Images are ``H x W x C`` arrays: pictures ``uint8`` RGB (as ``data.images.load_image`` reads them),
 band arrays ``float32`` in their own units (as ``data.arrays.read_bands`` reads them). Resizing is
@@ -18,14 +19,11 @@ input is ``C x H x W`` float32.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from dinotune.runtime.metadata import InputInfo
+from dinotune.data.input_spec import InputSpec
 
-__all__ = ["resize", "short_side_size", "center_crop", "classify_input", "detect_input", "segment_input",
-           "eval_size", "normalize"]
+__all__ = ["resize", "short_side_size", "center_crop", "normalize", "pad_to_multiple"]
 
 
 def _filter_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +104,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top: top + size, left: left + size]
 
 
-def normalize(image: np.ndarray, spec: InputInfo) -> np.ndarray:
+def normalize(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """``H x W x C`` (uint8 picture or float bands) -> ``C x H x W`` float32: pictures scaled to
     [0, 1] (``ToDtype(scale=True)``), then ``(x - mean) / std`` per band."""
     x = image.astype(np.float32)
@@ -117,49 +115,13 @@ def normalize(image: np.ndarray, spec: InputInfo) -> np.ndarray:
     return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
 
 
-def classify_input(image: np.ndarray, size: int, spec: InputInfo) -> np.ndarray:
-    """``classify_eval_transform``: short side to ``round(size * 256 / 224)``, center crop
-    ``size``, normalise. Returns ``C x size x size``."""
-    h, w = short_side_size(image.shape[0], image.shape[1], int(round(size * 256 / 224)))
-    return normalize(center_crop(resize(image, h, w), size), spec)
-
-
-def detect_input(image: np.ndarray, size: int, spec: InputInfo) -> tuple[np.ndarray, float]:
-    """``resize_pad`` + ``to_input``: the longer side to ``size``, zero padding right / bottom to
-    ``size x size`` (before normalisation, as the torch path pads), normalise. Returns the
-    ``C x size x size`` canvas and the factor ``size / max(H, W)``."""
-    h, w = image.shape[:2]
-    factor = size / max(h, w)
-    nh, nw = min(size, max(1, round(h * factor))), min(size, max(1, round(w * factor)))
-    resized = resize(image, nh, nw)
-    canvas = np.zeros((size, size, image.shape[2]), dtype=resized.dtype)
-    canvas[:nh, :nw] = resized
-    return normalize(canvas, spec), factor
-
-
-def _round_to(x: float, patch: int) -> int:
-    return max(patch, int(round(x / patch)) * patch)
-
-
-def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
-    """The segmentation evaluation size (``tasks/segment/data.eval_size``): short side
-    ``image_size``, both sides rounded to multiples of ``patch_size``."""
-    scale = image_size / min(height, width)
-    return _round_to(height * scale, patch_size), _round_to(width * scale, patch_size)
-
-
-def segment_input(image: np.ndarray, size: Sequence[int], patch_size: int, spec: InputInfo
-                  ) -> tuple[np.ndarray, tuple[int, int]]:
-    """``predict_mask``'s input: resized to ``size`` ``(h, w)``, normalised, zero-padded (after
-    normalisation, as ``segmentation_collate``) to multiples of ``patch_size``. Returns the
-    ``C x H' x W'`` array and the unpadded ``(h, w)``."""
-    x = normalize(resize(image, int(size[0]), int(size[1])), spec)
+def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+    """``C x H x W`` zero-padded at the bottom / right to sides that are multiples of ``multiple``
+    (the PyTorch collate functions pad batches this way, after normalisation)."""
     c, h, w = x.shape
-    ph, pw = -(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size
-    if (ph, pw) != (h, w):
-        padded = np.zeros((c, ph, pw), dtype=np.float32)
-        padded[:, :h, :w] = x
-        x = padded
-    return x, (h, w)
-
-
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    if (ph, pw) == (h, w):
+        return x
+    padded = np.zeros((c, ph, pw), dtype=x.dtype)
+    padded[:, :h, :w] = x
+    return padded

@@ -34,9 +34,10 @@ from starlette.requests import Request as StarletteRequest
 from dinotune.config import check_ranges
 from dinotune.config.tools import ServeConfig
 from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError, DinotuneError
 from dinotune.serve.predictors import Predictor
-from dinotune.serve.uploads import ModelInput, Upload, UploadError, decoded_upload
+from dinotune.serve.uploads import Upload, UploadError, decoded_upload
 
 STATIC = Path(__file__).parent / "static"
 # Room for the multipart envelope (boundaries, part headers) around a file of the largest size.
@@ -56,7 +57,8 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_u
     for attr in ("task", "class_names", "predict_array"):
         if not hasattr(predictor, attr):
             raise ConfigError(f"{type(predictor).__name__} cannot be served: it has no {attr!r}")
-    spec = ModelInput.of(getattr(predictor, "input_spec", None))
+    spec = getattr(predictor, "input_spec", None) or InputSpec()
+    runtime = getattr(predictor, "runtime", None)  # the task's RuntimeTask: what the page draws
     max_pixels = int(getattr(predictor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     limit = int(max_upload_mb * MB)
     lock = threading.Lock()
@@ -70,8 +72,10 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_u
     @app.get("/health")
     def health() -> dict[str, Any]:
         describe = getattr(predictor, "describe", None)
+        view_settings = getattr(predictor, "view_settings", None)
         return {"status": "ok", "task": predictor.task, "classes": list(predictor.class_names),
                 "model": describe() if callable(describe) else {"backend": type(predictor).__name__},
+                "view": view_settings() if callable(view_settings) else {},
                 "input": {"bands": spec.in_channels, "arrays": spec.arrays}, "max_upload_mb": max_upload_mb}
 
     @app.post("/predict")
@@ -82,12 +86,15 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_u
         def work() -> dict[str, Any]:
             with decoded_upload(data, filename, spec, max_pixels) as upload:
                 with lock:  # one model: one inference at a time
-                    if overlay and hasattr(predictor, "predict_array_with_mask"):
-                        record, mask = predictor.predict_array_with_mask(upload.array, upload.name)
+                    if overlay and hasattr(predictor, "predict_view"):
+                        record, extras = predictor.predict_view(upload.array, upload.name)
                     else:
-                        record, mask = predictor.predict_array(upload.array, upload.name), None
+                        record, extras = predictor.predict_array(upload.array, upload.name), {}
                 if overlay:
-                    record = {**record, "overlay": overlay_of(upload, mask, predictor, spec)}
+                    view = runtime.view(record, extras) if runtime is not None else {}
+                    offset = getattr(runtime, "colour_offset", 1)
+                    drawn = overlay_of(upload, extras.get("mask"), list(predictor.class_names), spec, offset)
+                    record = {**record, "overlay": {**drawn, "view": view}}
                 return record
 
         try:
@@ -153,16 +160,18 @@ def _limited(receive: Callable[[], Awaitable[dict]], limit: int, message: str) -
 
 
 # ------------------------------------------------------------------------------------- overlay
-def overlay_of(upload: Upload, mask: np.ndarray | None, predictor: Predictor, spec: ModelInput) -> dict[str, Any]:
-    """What the page draws on: ``{"image": JPEG (PNG when small) data URL of the input as shown (band arrays through
-    their RGB bands, 2-98 % stretch), "width", "height" (of that picture, at most OVERLAY_SIDE),
-    "source_width", "source_height" (of the input: boxes are in these pixels), "mask": PNG data URL
-    of the coloured label map at the picture's size or None, "colors": {class: "#rrggbb"}}``."""
+def overlay_of(upload: Upload, mask: np.ndarray | None, names: list[str], spec: InputSpec,
+               colour_offset: int = 1) -> dict[str, Any]:
+    """What the page draws on: ``{"image": JPEG (PNG when small) data URL of the input as shown (band
+    arrays through their RGB bands, 2-98 % stretch), "width", "height" (of that picture, at most
+    OVERLAY_SIDE), "source_width", "source_height" (of the input: boxes are in these pixels), "mask":
+    PNG data URL of the coloured label map at the picture's size or None, "colors": {class:
+    "#rrggbb"}}``; class ``i`` takes palette colour ``i + colour_offset`` (the task runtime's: 1 keeps
+    black, invisible on dark pictures, for nothing; 0 where label 0 is drawn as a class)."""
     from PIL import Image
 
     from dinotune.viz.segmentation import palette
 
-    names = list(predictor.class_names)
     if upload.is_array:
         from dinotune.data.bands import stretch_to_rgb  # band arrays are shown as everywhere in dinotune
 
@@ -171,9 +180,7 @@ def overlay_of(upload: Upload, mask: np.ndarray | None, predictor: Predictor, sp
         picture = Image.fromarray(upload.array)
     source = picture.size
     picture.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))
-    # segmentation colours its labels from 0 (VOC: background black); detection and classification
-    # skip the black row, which would vanish on dark pictures
-    offset = 0 if predictor.task == "segment" else 1
+    offset = colour_offset
     colours = palette(min(len(names) + offset, 256), None)
     # JPEG keeps a large photo's answer small; small pictures, drawn enlarged, stay exact as PNG
     fmt = "PNG" if picture.width * picture.height <= 256 * 256 else "JPEG"

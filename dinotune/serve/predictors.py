@@ -5,24 +5,29 @@
 The record ``predict_array`` returns is the one ``dinotune.predict`` returns for that image (the
 run's inference settings; ``image`` is ``name``). Optional members the server uses when present:
 
-- ``input_spec`` (an ``InputSpec``, or any object or dict with its ``in_channels``, ``rgb_bands``,
-  ``arrays``, ``layout``): the model's bands, so uploads are checked against them (default: RGB
-  pictures);
+- ``input_spec`` (an ``InputSpec``): the model's bands, so uploads are checked against them
+  (default: RGB pictures);
 - ``max_image_pixels`` (int): the pixel limit of decoded uploads (default: Pillow's);
-- ``predict_array_with_mask(array, name) -> (record, H x W label map)``: segmentation label maps
-  for the page's overlay;
+- ``runtime``: the task's ``RuntimeTask`` (class or instance): what the page draws of a record
+  (``view``), its controls (``view_settings``) and colours;
+- ``predict_view(array, name) -> (record, extras)``: the record and what the page draws beside it
+  (a label map under ``"mask"``);
+- ``view_settings() -> dict``: the page's controls for this model (e.g. the box threshold);
 - ``describe() -> dict``: what ``GET /health`` says of the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from dinotune.engine.run_folder import RunLayout
 from dinotune.errors import ConfigError
+from dinotune.runtime.metadata import EXPORT_META
 
 
 @runtime_checkable
@@ -43,41 +48,42 @@ class RunPredictor:
     ``predict_array`` goes through the task's own ``predict`` on a copy of the image in a private
     temporary folder (PNG for pictures, which is lossless, ``.npy`` for band arrays), so a served
     record is what ``dinotune predict`` gives for the same image, by construction rather than by
-    a second implementation of each task's pre- and post-processing.
+    a second implementation of each task's pre- and post-processing. What the page draws beside it
+    comes back through files the task's runtime asks ``predict`` to write (``artifact_options``).
     """
 
     def __init__(self, run: Any):
-        from dinotune.data.bands import InputSpec
-
         self.run = run
         self.task: str = run.task.name
         self.class_names: list[str] = list(run.bundle.class_names)
-        self.input_spec = InputSpec.from_meta(run.meta)
+        self.input_spec = run.input_spec
         self.max_image_pixels: int = run.cfg.data.max_image_pixels
+        self.runtime = run.task.runtime()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "RunPredictor":
-        from dinotune.api import load
+        from dinotune.runs import load  # torch: only for a run, never for an exported model
 
         return cls(load(path, device=device))
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET /health`` says of the model (``draw_threshold``: detection's, for the page)."""
+        """What ``GET /health`` says of the model."""
         cfg = self.run.cfg
-        out = {"backend": "torch", "run": str(self.run.run_dir), "backbone": cfg.backbone.model,
-               "adapter": cfg.adapter.kind, "image_size": cfg.backbone.image_size, "device": str(self.run.device)}
-        if hasattr(cfg.inference, "draw_threshold"):
-            out["draw_threshold"] = cfg.inference.draw_threshold
-        return out
+        return {"backend": "torch", "run": str(self.run.run_dir), "backbone": cfg.backbone.model,
+                "adapter": cfg.adapter.kind, "image_size": cfg.backbone.image_size, "device": str(self.run.device)}
+
+    def view_settings(self) -> dict[str, Any]:
+        """The page's controls, from the run's inference settings."""
+        return self.runtime.view_settings(dataclasses.asdict(self.run.cfg.inference))
 
     def predict_array(self, array: np.ndarray, name: str) -> dict[str, Any]:
-        return self._predict(array, name, with_mask=False)[0]
+        return self._predict(array, name, with_view=False)[0]
 
-    def predict_array_with_mask(self, array: np.ndarray, name: str) -> tuple[dict[str, Any], np.ndarray | None]:
-        """The record and, for segmentation, the ``H x W`` label map (None for other tasks)."""
-        return self._predict(array, name, with_mask=self.task == "segment")
+    def predict_view(self, array: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The record and what the page draws beside it (the task runtime's extras)."""
+        return self._predict(array, name, with_view=True)
 
-    def _predict(self, array: np.ndarray, name: str, with_mask: bool) -> tuple[dict[str, Any], np.ndarray | None]:
+    def _predict(self, array: np.ndarray, name: str, with_view: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         from PIL import Image
 
         # numeric stems are detection image ids, as for files: name the copy as the upload is named
@@ -92,14 +98,12 @@ class RunPredictor:
             else:
                 path = folder / f"{stem}.png"
                 Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="RGB").save(path)
-            options = {"masks": str(folder / "masks")} if with_mask else {}
-            record = self.run.predict([path], **options)[0]
-            mask = None
-            if with_mask:
-                mask = np.asarray(Image.open(record["mask"]))
-                record["mask"] = None  # a path in a folder that is about to go; `predict` without --masks
+            options = self.runtime.artifact_options(folder) if with_view else {}
+            record, extras = self.run.predict([path], **options)[0], {}
+            if with_view:
+                record, extras = self.runtime.take_artifacts(record)  # before the folder goes
         record["image"] = name
-        return record, mask
+        return record, extras
 
 
 def open_predictor(path: str | Path, device: str = "auto") -> Predictor:
@@ -110,10 +114,10 @@ def open_predictor(path: str | Path, device: str = "auto") -> Predictor:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or ONNX model")
-    is_run = (path / "config.yaml").is_file() or (path / "meta.json").is_file() or (path / "checkpoints").is_dir()
-    if is_run:
+    layout = RunLayout(path)
+    if layout.config.is_file() or layout.checkpoints.is_dir() or RunLayout.is_checkpoint(path):
         return RunPredictor.load(path, device=device)
-    exported = path.suffix.lower() == ".onnx" or (path / "dinotune_export.json").is_file()
+    exported = path.suffix.lower() == ".onnx" or (path / EXPORT_META).is_file()
     if exported or (path.is_dir() and any(path.glob("*.onnx"))):
         try:
             from dinotune.runtime import load_predictor

@@ -17,12 +17,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from dinotune.data.arrays import band_header, is_band_file, read_bands
 from dinotune.data.images import check_image, load_image
+from dinotune.data.input_spec import InputSpec
 from dinotune.errors import DataError, DinotuneError
 
 # The first bytes of the two band-array formats (numpy's .npy magic; little / big endian TIFF,
@@ -39,33 +40,6 @@ class UploadError(DataError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What uploads are checked against: the fields of ``dinotune.data.bands.InputSpec`` (and of an
-    export's input description) that reading needs, without torch.
-
-    Attributes:
-        in_channels: bands per image (3 for pictures).
-        rgb_bands: the bands drawn as red, green, blue.
-        arrays: the model takes band arrays (``.npy`` / multi-band TIFF), not pictures.
-        layout: axis order of 3-d arrays (``auto``, ``hwc``, ``chw``).
-    """
-
-    in_channels: int = 3
-    rgb_bands: tuple[int, ...] = (0, 1, 2)
-    arrays: bool = False
-    layout: str = "auto"
-
-    @classmethod
-    def of(cls, spec: Any) -> "ModelInput":
-        """From an ``InputSpec``-like object (or a dict of its fields); None: RGB pictures."""
-        if spec is None:
-            return cls()
-        get = spec.get if isinstance(spec, dict) else (lambda k, d=None: getattr(spec, k, d))
-        return cls(int(get("in_channels", 3)), tuple(get("rgb_bands", (0, 1, 2))), bool(get("arrays", False)),
-                   str(get("layout", "auto")))
 
 
 @dataclass
@@ -117,7 +91,7 @@ def sniff_suffix(data: bytes, name: str = "upload") -> str:
 
 
 @contextmanager
-def decoded_upload(data: bytes, filename: str | None, spec: ModelInput, max_pixels: int) -> Iterator[Upload]:
+def decoded_upload(data: bytes, filename: str | None, spec: InputSpec, max_pixels: int) -> Iterator[Upload]:
     """Decode ``data`` for a model whose input is ``spec``; the temporary file lives as long as the
     ``with`` block.
 
@@ -142,7 +116,7 @@ def decoded_upload(data: bytes, filename: str | None, spec: ModelInput, max_pixe
             raise UploadError(422, str(exc).replace(str(path), name)) from None
 
 
-def _read(path: Path, name: str, spec: ModelInput, max_pixels: int) -> Upload:
+def _read(path: Path, name: str, spec: InputSpec, max_pixels: int) -> Upload:
     is_array = is_band_file(path)
     if is_array != spec.arrays:
         model = f"band arrays ({spec.in_channels} bands)" if spec.arrays else "pictures"

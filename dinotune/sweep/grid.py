@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, get_origin
 
+from dinotune.adapters import adapter_for
 from dinotune.config import ConfigError, build_config, coerce, flag_map, leaf_fields, to_dict
 
 # Keys a sweep owns (each trial's folder) or that name the config's kind: never a grid axis.
@@ -23,21 +24,16 @@ RESERVED = {"train.out": "the sweep names each trial's run folder itself (give t
 
 # Settings that do nothing under other settings: trials differing only in them are one trial.
 # (keys, applies(cfg), why not: said as "<key> does not apply when <why>"); a rule is asked only
-# about keys the task's config has.
-_DETR = ("model.num_queries", "model.decoder_layers", "model.hidden_dim", "model.num_heads", "model.ffn_dim",
-         "model.sampling_points", "model.pyramid_scales", "model.decoder_dropout")
-APPLICABILITY: tuple[tuple[tuple[str, ...], Callable[[Any], bool], Callable[[Any], str]], ...] = (
+# about keys the task's config has. These are the sections every task config shares; a task config
+# adds the rules of its own keys with a ``sweep_rules()`` classmethod (see ``rules``).
+SweepRule = tuple[tuple[str, ...], Callable[[Any], bool], Callable[[Any], str]]
+APPLICABILITY: tuple[SweepRule, ...] = (
     (("adapter.rank", "adapter.alpha", "adapter.dropout", "adapter.targets", "adapter.last_n_blocks"),
-     lambda c: c.adapter.kind in ("lora", "dora"), lambda c: f"adapter={c.adapter.kind} (only LoRA and DoRA use it)"),
+     lambda c: adapter_for(c.adapter.kind).uses_peft,
+     lambda c: f"adapter={c.adapter.kind} (only LoRA and DoRA use it)"),
     (("optim.backbone_lr", "optim.layer_decay"),
-     lambda c: c.adapter.kind != "none", lambda c: "adapter=none (the backbone is frozen)"),
-    (("head.mlp_hidden",), lambda c: c.head.head == "mlp", lambda c: f"head={c.head.head} (only the mlp head has it)"),
-    (("head.focal_gamma",), lambda c: c.head.loss == "focal", lambda c: f"loss={c.head.loss} (only the focal loss has it)"),
-    (_DETR, lambda c: c.model.head == "detr", lambda c: f"head={c.model.head} (only the DETR decoder has it)"),
-    (("model.single_hidden", "model.single_dropout", "loss.box_loss_weight"),
-     lambda c: c.model.head == "improved", lambda c: f"head={c.model.head} (only the improved single-object head has it)"),
-    (("model.linear_layers",), lambda c: c.model.decoder == "linear", lambda c: f"decoder={c.model.decoder}"),
-    (("model.fpn_layers", "model.fpn_dim"), lambda c: c.model.decoder == "fpn", lambda c: f"decoder={c.model.decoder}"),
+     lambda c: adapter_for(c.adapter.kind).trains_backbone,
+     lambda c: f"adapter={c.adapter.kind} (the backbone is frozen)"),
     (("train.stage1_epochs", "train.stage1_lr", "train.stage2_epochs", "train.stage2_lr"),
      lambda c: c.train.two_stage, lambda c: "two-stage training is off"),
     (("train.epochs",), lambda c: not c.train.two_stage, lambda c: "two-stage training is on (its stages set the epochs)"),
@@ -146,10 +142,17 @@ def parse_axes(cls: type, items: Iterable[str], option: str = "--grid") -> tuple
     return axes, notes
 
 
+def rules(cfg: Any) -> tuple[SweepRule, ...]:
+    """The applicability rules of a task config: the shared ones and its class's own
+    (``sweep_rules()``, e.g. classification's ``head.mlp_hidden`` only with the mlp head)."""
+    own = getattr(type(cfg), "sweep_rules", None)
+    return APPLICABILITY + (tuple(own()) if callable(own) else ())
+
+
 def _not_applying(cfg: Any, keys: Iterable[str]) -> dict[str, str]:
     """Of ``keys``, those that do nothing under ``cfg`` -> why."""
     keys = set(keys)
-    return {key: why(cfg) for rule_keys, applies, why in APPLICABILITY for key in rule_keys
+    return {key: why(cfg) for rule_keys, applies, why in rules(cfg) for key in rule_keys
             if key in keys and not applies(cfg)}
 
 

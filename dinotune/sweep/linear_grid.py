@@ -1,18 +1,18 @@
 """``--linear-grid``: many heads on a frozen backbone, trained at once on one pass of cached features
 (the DINOv2 linear evaluation's trick), the best chosen on validation.
 
-The backbone runs once per image: the cache holds, per image, the class tokens of the last ``n``
-layers and the mean patch token (``n`` = 4 when a ``last4`` head is asked for, else 1), and every
-pooling is a slice of that row (``cls``: the last class token, ``cls_mean``: it and the mean patch
-token, ``last4``: the whole row; the slices equal what ``heads.pool_features`` gives). Each batch of
-the one loader then trains every head in turn.
+The backbone runs once per image, into a cached row holding every input the heads read; each batch
+of the one loader then trains every head in turn, on its part of the rows. What a row is and which
+part a head reads is the task's (``Task.linear_probe()``, ``dinotune/tasks/linear_probe.py``; for
+classification, every pooling is a slice of one row); this module is the generic loop around it.
 
-Each head gets exactly what training it alone (``dinotune train --adapter none --cache-features``
-with its settings) would give: its weights start from the random state a lone run builds its head
-in, the batches come in the lone run's order (the task's loader, reseeded per epoch as the trainer
-reseeds it), and it has its own optimizer, schedule and gradient clipping, built by the engine's own
-functions from its own config. What would couple the heads is refused: dropout in the head (one random
-stream, drawn in another order), fp16 loss scaling, EMA and early stopping.
+Each head gets exactly what training it alone (``dinotune train --adapter none`` on the task's
+cached features, with its settings) would give: its weights start from the random state a lone run
+builds its head in, the batches come in the lone run's order (the task's loader, reseeded per epoch
+as the trainer reseeds it), and it has its own optimizer, schedule and gradient clipping, built by
+the engine's own functions from its own config. What would couple the heads is refused: fp16 loss scaling, EMA, early
+stopping, and what the task's probe refuses (classification: dropout in the head, one random stream
+drawn in another order).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
-import io
 import os
 import sys
 import time
@@ -32,49 +32,56 @@ from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from dinotune.backbone.channels import adapt_input_to_meta
 from dinotune.config import ConfigError, save_yaml
 from dinotune.engine import checkpoint
 from dinotune.engine.device import autocast, resolve_precision, select_device, to_device
 from dinotune.engine.logging import METRICS_FILE, progress
-from dinotune.engine.memory import peak_memory_mb, reset_peak
+from dinotune.engine.memory import batch_length, peak_memory_mb, reset_peak
 from dinotune.engine.monitor import Monitor
 from dinotune.engine.optim import build_optimizer, build_phases, build_scheduler, logged_lrs, set_trainable
+from dinotune.engine.run_folder import BEST, RunLayout
 from dinotune.engine.trainer import seed_epoch
 from dinotune.models.bundle import ModelBundle
-from dinotune.sweep.grid import Axis, Trial
+from dinotune.sweep.grid import Axis, Trial, display_name
 from dinotune.sweep.table import Row
 from dinotune.tasks import Task, TaskData, build_backbone, get_task
-from dinotune.tasks.classify.heads import layers_needed
-from dinotune.tasks.classify.probe import FeatureDataset, cached_features
+from dinotune.tasks.linear_probe import HeadView, LinearProbe
 from dinotune.utils import atomic_write_text, get_rng_state, info, seed_everything, set_rng_state, write_json
 
-# What heads trained on one pass of the same features may differ in (dotted config keys).
-LINEAR_KEYS = ("optim.lr", "optim.weight_decay", "head.pool", "head.label_smoothing")
-BEST_DIR = "best"
+# What every head has its own of, whatever the task (its optimiser is built from its own config);
+# the task's probe adds its keys (``LinearProbe.keys``).
+OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay")
+# the sweep folder's run folder of the chosen head, named as the checkpoint a run keeps of its best epoch
+BEST_DIR = BEST
 HEADS_FILE = "heads.json"
 
 
-def check_axes(axes: Sequence[Axis]) -> None:
+def linear_probe(cfg: Any) -> LinearProbe:
+    """The task's part of the linear grid; ConfigError for a task that has none."""
+    probe = get_task(cfg).linear_probe()
+    if probe is None:
+        raise ConfigError(f"--linear-grid does not apply to {cfg.task} runs; sweep them with --grid")
+    return probe
+
+
+def check_axes(cls: type, axes: Sequence[Axis], probe: LinearProbe) -> None:
+    """Refuse an axis (of the task config class ``cls``) that heads on the same cached rows cannot differ in."""
+    keys = OPTIMISER_KEYS + tuple(probe.keys)
     for axis in axes:
-        if axis.key not in LINEAR_KEYS:
-            allowed = ", ".join(k.split(".")[1].replace("_", "-") for k in LINEAR_KEYS)
+        if axis.key not in keys:
+            allowed = ", ".join(display_name(cls, k) for k in keys)
             raise ConfigError(f"--linear-grid {axis.name}: heads trained together on the same cached features can "
                               f"differ only in {allowed}; sweep {axis.name} with --grid instead")
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Any, probe: LinearProbe) -> None:
     """Refuse what the one-pass training cannot give exactly as lone runs would."""
-    if cfg.task != "classify":
-        raise ConfigError(f"--linear-grid trains classification heads; {cfg.task} runs sweep with --grid")
     if cfg.adapter.kind != "none":
         raise ConfigError(f"--linear-grid trains heads on a frozen backbone's cached features: it needs --adapter none, "
                           f"not {cfg.adapter.kind} (sweep adapters with --grid)")
-    if cfg.head.head_dropout > 0:
-        raise ConfigError("--linear-grid needs --head-dropout 0: dropout draws from one random stream, which heads "
-                          "trained together would draw in another order than each alone")
+    probe.check(cfg)
     if cfg.train.precision == "fp16":
         raise ConfigError("--linear-grid does not take --precision fp16 (its loss scaler is one per run); use bf16 or fp32")
     if getattr(cfg.train, "compile", False):
@@ -90,32 +97,6 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("--linear-grid needs a number for --batch-size (heads on cached features are small)")
 
 
-class _AllPools(nn.Module):
-    """``features(images)`` -> ``B x (n + 1) C``: the class tokens of the last ``n`` layers
-    (shallow to deep) and the last layer's mean patch token."""
-
-    def __init__(self, backbone: nn.Module, n_layers: int):
-        super().__init__()
-        self.backbone = backbone
-        self.n_layers = n_layers
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.backbone(images, layers=self.n_layers)
-        return torch.cat([*f.layers_cls, f.patch_mean], dim=-1)
-
-
-def pool_columns(pool: str, n_layers: int, dim: int) -> slice:
-    """The columns of an ``_AllPools`` row that make the pooled input of ``pool``."""
-    last = (n_layers - 1) * dim  # where the last layer's class token starts
-    if pool == "cls":
-        return slice(last, last + dim)
-    if pool == "cls_mean":
-        return slice(last, last + 2 * dim)
-    if pool == "last4":
-        return slice(last - 3 * dim, last + 2 * dim)
-    raise ConfigError(f"unknown pool {pool!r}: choose cls, cls_mean or last4")
-
-
 @dataclass
 class _Head:
     """One head in training, with everything a lone run would keep for it."""
@@ -123,7 +104,7 @@ class _Head:
     trial: Trial
     task: Task
     bundle: ModelBundle
-    columns: slice
+    view: HeadView  # its part of the cached rows
     optimizer: Any = None
     scheduler: Any = None
     val_loader: Any = None
@@ -157,9 +138,10 @@ def train_heads(cfg: Any, trials: Sequence[Trial], cache_dir: Path, *, show_prog
                 ) -> tuple[list[_Head], dict[str, Any], float | None]:
     """Train every trial's head on one pass of cached features per epoch. Returns the heads (their
     histories, best records and best weights), the data's metadata and the process's peak memory."""
-    check_config(cfg)
+    probe = linear_probe(cfg)
+    check_config(cfg, probe)
     for trial in trials:
-        check_config(trial.config)
+        check_config(trial.config, probe)
         trial.config.validate()
     seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
@@ -175,23 +157,21 @@ def train_heads(cfg: Any, trials: Sequence[Trial], cache_dir: Path, *, show_prog
     data.meta["backbone_fingerprint"] = fingerprint
     adapt_input_to_meta(backbone, data.meta, trainable=False)
     start = get_rng_state()
-    heads = []
-    n_layers = max(layers_needed(t.config.head.pool) for t in trials)
+    built = []
     for trial in trials:
         set_rng_state(start)  # each head starts from the random state a lone run builds it in
         head_task = get_task(trial.config)
-        bundle = head_task.build_model(data.meta, backbone)
-        heads.append(_Head(trial, head_task, bundle, pool_columns(trial.config.head.pool, n_layers, backbone.embed_dim)))
-    # one pass of the backbone over the data, every pooling in one row
+        built.append((trial, head_task, head_task.build_model(data.meta, backbone)))
+    # one pass of the backbone over the data, every head's input in one row
     t = cfg.train
-    extractor = _AllPools(backbone, n_layers).to(device)
-    common = dict(cache_dir=cache_dir, key_parts={"fingerprint": fingerprint, "model": cfg.backbone.model,
-                                                  "size": cfg.backbone.image_size, "pool": f"layers{n_layers}+mean",
-                                                  "input": data.meta.get("input")},
-                  batch_size=t.batch_size, workers=t.workers, device=device, precision=precision,
-                  show_progress=show_progress)
-    train_set = cached_features(extractor, data.train, split="train", **common)
-    val_set = cached_features(extractor, data.val, split="val", **common)
+    extractor = probe.feature_model(backbone, [trial.config for trial in trials]).to(device)
+    heads = [_Head(trial, head_task, bundle, probe.head_view(trial.config, extractor))
+             for trial, head_task, bundle in built]
+    key = {"fingerprint": fingerprint, "model": cfg.backbone.model, "size": cfg.backbone.image_size,
+           "input": data.meta.get("input")}
+    train_set, val_set = probe.cache(extractor, data.train, data.val, cache_dir=cache_dir, key=key,
+                                     batch_size=t.batch_size, workers=t.workers, device=device, precision=precision,
+                                     show_progress=show_progress)
     train_loader, _ = task.loaders(TaskData(train_set, None, data.meta))
     for head in heads:
         model = head.bundle.model.to(device)
@@ -201,8 +181,7 @@ def train_heads(cfg: Any, trials: Sequence[Trial], cache_dir: Path, *, show_prog
         head.optimizer = build_optimizer(model, hc.adapter, hc.optim, phase)
         per_epoch = math.ceil(len(train_loader) / hc.optim.accumulate)
         head.scheduler = build_scheduler(head.optimizer, hc.optim, phase.epochs * per_epoch, per_epoch)
-        pooled = FeatureDataset(val_set.features[:, head.columns].contiguous(), val_set.labels)
-        _, head.val_loader = head.task.loaders(TaskData(train_set, pooled, data.meta))
+        _, head.val_loader = head.task.loaders(TaskData(train_set, head.view.dataset(val_set), data.meta))
     for epoch in range(t.epochs):
         _epoch(heads, train_loader, epoch, cfg, device, precision)
     tell_warnings(heads)
@@ -232,7 +211,7 @@ def _epoch(heads: list[_Head], loader: Any, epoch: int, cfg: Any, device: torch.
             if h.error:
                 continue
             t0 = time.perf_counter()
-            sub = {**batch, "features": batch["features"][:, h.columns].contiguous()}
+            sub = h.view.batch(batch)
             with autocast(device, precision):
                 out = h.task.training_step(h.bundle, h.bundle.model, sub)
             value = float(out["loss"].item())
@@ -249,7 +228,7 @@ def _epoch(heads: list[_Head], loader: Any, epoch: int, cfg: Any, device: torch.
                 h.optimizer.step()
                 h.optimizer.zero_grad(set_to_none=True)
                 h.scheduler.step()
-            h.images += int(sub["features"].shape[0])
+            h.images += batch_length(sub)
             t_epoch[id(h)] += time.perf_counter() - t0
     bar.close()
     due = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
@@ -333,23 +312,24 @@ def save_heads(heads: Sequence[_Head], rows: Sequence[Row], out_dir: Path) -> No
 
 
 def write_run(head: _Head, meta: dict[str, Any], run_dir: Path) -> BestHead:
-    """The chosen head as a run folder (config, metrics.jsonl, best_metrics.json, checkpoints
-    ``best`` and ``last``) that ``dinotune eval`` / ``predict`` / ``load`` read like any other."""
+    """The chosen head as a run folder (its config, metrics, best metrics and both checkpoints, where
+    ``RunLayout`` puts them) that ``dinotune eval`` / ``predict`` / ``load`` read like any other."""
     cfg = copy.deepcopy(head.trial.config)
     cfg.train.out = str(run_dir)
+    layout = RunLayout(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
+    save_yaml(cfg, layout.config)
     atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in head.history))
     model = head.bundle.model
     last_state = copy.deepcopy(model.head.state_dict())
     last = head.history[-1]
-    checkpoint.save(run_dir / "checkpoints" / "last", model, cfg, {**meta, "epoch": last["epoch"], "metrics": last})
+    checkpoint.save(layout.last, model, cfg, {**meta, "epoch": last["epoch"], "metrics": last})
     model.head.load_state_dict(head.best_state)
     assert head.best is not None
-    checkpoint.save(run_dir / "checkpoints" / "best", model, cfg,
+    checkpoint.save(layout.best, model, cfg,
                     {**meta, "epoch": head.best["epoch"], "metrics": head.best})
     model.head.load_state_dict(last_state)
-    write_json(run_dir / "best_metrics.json", {"epoch": head.best["epoch"], **head.best_details})
+    write_json(layout.best_metrics, {"epoch": head.best["epoch"], **head.best_details})
     trainable = sum(p.numel() for p in model.head.parameters())
     total = sum(p.numel() for p in model.parameters())
     info(f"best head {head.trial.name} written as a run folder: {run_dir}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 from dinotune.config import TASK_CONFIGS, ConfigError, build_config, to_dict
+from dinotune.engine.run_folder import RunLayout
 from dinotune.sweep.folder import SweepFolder, settings_dict
 from dinotune.sweep.grid import Axis, Expansion, expand, parse_axes
 from dinotune.sweep.plot import plot_pareto
@@ -168,14 +169,15 @@ def _linear(task: str, base: Any, items: Sequence[str], *, out: str | Path, expl
     from dinotune.sweep import linear_grid as lg
 
     cls = TASK_CONFIGS[task]
+    probe = lg.linear_probe(base)  # refuses a task that has no linear evaluation
     explicit = set(explicit)
     if "adapter.kind" not in explicit:
         base.adapter.kind = "none"  # the linear grid's own setting; any other adapter given is refused
-    base.head.cache_features = True
+    probe.prepare(base)  # as a lone run on cached features has it: every trial's config inherits it
     axes, notes = parse_axes(cls, items, "--linear-grid")
-    lg.check_axes(axes)
+    lg.check_axes(cls, axes, probe)
     _refuse_swept_flags(axes, explicit, "--linear-grid")
-    lg.check_config(base)
+    lg.check_config(base, probe)
     expansion = expand(task, to_dict(base), axes)
     _validate(expansion)
     notes += expansion.notes
@@ -189,7 +191,7 @@ def _linear(task: str, base: Any, items: Sequence[str], *, out: str | Path, expl
         from dinotune.tasks import get_task
 
         the_task = get_task(base)
-        if saved.is_file() and (best_dir / "results.json").is_file():  # results.json is written last
+        if saved.is_file() and RunLayout(best_dir).results.is_file():  # results.json is written last
             info(f"{folder.path}: the linear grid is trained already; its table is read back")
             rows = [Row(**r) for r in json.loads(saved.read_text())["rows"]]
         else:

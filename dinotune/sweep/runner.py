@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from dinotune.config import ConfigError, load_yaml, save_yaml, to_dict
 from dinotune.engine import checkpoint
+from dinotune.engine.run_folder import RunLayout
 from dinotune.errors import CheckpointError
 from dinotune.sweep.folder import RUN_OPTIONS, SweepFolder, flatten
 from dinotune.sweep.grid import Trial
@@ -72,7 +73,7 @@ def trial_state(folder: SweepFolder, trial: Trial) -> str:
     """``done``, ``failed``, ``interrupted`` or ``pending`` (see the module docstring); a run
     folder holding other settings than the trial's is refused (it is not this trial's run)."""
     run_dir = folder.run_dir(trial.name)
-    saved = run_dir / "config.yaml"
+    saved = RunLayout(run_dir).config
     if saved.is_file():
         intended = to_dict(trial.config)
         try:
@@ -85,7 +86,7 @@ def trial_state(folder: SweepFolder, trial: Trial) -> str:
         if changed:
             raise ConfigError(f"{run_dir} holds a run with other settings than trial {trial.name} "
                               f"({'; '.join(changed[:4])}); move it away, or give another --out")
-    if (run_dir / "results.json").is_file():
+    if RunLayout(run_dir).results.is_file():
         return "done"
     attempts = read_attempts(folder, trial.name)
     if attempts and attempts[-1].returncode is not None and attempts[-1].returncode not in INTERRUPTED:
@@ -95,7 +96,7 @@ def trial_state(folder: SweepFolder, trial: Trial) -> str:
 
 def _resumable(run_dir: Path) -> bool:
     try:
-        checkpoint.resolve(run_dir / "checkpoints" / "last")
+        checkpoint.resolve(RunLayout(run_dir).last)
     except CheckpointError:
         return False
     return True
@@ -149,8 +150,8 @@ def run_trial(folder: SweepFolder, trial: Trial, command: Sequence[str] = DEFAUL
         attempt.wall_s = round(time.perf_counter() - t0, 2)
         if attempt.returncode not in (0, None) and attempt.returncode not in INTERRUPTED:
             attempt.error = _last_error(log)
-        elif attempt.returncode == 0 and not (run_dir / "results.json").is_file():
-            attempt.returncode, attempt.error = 1, f"exited without writing {run_dir / 'results.json'}"
+        elif attempt.returncode == 0 and not RunLayout(run_dir).results.is_file():
+            attempt.returncode, attempt.error = 1, f"exited without writing {RunLayout(run_dir).results}"
         _write_attempts(folder, trial.name, [*attempts, attempt])
     return attempt
 

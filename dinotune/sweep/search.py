@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from dinotune.config import ConfigError
+from dinotune.engine.run_folder import RunLayout
 from dinotune.sweep.folder import SweepFolder
 from dinotune.sweep.grid import Axis, Trial, make_trial
 from dinotune.sweep.runner import DEFAULT_COMMAND, INTERRUPTED, run_trial, trial_state
@@ -35,7 +36,7 @@ def place(folder: SweepFolder, trial: Trial) -> Trial:
 
 def result(folder: SweepFolder, trial: Trial) -> tuple[str, float | None]:
     """The monitored metric's key and value at the trial's best epoch (None without results)."""
-    path = folder.run_dir(trial.name) / "results.json"
+    path = RunLayout(folder.run_dir(trial.name)).results
     if not path.is_file():
         return f"val/{trial.monitor}", None
     return monitored(json.loads(path.read_text()).get("best") or {}, trial.monitor)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dinotune.engine.logging import read_metrics
+from dinotune.engine.run_folder import RunLayout
 from dinotune.utils import atomic_write_text
 
 
@@ -62,7 +63,7 @@ def read_row(name: str, settings: dict[str, str], run_dir: Path, monitor: str, s
     row.images_per_s = round(sum(speeds) / len(speeds), 2) if speeds else None
     if row.wall_s is None and records:
         row.wall_s = round(sum(float(r.get("time_s", 0.0)) for r in records), 2)
-    results = run_dir / "results.json"
+    results = RunLayout(run_dir).results
     if status == "done" and results.is_file():
         summary = json.loads(results.read_text())
         key, row.metric = monitored(summary.get("best") or {}, monitor)

@@ -1,32 +1,37 @@
-"""Tasks: each supplies data, head, loss and evaluator; everything else is shared.
+"""Tasks: each supplies its data, model, loss, metrics, post-processing, export graph and runtime;
+everything else is shared.
 
-The registry below is the one place that maps a task name to its class; callers ask a task what
-it is and does (``tasks/base.py``), never which one it is."""
+``registry.py`` is the one place that maps a task name to its classes; callers ask a task what it
+is and does (``tasks/base.py``, ``runtime/task.py``), never which one it is. Importing this package
+imports neither torch nor a task: ``get_task``, ``build_backbone``, ``Task`` and ``TaskData`` load
+on first use.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from dinotune.tasks.base import Task, TaskData, build_backbone
-
-_TASKS = {
-    "classify": "dinotune.tasks.classify.task:ClassifyTask",
-    "detect": "dinotune.tasks.detect.task:DetectTask",
-    "segment": "dinotune.tasks.segment.task:SegmentTask",
-}
+from dinotune.tasks.registry import TaskEntry, entry, names, register, unregister
 
 
 def task_names() -> list[str]:
-    return list(_TASKS)
+    return names()
 
 
-def get_task(cfg: Any) -> Task:
+def get_task(cfg: Any) -> Any:
     """The Task object for a task config (looked up by ``cfg.task``)."""
-    if cfg.task not in _TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}: choose {', '.join(_TASKS)}")
-    module, cls = _TASKS[cfg.task].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    from dinotune.tasks.registry import task_for
+
+    return task_for(cfg)
 
 
-__all__ = ["Task", "TaskData", "build_backbone", "get_task", "task_names"]
+def __getattr__(name: str) -> Any:
+    if name in ("Task", "TaskData", "build_backbone"):
+        from dinotune.tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'dinotune.tasks' has no attribute {name!r}")
+
+
+__all__ = ["Task", "TaskData", "TaskEntry", "build_backbone", "entry", "get_task", "names", "register",
+           "task_names", "unregister"]

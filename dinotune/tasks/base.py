@@ -1,5 +1,7 @@
-"""The task contract: everything the engine, the API, the CLI, robustness evaluation and the
-detector comparison call of a task, and what a task is (its metric, its labels, its options).
+"""The task contract: everything the engine, the API, the CLI, robustness evaluation, the export
+and the comparison tools call of a task's PyTorch half, and what a task is (its metric, its labels,
+its options). Its torch-free half is its ``RuntimeTask`` (``runtime/task.py``), which the registry
+names beside it.
 
 A task holds only its config. What it builds is handed back: ``build_data`` returns the datasets
 and the metadata a checkpoint keeps, ``build_model`` a ``ModelBundle`` (model, criterion,
@@ -10,6 +12,7 @@ can serve several models.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,7 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from dinotune.adapters import apply_adapter
 from dinotune.backbone.model import DinoBackbone
 from dinotune.engine import distributed
+from dinotune.errors import ConfigError, ExportError
 from dinotune.models.bundle import ModelBundle
+from dinotune.models.graph import ExportGraph
+from dinotune.runtime.task import RuntimeTask
+from dinotune.tasks import registry
+from dinotune.tasks.linear_probe import LinearProbe
 
 
 @dataclass
@@ -51,7 +59,7 @@ def files_fingerprint(paths: Iterable[str | Path], extra: Iterable[Any] = ()) ->
 
 
 class TrainedRun(Protocol):
-    """What prediction and evaluation read of a trained run (``dinotune.api.LoadedRun``)."""
+    """What prediction and evaluation read of a trained run (``dinotune.runs.LoadedRun``)."""
 
     cfg: Any
     meta: dict[str, Any]
@@ -82,17 +90,23 @@ class Task(ABC):
         pixel_aligned_labels: labels are tied to pixel positions (masks, boxes), so image
             corruptions must not move content (robustness uses the dense elastic variant).
         supports_subset: ``eval --subset N`` applies.
-        predict_options: keyword options ``predict`` takes besides the config's inference section.
     """
 
     name: ClassVar[str]
     monitor_mode: ClassVar[Literal["max", "min"]] = "max"
     pixel_aligned_labels: ClassVar[bool] = False
     supports_subset: ClassVar[bool] = False
-    predict_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @property
+    def predict_options(self) -> frozenset[str]:
+        """Keyword options ``predict`` takes besides the config's inference section: the fields of
+        the config class's ``predict_options`` dataclass (``DetectPredictOptions``, ...), which
+        also make ``dinotune predict``'s flags; none when the config declares none."""
+        options = getattr(type(self.cfg), "predict_options", None)
+        return frozenset(f.name for f in dataclasses.fields(options)) if options else frozenset()
 
     @property
     @abstractmethod
@@ -115,6 +129,12 @@ class Task(ABC):
                 precision: str) -> TaskData:
         """Hook before training (e.g. feature caching); returns the data to train on."""
         return data
+
+    def linear_probe(self) -> LinearProbe | None:
+        """Its part of ``dinotune sweep --linear-grid`` (heads trained together on one pass of
+        cached frozen-backbone features), or None: the task has no such evaluation and its sweeps
+        use ``--grid``."""
+        return None
 
     @abstractmethod
     def loaders(self, data: TaskData) -> tuple[DataLoader, DataLoader | None]:
@@ -159,9 +179,10 @@ class Task(ABC):
         a list of them; unreadable files are reported and skipped). ``settings`` is the resolved
         inference section of the config, ``options`` those named in ``predict_options``."""
 
-    @abstractmethod
     def format_predictions(self, results: list[dict[str, Any]], fmt: Literal["json", "csv"]) -> str:
-        """``predict``'s results as the text of a JSON or CSV file."""
+        """``predict``'s results as the text of a JSON or CSV file: the runtime's formatter, so
+        ``predict --backend onnx`` writes the very same files."""
+        return self.runtime().format_predictions(results, fmt)
 
     @abstractmethod
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: Any, *, images: str = "",
@@ -183,3 +204,38 @@ class Task(ABC):
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         """A per-class table of ``metrics`` for the terminal, or None."""
         return None
+
+    # ------------------------------------------------------- beyond PyTorch: runtime and export
+    @classmethod
+    def runtime(cls) -> type[RuntimeTask]:
+        """The task's torch-free half (records, output files, what the server draws)."""
+        return registry.entry(cls.name).runtime_class()
+
+    @classmethod
+    def compare(cls, *, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],
+                yolo: Sequence[str], out: Path, images: str, subset: int, subset_seed: int, device: str,
+                batch_size: int | None, yolo_image_size: int | None, class_map: Any, defaults: Any) -> str:
+        """``dinotune compare``: ``runs`` of this task and third-party baselines (``yolo`` weights)
+        scored on the same images of ``data`` by the same metric code, written into ``out``; returns
+        the Markdown table. ``defaults``: the config whose inference section fills unset options."""
+        raise ConfigError(f"dinotune compare does not apply to {cls.name} runs")
+
+    def check_distributed(self) -> None:
+        """Refuse (ConfigError), before any work, settings that do not combine with several
+        processes under ``torchrun``."""
+
+    def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> ExportGraph:
+        """The graph ``dinotune export`` writes for ``run``: ``model`` (the run's model, merged, maybe
+        a half-precision copy) and the tensor part of the post-processing, at ``image_size``."""
+        raise ExportError(f"{self.name} runs cannot be exported to ONNX / TorchScript")
+
+    def check_transformers_export(self) -> None:
+        """Refuse (ExportError, with the reason) a run with no transformers counterpart, from its
+        config alone (before any weights are loaded)."""
+        raise ExportError(f"--format hf: {self.name} runs have no transformers counterpart")
+
+    def to_transformers(self, run: TrainedRun) -> tuple[Any, Any, str]:
+        """``(model, image processor, model card text)``: ``run`` as a plain transformers model that
+        gives its outputs (checked), for ``dinotune export --format hf``."""
+        self.check_transformers_export()
+        raise NotImplementedError

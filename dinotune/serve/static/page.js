@@ -1,13 +1,14 @@
 "use strict";
 // The page of `dinotune serve`: one image is uploaded to POST /predict?overlay=1 and its result is
-// drawn on a canvas: top-k bars (classification), boxes with labels (detection) or the label map
-// over the picture (segmentation). No dependencies. When a result (or an error) is shown,
-// <body data-state> becomes "done" (or "error"), which tests wait for.
+// drawn on a canvas from the answer's overlay.view, which the task's runtime describes: bars (a
+// score per name), boxes with labels (filtered by the threshold slider), a label map over the
+// picture, a summary line. The page knows these drawings, never the tasks. No dependencies. When a
+// result (or an error) is shown, <body data-state> becomes "done" (or "error"), which tests wait for.
 
 const $ = (id) => document.getElementById(id);
 const canvas = $("view");
 const ctx = canvas.getContext("2d");
-let health = null;   // GET /health: task, classes, model, max_upload_mb
+let health = null;   // GET /health: task, classes, model, view (the page's controls), max_upload_mb
 let last = null;     // the last prediction record, with its overlay
 let picture = null;  // its picture and mask, decoded
 let mask = null;
@@ -42,8 +43,9 @@ async function loadHealth() {
     if (m.backend) parts.push(m.backend);
     if (health.input && health.input.arrays) parts.push(`${health.input.bands}-band arrays (.npy / .tif)`);
     $("model").textContent = parts.join(" · ") + ` · uploads up to ${health.max_upload_mb} MB`;
-    if (health.task === "detect") {
-      $("threshold").value = m.draw_threshold !== undefined ? m.draw_threshold : 0.3;
+    const view = health.view || {};
+    if (view.threshold !== undefined) {
+      $("threshold").value = view.threshold;
       $("threshold-row").hidden = false;
     }
   } catch (e) {
@@ -126,31 +128,31 @@ function render() {
   const shown = Object.assign({}, r);
   delete shown.overlay;
   $("json").textContent = JSON.stringify(shown, null, 2);
-  if (health && health.task === "detect" || r.detections) renderBoxes(r, o);
-  else if (r.classes) renderMask(r, o);
-  else renderBars(r);
-}
-
-function renderBars(r) {
-  const top = r.predictions[0];
-  $("top").textContent = top ? `${top["class"]} (${percent(top.score)})` : "no prediction";
-  for (const p of r.predictions) $("bars").append(bar(p["class"], p.score));
+  const view = o.view || {};
   canvas.dataset.drawn = "picture";
+  $("top").textContent = view.summary || "";
+  if (mask) renderMask();
+  if (view.bars) renderBars(view.bars, !!mask, o);
+  if (view.boxes) renderBoxes(view.boxes, o);
 }
 
-function renderBoxes(r, o) {
+function renderBars(bars, coloured, o) {
+  for (const b of bars) $("bars").append(bar(b.name, b.score, coloured ? o.colors[b.name] : undefined));
+}
+
+function renderBoxes(boxes, o) {
   const threshold = parseFloat($("threshold").value) || 0;
-  const kept = r.detections.filter((d) => d.score >= threshold);
+  const kept = boxes.filter((d) => d.score >= threshold);
   const sx = canvas.width / o.source_width, sy = canvas.height / o.source_height;
   ctx.lineWidth = Math.max(2, Math.round(canvas.width / 300));
   ctx.font = `${Math.max(12, Math.round(canvas.width / 45))}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
   for (const d of kept) {
-    const colour = o.colors[d.category] || "#ff0000";
+    const colour = o.colors[d.name] || "#ff0000";
     const [x, y, w, h] = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
     ctx.strokeStyle = colour;
     ctx.strokeRect(x, y, w, h);
-    const text = `${d.category} ${d.score.toFixed(2)}`;
+    const text = `${d.name} ${d.score.toFixed(2)}`;
     const tw = ctx.measureText(text).width + 6, th = parseInt(ctx.font, 10) + 4;
     const ty = y - th >= 0 ? y - th : y;
     ctx.fillStyle = colour;
@@ -159,31 +161,26 @@ function renderBoxes(r, o) {
     ctx.fillText(text, x + 3, ty + 2);
     const item = document.createElement("li");
     item.innerHTML = `<span class="swatch" style="background:${colour}"></span>`;
-    item.append(`${d.category} ${d.score.toFixed(3)} at [${d.bbox.map((v) => v.toFixed(1)).join(", ")}]`);
+    item.append(`${d.name} ${d.score.toFixed(3)} at [${d.bbox.map((v) => v.toFixed(1)).join(", ")}]`);
     $("items").append(item);
   }
-  const best = r.detections.reduce((m, d) => Math.max(m, d.score), 0);
+  const best = boxes.reduce((m, d) => Math.max(m, d.score), 0);
   $("top").textContent = kept.length
     ? `${kept.length} box${kept.length > 1 ? "es" : ""} scoring at least ${threshold}`
-    : `no box scores at least ${threshold}` + (r.detections.length ? ` (highest ${best.toFixed(3)})` : "");
+    : `no box scores at least ${threshold}` + (boxes.length ? ` (highest ${best.toFixed(3)})` : "");
   canvas.dataset.drawn = "boxes";
   canvas.dataset.boxes = String(kept.length);
 }
 
-function renderMask(r, o) {
-  if (mask) {
-    ctx.globalAlpha = 0.5;
-    ctx.drawImage(mask, 0, 0, canvas.width, canvas.height);
-    ctx.globalAlpha = 1;
-  }
-  const shares = Object.entries(r.classes).sort((a, b) => b[1] - a[1]);
-  for (const [name, share] of shares) $("bars").append(bar(name, share, o.colors[name]));
-  $("top").textContent = shares.length ? `mostly ${shares[0][0]} (${percent(shares[0][1])} of the pixels)` : "";
-  canvas.dataset.drawn = mask ? "mask" : "picture";
+function renderMask() {
+  ctx.globalAlpha = 0.5;
+  ctx.drawImage(mask, 0, 0, canvas.width, canvas.height);
+  ctx.globalAlpha = 1;
+  canvas.dataset.drawn = "mask";
 }
 
 $("file").addEventListener("change", () => { if ($("file").files.length) upload($("file").files[0]); });
-$("threshold").addEventListener("input", () => { if (last && last.detections) render(); });
+$("threshold").addEventListener("input", () => { if (last && last.overlay.view && last.overlay.view.boxes) render(); });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));

@@ -21,8 +21,8 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.errors import ConfigError
 from dinotune.models.bundle import ModelBundle
+from dinotune.models.graph import ExportGraph
 from dinotune.models.losses import build_loss
-from dinotune.runtime.records import format_predictions as format_records
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.classify.data import (
     HFImageDataset,
@@ -30,10 +30,13 @@ from dinotune.tasks.classify.data import (
     build_classification_data,
     build_eval_dataset,
 )
+from dinotune.tasks.classify.export import build_graph
 from dinotune.tasks.classify.heads import build_head, pooled_dim
+from dinotune.tasks.classify.linear_probe import ClassifyLinearProbe
 from dinotune.tasks.classify.metrics import ClassificationMetrics, collapse_warning, format_per_class_table
 from dinotune.tasks.classify.model import Classifier
 from dinotune.tasks.classify.probe import FeatureDataset, cached_features
+from dinotune.tasks.classify.runtime import top_k_record
 from dinotune.utils import info, warn
 
 
@@ -116,13 +119,18 @@ class ClassifyTask(Task):
         common = dict(
             cache_dir=Path(h.cache_dir) if h.cache_dir else run_dir / "cache",
             key_parts={"fingerprint": data.meta["backbone_fingerprint"], "model": self.cfg.backbone.model,
-                       "size": self.cfg.backbone.image_size, "pool": h.pool, "input": data.meta.get("input")},
+                       "size": self.cfg.backbone.image_size, "pool": h.pool,
+                       "input": InputSpec.from_meta(data.meta).to_meta()},
             batch_size=t.batch_size, workers=t.workers, device=device, precision=precision,
             show_progress=t.progress,
         )
         train = cached_features(model, data.train, split="train", **common)
         val = cached_features(model, data.val, split="val", **common) if data.val is not None else None
         return TaskData(train, val, data.meta)
+
+    def linear_probe(self) -> ClassifyLinearProbe:
+        """DINOv2's linear evaluation: heads of every pooling on one cached row per image."""
+        return ClassifyLinearProbe()
 
     # ------------------------------------------------------------------------- step and eval
     @staticmethod
@@ -177,24 +185,16 @@ class ClassifyTask(Task):
         ds = ImageListDataset([(p, -1) for p in paths], self.eval_transform(spec), limit, spec.layout, spec.in_channels)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=0)
         names = run.bundle.class_names
-        k = min(settings.top_k, len(names))
         results: dict[int, dict[str, Any]] = {}
         model = run.bundle.model.eval()
         with torch.no_grad():
             for batch in progress(loader, len(paths) > settings.batch_size, desc="predicting"):
                 with autocast(run.device, run.precision):
-                    logits = model(images=batch["image"].to(run.device)).float()
-                scores, idx = logits.softmax(-1).topk(k, dim=-1)
-                for i, s_row, c_row in zip(batch["index"].tolist(), scores.tolist(), idx.tolist()):
-                    results[i] = {"image": str(paths[i]), "predictions": [
-                        {"class": names[c], "index": c, "score": s} for s, c in zip(s_row, c_row)]}
+                    logits = model(images=batch["image"].to(run.device)).float().cpu().numpy()
+                # the runtime's record: both backends rank and round alike
+                for i, row in zip(batch["index"].tolist(), logits):
+                    results[i] = top_k_record(str(paths[i]), row, names, settings.top_k)
         return [results[i] for i in sorted(results)]
-
-    def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
-        """JSON (top-k per image), or CSV with one row per image: image, class_1, score_1, ..."""
-        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
-        # `predict --backend onnx` writes the very same files
-        return format_records("classify", results, fmt)
 
     def _eval_dataset(self, data: str, class_names: list[str], split: str, spec: InputSpec,
                       pre_transform: Callable | None = None) -> Dataset:
@@ -252,6 +252,26 @@ class ClassifyTask(Task):
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         return format_per_class_table(metrics) if "per_class" in metrics else None
+
+    # -------------------------------------------------------------- several processes, export
+    def check_distributed(self) -> None:
+        if self.cfg.head.cache_features:
+            raise ConfigError("--cache-features extracts features in one process; run it without torchrun "
+                              "(a linear probe on cached features is fast on one GPU)")
+
+    def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> ExportGraph:
+        return build_graph(model, run.cfg.inference)
+
+    def check_transformers_export(self) -> None:
+        from dinotune.tasks.classify.hf import check_exportable
+
+        check_exportable(self.cfg.head.pool, self.cfg.head.head)
+
+    def to_transformers(self, run: TrainedRun) -> tuple[Any, Any, str]:
+        from dinotune.tasks.classify.hf import to_transformers
+
+        self.check_transformers_export()
+        return to_transformers(run, self.eval_transform(InputSpec.from_meta(run.meta)))
 
 
 def training_labels(dataset: Dataset) -> list[int]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dinotune.ops import box_ops
 
-__all__ = ["PostProcess", "to_coco_results"]
+__all__ = ["PostProcess", "per_image", "to_coco_results", "to_original"]
 
 
 class PostProcess(nn.Module):
@@ -38,39 +38,59 @@ class PostProcess(nn.Module):
         self.score_threshold = float(score_threshold)
         self.canvas_size = canvas_size
 
+    def dense(self, outputs: dict[str, Tensor], orig_sizes: Tensor, scales: Tensor | None = None,
+              canvas_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The tensor part, which the exported graph is made of too (``export.py``): ``outputs``
+        (``pred_logits`` B x Q x K, ``pred_boxes`` B x Q x 4 normalised ``cxcywh``), ``orig_sizes``
+        B x 2 ``(h, w)``, ``scales`` B canvas pixels per original pixel (default ``S / max(h, w)``,
+        the factor of ``transforms.resize_pad``) -> ``scores`` B x k', ``labels`` B x k' int64
+        (contiguous), ``boxes`` B x k' x 4 ``xyxy`` original pixels clipped to the image, best first
+        (``k' = min(topk, Q * K)``), without the score threshold (it would make ``k'`` vary)."""
+        size = canvas_size if canvas_size is not None else self.canvas_size
+        if size is None:
+            raise ValueError("PostProcess needs canvas_size (the padded canvas side S), in __init__ or forward")
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        b, q, k = logits.shape
+        scores, index = logits.sigmoid().reshape(b, q * k).topk(min(self.topk, q * k), dim=1)  # sorted, best first
+        picked = boxes.gather(1, (index // k).unsqueeze(-1).expand(-1, -1, 4))  # B x k' x 4
+        return scores, index % k, to_original(picked, orig_sizes, float(size), scales)
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], scales: Tensor, orig_sizes: Tensor,
                 canvas_size: int | None = None) -> list[dict[str, Tensor]]:
         """``outputs`` (``pred_logits`` B x Q x K, ``pred_boxes`` B x Q x 4), ``scales`` B (canvas
         pixels per original pixel), ``orig_sizes`` B x 2 ``(h, w)`` -> per image ``{"scores": K',
-        "labels": K' int64 (contiguous), "boxes": K' x 4 xyxy original pixels}``, best first."""
-        size = canvas_size if canvas_size is not None else self.canvas_size
-        if size is None:
-            raise ValueError("PostProcess needs canvas_size (the padded canvas side S), in __init__ or forward")
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        b, q, k = logits.shape
+        "labels": K' int64 (contiguous), "boxes": K' x 4 xyxy original pixels}``, best first, those
+        scoring at least ``score_threshold``."""
+        boxes = outputs["pred_boxes"]
+        b = boxes.shape[0]
         scales = torch.as_tensor(scales, dtype=torch.float32, device=boxes.device).reshape(b)
         orig_sizes = torch.as_tensor(orig_sizes, device=boxes.device).reshape(b, 2).float()
+        scores, labels, xyxy = self.dense(outputs, orig_sizes, scales, canvas_size)
+        return [per_image(scores[i], labels[i], xyxy[i], self.score_threshold) for i in range(b)]
 
-        prob = logits.float().sigmoid().reshape(b, q * k)
-        scores, index = prob.topk(min(self.topk, q * k), dim=1)  # sorted, best first
-        labels = index % k
-        query = index // k
-        picked = boxes.float().gather(1, query[..., None].expand(-1, -1, 4))  # B x k' x 4
-        xyxy = box_ops.denormalize(box_ops.cxcywh_to_xyxy(picked.reshape(-1, 4)).reshape(picked.shape),
-                                   float(size), float(size))
-        xyxy = xyxy / scales[:, None, None]
 
-        results = []
-        for i in range(b):
-            h, w = float(orig_sizes[i, 0]), float(orig_sizes[i, 1])
-            keep = scores[i] >= self.score_threshold
-            results.append({
-                "scores": scores[i][keep],
-                "labels": labels[i][keep].to(torch.int64),
-                "boxes": box_ops.clip(xyxy[i][keep], w, h),
-            })
-        return results
+def to_original(boxes: Tensor, orig_sizes: Tensor, canvas_size: float, scales: Tensor | None = None) -> Tensor:
+    """``B x k x 4`` normalised ``cxcywh`` boxes on the ``S x S`` canvas -> ``xyxy`` original pixels
+    clipped to each image: times ``S`` (canvas pixels), divided by the image's scale (canvas pixels
+    per original pixel; default ``S / max(h, w)``). Padding sits at the right / bottom only, so
+    there is no offset to subtract."""
+    sizes = orig_sizes.float()
+    if scales is None:
+        scales = canvas_size / sizes.max(dim=1).values
+    xyxy = box_ops.cxcywh_to_xyxy(boxes) * canvas_size / scales[:, None, None]
+    h, w = sizes[:, 0, None], sizes[:, 1, None]
+    zero = torch.zeros_like(xyxy[..., 0])
+    x0, y0, x1, y1 = xyxy.unbind(-1)
+    # minimum / maximum rather than clamp with tensor bounds: both export to every ONNX opset
+    return torch.stack([torch.minimum(torch.maximum(x0, zero), w), torch.minimum(torch.maximum(y0, zero), h),
+                        torch.minimum(torch.maximum(x1, zero), w), torch.minimum(torch.maximum(y1, zero), h)], -1)
+
+
+def per_image(scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float) -> dict[str, Tensor]:
+    """One image's ``{"scores", "labels" (int64), "boxes"}``, those scoring at least ``threshold``."""
+    keep = scores >= threshold
+    return {"scores": scores[keep], "labels": labels[keep].to(torch.int64), "boxes": boxes[keep]}
 
 
 def to_coco_results(detections: Sequence[dict[str, Tensor]], image_ids: Sequence[int] | Tensor,

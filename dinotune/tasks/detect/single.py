@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dinotune.backbone.model import Features
 from dinotune.models.losses import FocalLoss
 from dinotune.models.wrapper import BackboneHead
-from dinotune.ops import box_ops
+from dinotune.tasks.detect.postprocess import per_image, to_original
 
 SingleKind = Literal["simple", "improved"]
 
@@ -129,15 +129,22 @@ class SingleObjectPostProcess(nn.Module):
         super().__init__()
         self.canvas_size = canvas_size
 
+    def dense(self, outputs: dict[str, Tensor], orig_sizes: Tensor, scales: Tensor | None = None,
+              canvas_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The tensor part (the exported graph's too): ``scores`` B x 1 (the arg-max class's softmax
+        score), ``labels`` B x 1, ``boxes`` B x 1 x 4 ``xyxy`` original pixels, clipped
+        (``canvas_size``: another canvas side than the training one, for an export at another size)."""
+        scores, labels = outputs["logits"].float().softmax(-1).max(-1)
+        boxes = outputs["box"].float().clamp(0, 1).unsqueeze(1)
+        size = float(canvas_size or self.canvas_size)
+        return scores.unsqueeze(1), labels.unsqueeze(1), to_original(boxes, orig_sizes, size, scales)
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], scales: Tensor, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
         """Per image ``{"scores": 1, "labels": 1, "boxes": 1 x 4 xyxy}`` (as ``PostProcess``)."""
-        scores, labels = outputs["logits"].float().softmax(-1).max(-1)
-        size = float(self.canvas_size)
-        boxes = box_ops.denormalize(box_ops.cxcywh_to_xyxy(outputs["box"].float().clamp(0, 1)), size, size)
-        out = []
-        for i in range(len(scores)):
-            h, w = [float(v) for v in orig_sizes[i]]
-            b = box_ops.clip(boxes[i: i + 1] / float(scales[i]), w, h)
-            out.append({"scores": scores[i: i + 1], "labels": labels[i: i + 1], "boxes": b})
-        return out
+        b = outputs["logits"].shape[0]
+        device = outputs["logits"].device
+        scales = torch.as_tensor(scales, dtype=torch.float32, device=device).reshape(b)
+        orig_sizes = torch.as_tensor(orig_sizes, device=device).reshape(b, 2).float()
+        scores, labels, boxes = self.dense(outputs, orig_sizes, scales)
+        return [per_image(scores[i], labels[i], boxes[i], 0.0) for i in range(b)]

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import LIGHTWEIGHT_PRESET, DetectConfig, DetectInferenceConfig
+from dinotune.config.detect import DetectPredictOptions
 from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
@@ -25,9 +26,9 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
-from dinotune.ops import box_ops
-from dinotune.runtime.records import format_predictions as format_records
+from dinotune.models.graph import ExportGraph
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
+from dinotune.tasks.detect import runtime as records
 from dinotune.tasks.detect.coco import DetectionSource
 from dinotune.tasks.detect.data import (
     DetectionDataset,
@@ -42,6 +43,7 @@ from dinotune.tasks.detect.data import (
 )
 from dinotune.tasks.detect.detectors import build_detector
 from dinotune.tasks.detect.evaluation import detection_metrics
+from dinotune.tasks.detect.export import build_graph
 from dinotune.tasks.detect.postprocess import to_coco_results
 from dinotune.tasks.detect.transforms import eval_transforms, resize_pad, to_input, train_transforms
 from dinotune.utils import info, warn
@@ -71,7 +73,6 @@ class DetectTask(Task):
     monitor_mode = "max"
     pixel_aligned_labels = True
     supports_subset = True
-    predict_options = frozenset({"image_ids", "draw"})
 
     cfg: DetectConfig
 
@@ -215,10 +216,11 @@ class DetectTask(Task):
 
     # ------------------------------------------------------------------------------ inference
     def predict(self, run: TrainedRun, images: Any, settings: DetectInferenceConfig, *,
-                image_ids: dict[str, int] | None = None, draw: str | Path | None = None) -> list[dict[str, Any]]:
+                draw: str | Path = DetectPredictOptions.draw,
+                image_info: str | Path = DetectPredictOptions.image_info) -> list[dict[str, Any]]:
         """Detections per image: ``[{"image", "image_id", "width", "height", "detections": [{"category_id",
-        "category", "bbox" (xywh, original pixels), "score"}]}]``. ``image_ids`` maps file names to COCO
-        ids (test-dev image info); otherwise numeric file stems are used, else 1..N. ``category_id``
+        "category", "bbox" (xywh, original pixels), "score"}]}]``. ``image_info``: a COCO image-info JSON
+        whose ids the images get (test-dev's); otherwise numeric file stems are used, else 1..N. ``category_id``
         follows ``settings.category_ids``: the dataset's ids (``coco``; YOLO data: class index + 1)
         or the 0-based class index (``yolo``). ``draw``: a folder that receives each image with its
         boxes (``settings.draw_threshold``) and the confidence histogram."""
@@ -228,50 +230,35 @@ class DetectTask(Task):
         spec = InputSpec.from_meta(run.meta)
         paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
         check_inputs(paths, spec, "prediction")
-        ids = _image_ids(paths, image_ids)
+        ids = records.image_ids(paths, records.read_image_info(image_info))
         size = run.cfg.backbone.image_size
         categories = run.bundle.categories
         finish = to_input(spec)
-        model = run.bundle.model.eval()
+        model, post = run.bundle.model.eval(), run.bundle.postprocess
+        # the post-processing's own threshold and top-k were applied first; the call's come on top
+        threshold = max(settings.score_threshold, getattr(post, "score_threshold", 0.0))
         out = []
         bs = settings.batch_size
         for start in progress(range(0, len(paths), bs), len(paths) > bs, desc="predicting"):
             chunk = paths[start: start + bs]
             canvases, scales, sizes = [], [], []
             for p in chunk:
-                pil = read_input(p, limit, spec.layout)  # a picture, or a C x H x W band tensor
-                from torchvision import tv_tensors
-                from torchvision.transforms.v2 import functional as F
-
-                image = pil if isinstance(pil, torch.Tensor) else tv_tensors.Image(F.pil_to_tensor(pil))
+                image = _as_image(read_input(p, limit, spec.layout))  # a picture, or a C x H x W band tensor
                 canvas, _, factor = resize_pad(image, torch.zeros(0, 4), size)
                 canvases.append(finish(canvas.as_subclass(torch.Tensor)))
                 scales.append(factor)
                 sizes.append(list(image.shape[-2:]))
             with torch.no_grad(), autocast(run.device, run.precision):
                 outputs = model(torch.stack(canvases).to(run.device))
-            dets = run.bundle.postprocess(outputs, scales, torch.tensor(sizes))
-            for p, d, (h, w) in zip(chunk, dets, sizes):
-                keep = d["scores"] >= settings.score_threshold
-                boxes = box_ops.xyxy_to_xywh(d["boxes"][keep]).tolist()[:settings.top_k]
-                out.append({"image": str(p), "image_id": ids[str(p)], "width": w, "height": h, "detections": [
-                    {"category_id": _category_id(categories, int(lab), settings.category_ids),
-                     "category": categories[int(lab)]["name"],
-                     "bbox": [round(v, 2) for v in box], "score": round(float(s), 5)}
-                    for lab, s, box in zip(d["labels"][keep].tolist(), d["scores"][keep].tolist(), boxes)]})
+            dets = post(outputs, scales, torch.tensor(sizes))
+            # the runtime's record: both backends threshold, cap, round and name alike
+            out += [records.detection_record(str(p), ids[str(p)], (h, w), d["scores"].cpu().numpy(),
+                                     d["labels"].cpu().numpy(), d["boxes"].float().cpu().numpy(), categories,
+                                     threshold, settings.top_k, settings.category_ids)
+                    for p, d, (h, w) in zip(chunk, dets, sizes)]
         if draw:
             _draw(out, Path(draw), run.bundle.class_names, settings, spec)
         return out
-
-    def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
-        """COCO results JSON (a flat list, test-dev style), or CSV one row per detection.
-
-        Each JSON result also carries ``file_name`` (the image path as predicted, as the CSV's
-        ``image`` column): image ids of a plain folder are 1..N, meaningless without it.
-        pycocotools' ``loadRes`` ignores the extra key."""
-        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
-        # `predict --backend onnx` writes the very same files
-        return format_records("detect", results, fmt)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: DetectInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
@@ -332,23 +319,31 @@ class DetectTask(Task):
 
         return metric_charts(metrics, out_dir)
 
+    @classmethod
+    def compare(cls, *, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],
+                yolo: Sequence[str], out: Path, images: str, subset: int, subset_seed: int, device: str,
+                batch_size: int | None, yolo_image_size: int | None, class_map: Any, defaults: Any) -> str:
+        """Detection runs and YOLO baselines on the same images (``compare.py``)."""
+        from dinotune.tasks.detect.compare import run_compare
 
-def _image_ids(paths: list[Path], mapping: dict[str, int] | None) -> dict[str, int]:
-    """COCO image ids for prediction outputs: from ``mapping`` (file name -> id), else numeric file
-    stems (COCO's 000000123456.jpg -> 123456), else 1..N in order."""
-    if mapping:
-        missing = [p.name for p in paths if p.name not in mapping]
-        if missing:
-            raise DataError(f"image info has no id for {', '.join(missing[:5])}")
-        return {str(p): int(mapping[p.name]) for p in paths}
-    if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
-        return {str(p): int(p.stem) for p in paths}
-    return {str(p): i + 1 for i, p in enumerate(paths)}
+        return run_compare(data=data, split=split, runs=runs, run_names=run_names, yolo=yolo, out=out, images=images,
+                           subset=subset, subset_seed=subset_seed, device=device,
+                           yolo_image_size=yolo_image_size or defaults.inference.compare_image_size,
+                           batch_size=batch_size, min_box_size=defaults.data.min_box_size,
+                           max_pixels=defaults.data.max_image_pixels, class_map=class_map)
+
+    def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> ExportGraph:
+        return build_graph(model, run.bundle.postprocess, run.cfg, len(run.bundle.class_names), image_size)
 
 
-def _category_id(categories: list[dict[str, Any]], label: int, scheme: str) -> int:
-    """The ``category_id`` a prediction carries: the dataset's id, or (``yolo``) the class index."""
-    return label if scheme == "yolo" else int(categories[label]["id"])
+def _as_image(image: Any) -> torch.Tensor:
+    """What ``read_input`` returned as a ``C x H x W`` image tensor (a band tensor already is one)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    return tv_tensors.Image(F.pil_to_tensor(image))
 
 
 def _draw_threshold(settings: DetectInferenceConfig) -> tuple[float, str]:

@@ -39,6 +39,7 @@ from dinotune.tasks.segment.layouts import (
     read_folders,
     read_voc,
 )
+from dinotune.tasks.segment.runtime import eval_size  # one rule for both backends
 from dinotune.tasks.segment.sources import (
     CocoShapes,
     DataError,
@@ -60,17 +61,6 @@ __all__ = [
     "MaskSummary", "mask_summary", "read_mask_labels", "rasterize_coco", "scan_source", "describe", "SegmentationDataset",
     "segmentation_collate", "eval_size", "image_size",
 ]
-
-
-def _round_to(x: float, patch: int) -> int:
-    return max(patch, int(round(x / patch)) * patch)
-
-
-def eval_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
-    """``(h, w)`` of an evaluation image: short side ``image_size``, both sides rounded to
-    multiples of ``patch_size`` (the short side stays ``image_size`` when that is a multiple)."""
-    scale = image_size / min(height, width)
-    return _round_to(height * scale, patch_size), _round_to(width * scale, patch_size)
 
 
 def train_transforms(image_size: int, ignore_index: int, augment: bool,

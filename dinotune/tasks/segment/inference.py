@@ -1,4 +1,5 @@
-"""Evaluation-time logits at label resolution: whole-image or sliding-window inference.
+"""Evaluation-time logits at label resolution: whole-image or sliding-window inference (the
+windows and crops of ``runtime/windows.py``, which the numpy runtime uses too).
 
 Geometry follows ``align_corners=False``: a logit cell of stride ``s`` covers ``s`` input pixels,
 so cropping the unpadded region and resizing to the label size is consistent at any stride.
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinotune.runtime.windows import default_stride, logit_crop, window_starts
+
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
@@ -21,32 +24,14 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 def crop_and_resize(logits: Tensor, input_size: tuple[int, int], valid_size: tuple[int, int],
                     out_size: tuple[int, int]) -> Tensor:
-    """Logits of a padded ``input_size`` input -> its top-left ``valid_size`` region at ``out_size``.
-
-    The crop is taken on the logit grid when ``valid_size`` falls on cell borders (the usual case:
-    sizes are multiples of the patch size), else after upsampling to input pixels.
-    """
-    (ih, iw), (vh, vw) = input_size, valid_size
-    lh, lw = logits.shape[-2:]
-    ch, cw = vh * lh / ih, vw * lw / iw
-    if ch.is_integer() and cw.is_integer():
-        return _resize(logits[..., : int(ch), : int(cw)], out_size)
-    return _resize(_resize(logits, (ih, iw))[..., :vh, :vw], out_size)
-
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets of windows covering ``0..size``; the last one ends at the border."""
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] + window < size:
-        starts.append(size - window)
-    return starts
-
-
-def default_stride(window: int, patch_size: int) -> int:
-    """Two thirds of ``window``, rounded down to a multiple of ``patch_size`` (at least one patch)."""
-    return max(patch_size, window * 2 // 3 // patch_size * patch_size)
+    """Logits of a padded ``input_size`` input -> its top-left ``valid_size`` region at ``out_size``,
+    cropped on the logit grid when the region falls on cell borders (``windows.logit_crop``), else
+    after upsampling to input pixels."""
+    cells = logit_crop(input_size, valid_size, logits.shape[-2:])
+    if cells is not None:
+        return _resize(logits[..., : cells[0], : cells[1]], out_size)
+    vh, vw = valid_size
+    return _resize(_resize(logits, input_size)[..., :vh, :vw], out_size)
 
 
 @torch.no_grad()

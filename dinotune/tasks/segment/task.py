@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config import SegmentConfig, SegmentInferenceConfig
+from dinotune.config.segment import SegmentPredictOptions
 from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec, stretch_to_rgb
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
@@ -24,7 +25,7 @@ from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
 from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
-from dinotune.runtime.records import format_predictions as format_records
+from dinotune.models.graph import ExportGraph
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.data import (
@@ -38,8 +39,10 @@ from dinotune.tasks.segment.data import (
     segmentation_collate,
 )
 from dinotune.tasks.segment.decoders import build_segmenter
+from dinotune.tasks.segment.export import build_graph
 from dinotune.tasks.segment.inference import crop_and_resize, default_stride, predict_logits
 from dinotune.tasks.segment.metrics import SegmentationMetrics, format_iou_table
+from dinotune.tasks.segment.runtime import class_shares
 from dinotune.utils import info, warn, write_json
 
 
@@ -48,7 +51,6 @@ class SegmentTask(Task):
     monitor_mode = "max"
     pixel_aligned_labels = True
     supports_subset = True
-    predict_options = frozenset({"masks", "draw"})
 
     cfg: SegmentConfig
 
@@ -239,7 +241,8 @@ class SegmentTask(Task):
         return logits.float().argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 255 else np.int64)
 
     def predict(self, run: TrainedRun, images: Any, settings: SegmentInferenceConfig, *,
-                masks: str | Path | None = None, draw: str | Path | None = None) -> list[dict[str, Any]]:
+                masks: str | Path = SegmentPredictOptions.masks,
+                draw: str | Path = SegmentPredictOptions.draw) -> list[dict[str, Any]]:
         """Label maps per image, written as palette PNGs into ``masks`` (pixel values = labels) and,
         with ``draw``, as overlays. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``."""
         from dinotune.viz.draw import save_image
@@ -256,19 +259,12 @@ class SegmentTask(Task):
         for p in progress(paths, len(paths) > 1, desc="predicting"):
             image = read_input(p, limit, spec.layout)
             mask = self.predict_mask(run, image)
-            counts = np.bincount(mask.ravel(), minlength=len(names))
-            classes = {names[c]: round(float(v) / mask.size, 5) for c, v in enumerate(counts) if v}
+            classes = class_shares(mask, names)  # the runtime's record
             mask_path = save_mask_png(mask, Path(masks) / f"{p.stem}.png", pal) if masks else None
             if draw:
                 save_image(overlay(stretch_to_rgb(image, spec.rgb_bands), mask, pal), Path(draw) / f"{p.stem}.jpg")
             results.append({"image": str(p), "mask": str(mask_path) if mask_path else None, "classes": classes})
         return results
-
-    def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
-        """JSON list, or CSV with one row per image and class (pixel fraction)."""
-        # one formatter for the torch path and the torch-free runtime (dinotune.runtime), so
-        # `predict --backend onnx` writes the very same files
-        return format_records("segment", results, fmt)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
@@ -324,3 +320,6 @@ class SegmentTask(Task):
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         return format_iou_table(metrics) if "per_class_IoU" in metrics else None
+
+    def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> ExportGraph:
+        return build_graph(model, run.cfg, run.meta.get("ignore_index", run.cfg.data.ignore_index))

@@ -1,0 +1,144 @@
+"""Detection without torch: an exported detector's input, records, files and page view.
+
+The input is the run's evaluation canvas (``transforms.resize_pad`` + ``to_input``) in numpy: the
+longer side resized to ``S``, zero padding right / bottom to ``S x S``, normalisation. The graph
+(``export.py``) takes it with the original sizes and returns the post-processing's top ``k``
+detections in original pixels; a record keeps those at or above the score threshold, at most
+``top_k``, as COCO ``xywh`` boxes with the dataset's category ids. ``DetectTask.predict`` builds its
+records with ``detection_record`` and writes its files through this module too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dinotune.data.input_spec import InputSpec
+from dinotune.errors import DataError
+from dinotune.runtime.preprocess import normalize, resize
+from dinotune.runtime.task import Prediction, RuntimeTask
+
+
+def detect_input(image: np.ndarray, size: int, spec: InputSpec) -> tuple[np.ndarray, float]:
+    """``resize_pad`` + ``to_input``: the longer side to ``size``, zero padding right / bottom to
+    ``size x size`` (before normalisation, as the PyTorch path pads), normalised. Returns the
+    ``C x size x size`` float32 canvas and the factor ``size / max(H, W)``."""
+    h, w = image.shape[:2]
+    factor = size / max(h, w)
+    nh, nw = min(size, max(1, round(h * factor))), min(size, max(1, round(w * factor)))
+    resized = resize(image, nh, nw)
+    canvas = np.zeros((size, size, image.shape[2]), dtype=resized.dtype)
+    canvas[:nh, :nw] = resized
+    return normalize(canvas, spec), factor
+
+
+def read_image_info(path: str | Path | None) -> dict[str, int] | None:
+    """File name -> COCO image id from a COCO image-info JSON (``{"images": [{"file_name", "id"},
+    ...]}``, e.g. test-dev's ``image_info_test-dev2017.json``): ``predict --image-info``. None
+    without a path. The file is the user's, but read as untrusted: JSON only, its shape checked."""
+    if not path:
+        return None
+    try:
+        info = json.loads(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"--image-info {path}: cannot be read as JSON ({exc})") from None
+    images = info.get("images") if isinstance(info, dict) else None
+    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("file_name"), str)
+                                               and isinstance(im.get("id"), int) for im in images):
+        raise DataError(f"--image-info {path}: not COCO image info (an \"images\" list of {{\"file_name\", \"id\"}})")
+    return {im["file_name"]: im["id"] for im in images}
+
+
+def image_ids(paths: Sequence[Path], mapping: dict[str, int] | None) -> dict[str, int]:
+    """COCO image ids of prediction outputs: from ``mapping`` (file name -> id, e.g. test-dev's
+    image info), else numeric file stems (``000000123456.jpg`` -> 123456) when they are all
+    distinct, else 1..N in order. Keys are the paths as strings."""
+    if mapping:
+        missing = [p.name for p in paths if p.name not in mapping]
+        if missing:
+            raise DataError(f"image info has no id for {', '.join(missing[:5])}")
+        return {str(p): int(mapping[p.name]) for p in paths}
+    if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
+        return {str(p): int(p.stem) for p in paths}
+    return {str(p): i + 1 for i, p in enumerate(paths)}
+
+
+def detection_record(image: str, image_id: int, size: tuple[int, int], scores: np.ndarray, labels: np.ndarray,
+                     boxes: np.ndarray, categories: Sequence[dict[str, Any]], threshold: float, top_k: int,
+                     category_ids: str) -> dict[str, Any]:
+    """One image's record from its ``k`` detections (``scores`` k, ``labels`` k class indices,
+    ``boxes`` ``k x 4`` ``xyxy`` original pixels, best first): those scoring at least
+    ``threshold``, at most ``top_k``, boxes as ``xywh`` rounded to 2 decimals, scores to 5;
+    ``category_id`` the dataset's id (``coco``) or the class index (``yolo``). ``size``: ``(h, w)``.
+
+    Returns ``{"image", "image_id", "width", "height", "detections": [{"category_id", "category",
+    "bbox", "score"}]}``."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    keep = scores >= threshold
+    xyxy = np.asarray(boxes, dtype=np.float32)[keep]
+    xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist()[:top_k]
+    detections = []
+    for lab, score, box in zip(labels[keep].tolist(), scores[keep].tolist(), xywh):
+        lab = int(lab)
+        detections.append({"category_id": lab if category_ids == "yolo" else int(categories[lab]["id"]),
+                           "category": categories[lab]["name"], "bbox": [round(v, 2) for v in box],
+                           "score": round(float(score), 5)})
+    h, w = size
+    return {"image": image, "image_id": image_id, "width": int(w), "height": int(h), "detections": detections}
+
+
+class DetectRuntime(RuntimeTask):
+    """Boxes per image (see the module docstring). ``info.postprocess`` holds the graph's ``top_k``
+    (its ``k``) and ``min_score`` (the run's own threshold, applied before any option's)."""
+
+    name = "detect"
+    extra_options = frozenset({"image_info"})  # predict --draw is the PyTorch path's alone
+
+    def check_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        # the PyTorch path is capped alike: its post-processing keeps the run's own top-k
+        settings["top_k"] = min(int(settings["top_k"]), int(self.info.postprocess.get("top_k", 1)))
+        return settings
+
+    def predict_files(self, paths: list[Path], settings: dict[str, Any],
+                      read: Callable[[Path], np.ndarray]) -> list[dict[str, Any]]:
+        ids = image_ids(paths, read_image_info(settings.get("image_info")))
+        return super().predict_files(paths, {**settings, "ids": ids}, read)
+
+    def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:
+        ids = settings.get("ids") or image_ids([Path(n) for n in names], None)
+        canvases = [detect_input(a, self.info.image_size, self.spec)[0] for a in arrays]
+        sizes = np.asarray([a.shape[:2] for a in arrays], dtype=np.float32)
+        out = self.graph(images=np.stack(canvases), orig_sizes=sizes)
+        # detections under the run's own threshold are gone before any predict option applies
+        threshold = max(float(settings["score_threshold"]), float(self.info.postprocess.get("min_score", 0.0)))
+        categories = self.info.categories or [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
+        return [(detection_record(name, ids[name], a.shape[:2], out["scores"][i], out["labels"][i], out["boxes"][i],
+                                  categories, threshold, int(settings["top_k"]), settings["category_ids"]), {})
+                for i, (name, a) in enumerate(zip(names, arrays))]
+
+    @classmethod
+    def json_text(cls, results: list[dict[str, Any]]) -> str:
+        """COCO results: a flat list, test-dev style; each result also carries ``file_name``, the image
+        as predicted (image ids of a plain folder are 1..N), which pycocotools' ``loadRes`` ignores."""
+        flat = [{"image_id": r["image_id"], "file_name": r["image"], "category_id": d["category_id"],
+                 "bbox": d["bbox"], "score": d["score"]} for r in results for d in r["detections"]]
+        return json.dumps(flat) + "\n"
+
+    @classmethod
+    def csv_rows(cls, results: list[dict[str, Any]]) -> list[list[Any]]:
+        """One row per detection."""
+        return [["image", "image_id", "category", "category_id", "score", "x", "y", "width", "height"]] + [
+            [r["image"], r["image_id"], d["category"], d["category_id"], d["score"], *d["bbox"]]
+            for r in results for d in r["detections"]]
+
+    @classmethod
+    def view(cls, record: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
+        return {"boxes": [{"name": d["category"], "score": d["score"], "bbox": d["bbox"]}
+                          for d in record["detections"]]}
+
+    @classmethod
+    def view_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"threshold": float(settings.get("draw_threshold", 0.0))}
