@@ -43,7 +43,7 @@ LAYERS = [
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 TASKS = ("classify", "detect", "segment")
 # Generic layers: they ask a task (or the registry) what it does, never which one it is.
-SHARED = ("api.py", "cli.py", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine")
+SHARED = ("api.py", "cli", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine")
 
 
 def _module_name(path: Path) -> str:

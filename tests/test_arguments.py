@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dinotune
-from dinotune.cli import _one_line, main
+from dinotune.cli import main
+from dinotune.cli.entry import _one_line
 from dinotune.config import TASK_CONFIGS, ConfigError, build_config, flag_map, leaf_fields, save_yaml
 from dinotune.engine.run_folder import RunFolder
 from dinotune.errors import CheckpointError, DataError

@@ -100,7 +100,8 @@ def _other_value(tp, default):
 
 @pytest.mark.parametrize("task", list(TASK_CONFIGS))
 def test_every_field_is_set_by_its_flag_and_survives_yaml(task, tmp_path):
-    from dinotune.cli import _overrides, build_parser
+    from dinotune.cli import build_parser
+    from dinotune.cli.flags import _overrides
 
     cls = TASK_CONFIGS[task]
     parser = build_parser()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import dinotune
-from dinotune.cli import _data_name, main
+from dinotune.cli import main
+from dinotune.cli.commands import _data_name
 from dinotune.viz.plots import plot_training_curves, training_curve_panels
 from tests.conftest import tiny_options
 

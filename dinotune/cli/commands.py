@@ -1,0 +1,305 @@
+"""The commands: each turns its parsed flags into a typed config or API options, calls the Python
+API and prints the result. A flag the run's task has no use for is refused by name (asked of the
+task, never decided by its name)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dinotune.cli.flags import (
+    _overrides,
+    command_config,
+    predict_task_options,
+)
+from dinotune.config import (
+    TASK_CONFIGS,
+    ConfigError,
+    coerce,
+    flag_name,
+    leaf_fields,
+)
+from dinotune.config.commands import (
+    AnalyzeConfig,
+    CompareConfig,
+    DemoConfig,
+    DownloadConfig,
+    EvalConfig,
+    PredictConfig,
+)
+from dinotune.config.tools import EXPORT_FORMAT_OPTIONS, ExportConfig, PcaConfig, ServeConfig, SweepConfig
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from dinotune import api
+    from dinotune.config import apply_overrides, apply_presets, build_config
+
+    if ns.resume:
+        options = {"device": ns.resume_device, "workers": ns.resume_workers, "progress": ns.resume_progress}
+        result = api.train(resume=ns.resume, **{k: v for k, v in options.items() if v is not None})
+    else:
+        if not ns.task:
+            raise ConfigError("name a task (dinotune train classify ...) or pass --resume RUN")
+        cfg = build_config(ns.task, ns.config)
+        overrides = _overrides(ns, TASK_CONFIGS[ns.task])
+        apply_presets(apply_overrides(cfg, overrides), overrides)
+        result = api.train(cfg)
+    from dinotune.engine.distributed import current
+
+    if current().is_main:  # under torchrun, process 0 reports for all
+        _print_result(result)
+    return 0
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    if not ns.task:
+        raise ConfigError("name a task: dinotune sweep classify|detect|segment --data D --grid KEY=V1,V2 ...")
+    overrides = _overrides(ns, TASK_CONFIGS[ns.task])
+    sweep, _ = command_config(ns, SweepConfig)
+    try:
+        result = api.sweep(ns.task, ns.config, grid=sweep.grid, linear_grid=sweep.linear_grid, search=sweep.search,
+                           trials=sweep.trials, out=sweep.out, retry_failed=sweep.retry_failed, **overrides)
+    except KeyboardInterrupt:
+        print("dinotune: sweep interrupted; run the same command again to continue it (finished trials are kept, "
+              "the interrupted one resumes)", file=sys.stderr)
+        return 130
+    print(result["table"])
+    for f in result["files"]:
+        print(f"wrote {f}")
+    if result["best_run"]:
+        print(f"best head as a run folder: {result['best_run']} (dinotune eval / predict read it)")
+    return 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    from dinotune.config import build_config
+    from dinotune.tasks import get_task
+
+    best = result.get("best") or {}
+    metrics = result.get("metrics") or {}
+    print(f"\nrun folder: {result['run_dir']}")
+    if best:
+        shown = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, float)}
+        print(f"best epoch {best.get('epoch')}: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in shown.items()))
+    table = get_task(build_config(result["task"])).summary_table(metrics) if metrics else None
+    if table:
+        print(table)
+    for f in result.get("files", []):
+        print(f"  wrote {f}")
+
+
+def _refuse_inapplicable(given: dict[str, str], accepted: set[str], what: str) -> None:
+    """``given``: option name -> the flag that set it. A flag the run's task has no use for is an
+    error naming it (and ``what``: the runs it does not apply to), never silently ignored."""
+    wrong = [flag for name, flag in given.items() if name not in accepted]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to {what}")
+
+
+def _data_name(data: str) -> str:
+    """A short name for evaluation outputs: the dataset's folder (for a file such as a data.yaml
+    or ``annotations/instances_val.json``, the folder that holds the dataset), never the file."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        path = path.parent.parent if path.parent.name == "annotations" else path.parent
+    name = path.resolve().name if str(data) not in ("", ".") else Path.cwd().name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or str(data))) or "data"
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from dinotune import api
+    from dinotune.utils import write_json
+
+    cfg, _ = command_config(ns, EvalConfig)
+    loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
+    options: dict[str, Any] = {"batch_size": cfg.batch_size, "images": cfg.images}
+    if cfg.subset:
+        options.update(subset=cfg.subset, subset_seed=cfg.subset_seed)
+    if cfg.corruptions:
+        from dinotune.robustness import evaluate_corruptions
+
+        out_dir = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"corruptions-{_data_name(cfg.data)}"
+        evaluate_corruptions(loaded, cfg.data, split=cfg.split, names=cfg.corruption_names or None,
+                             severities=cfg.severities, seed=cfg.corruption_seed, out_dir=out_dir, **options)
+        print((out_dir / "corruptions.md").read_text())
+        print(f"wrote {out_dir / 'corruptions.json'} and {out_dir / 'corruptions.png'}", file=sys.stderr)
+        return 0
+    metrics = loaded.evaluate(cfg.data, split=cfg.split, **options)
+    out = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"{_data_name(cfg.data)}-{cfg.split}.json"
+    write_json(out, metrics)
+    files = loaded.task.report(out.parent, metrics, loaded.meta)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    print(f"full metrics: {out}", file=sys.stderr)
+    for f in files:
+        print(f"wrote {f}", file=sys.stderr)
+    return 0
+
+
+def _is_export(path: str | Path) -> bool:
+    """An exported model (``dinotune export --format onnx``): a ``.onnx`` file, or a folder with
+    ``dinotune_export.json``."""
+    from dinotune.runtime.metadata import EXPORT_META
+
+    path = Path(path).expanduser()
+    return path.suffix.lower() == ".onnx" or (path.is_dir() and (path / EXPORT_META).is_file())
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    cfg, _ = command_config(ns, PredictConfig)
+    # the task options given, typed; which of them the run's task takes is asked of the run
+    task_options = predict_task_options()
+    given = {name: coerce(getattr(ns, name), option.type, option.meta["flag"])
+             for name, option in task_options.items() if hasattr(ns, name)}
+    flags = {name: task_options[name].meta["flag"] for name in given}
+    options = {**given, **({"batch_size": cfg.batch_size} if cfg.batch_size is not None else {})}
+    backend = cfg.backend or ("onnx" if _is_export(cfg.run) else "torch")
+    if backend == "onnx":  # the exported graph in onnxruntime; no torch needed for an export
+        predictor = _onnx_predictor(cfg)
+        _refuse_inapplicable(flags, set(predictor.options), f"{predictor.task} runs with --backend onnx")
+        results, format_predictions = predictor.predict(cfg.images, **options), predictor.format_predictions
+    else:
+        if _is_export(cfg.run):
+            raise ConfigError(f"{cfg.run} is an exported ONNX model: predict it with --backend onnx")
+        from dinotune import api
+
+        loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
+        _refuse_inapplicable(flags, loaded.predict_option_names(), f"{loaded.task.name} runs")
+        results, format_predictions = loaded.predict(cfg.images, **options), loaded.task.format_predictions
+    fmt = cfg.format or (Path(cfg.out).suffix.lstrip(".").lower() if cfg.out else "") or "json"
+    if fmt not in ("json", "csv"):
+        raise ConfigError(f"--out {cfg.out}: cannot tell the format from the extension '.{fmt}'; name the file "
+                          "*.json or *.csv, or pass --format json|csv")
+    text = format_predictions(results, fmt)
+    if cfg.out:
+        from dinotune.utils import atomic_write_text
+
+        atomic_write_text(Path(cfg.out), text)
+        print(f"wrote predictions for {len(results)} images to {cfg.out} ({fmt.upper()})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _onnx_predictor(cfg: PredictConfig) -> Any:
+    """The ONNX predictor of ``cfg.run``: an exported model, or a run folder exported once into
+    ``RUN/export/onnx-<checkpoint>`` (reused while the checkpoint is unchanged)."""
+    from dinotune.runtime import load_predictor
+
+    target = cfg.run
+    if not _is_export(target):
+        from dinotune.export.onnx import onnx_for_run
+
+        target = onnx_for_run(cfg.run, checkpoint_name=cfg.checkpoint, model=cfg.model or None)
+    return load_predictor(target, device=cfg.device)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from dinotune.export import export
+
+    cfg, given = command_config(ns, ExportConfig)
+    flags = {key: flag_name(key, f) for key, f, _ in leaf_fields(ExportConfig)}
+    takes = EXPORT_FORMAT_OPTIONS[cfg.format]
+    others = frozenset().union(*EXPORT_FORMAT_OPTIONS.values()) - takes
+    wrong = [flag for key, flag in flags.items() if key in given and key in others]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to --format {cfg.format}")
+    out = export(cfg.run, cfg.out, format=cfg.format, checkpoint_name=cfg.checkpoint, model=cfg.model or None,
+                 **{k: getattr(cfg, k) for k in given & takes})
+    print(out)
+    return 0
+
+
+def cmd_analyze(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    cfg, _ = command_config(ns, AnalyzeConfig)
+    files = api.analyze(cfg.run, data=cfg.data or None, split=cfg.split, out=cfg.out or None, samples=cfg.samples,
+                        device=cfg.device, model=cfg.model or None, draw_threshold=cfg.draw_threshold)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_pca(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    cfg, given = command_config(ns, PcaConfig)
+    # --image-size is the size for a backbone spec: a run folder keeps its own unless it is given
+    path = api.pca(cfg.model, [Path(p) for p in cfg.images], Path(cfg.out),
+                   image_size=cfg.image_size if "image_size" in given else None,
+                   foreground_threshold=cfg.foreground_threshold, device=cfg.device, max_images=cfg.max_images)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    cfg, _ = command_config(ns, CompareConfig)
+    table = api.compare(data=cfg.data, split=cfg.split, runs=cfg.runs, yolo=cfg.yolo, out=Path(cfg.out),
+                        images=cfg.images, subset=cfg.subset, subset_seed=cfg.subset_seed, device=cfg.device,
+                        yolo_image_size=cfg.yolo_image_size, batch_size=cfg.batch_size,
+                        class_map=cfg.class_map or None)
+    print(table)
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from importlib.util import find_spec
+
+    cfg, _ = command_config(ns, ServeConfig)
+    missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
+                                          ("python-multipart", ["python_multipart", "multipart"]))
+               if not any(find_spec(m) for m in modules)]
+    if missing:
+        raise ConfigError(f"dinotune serve needs {', '.join(missing)}: pip install 'dinotune[serve]'")
+    from dinotune.serve.app import run_server
+
+    run_server(cfg.target, host=cfg.host, port=cfg.port, device=cfg.device, max_upload_mb=cfg.max_upload_mb)
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from dinotune.demo import run_demo
+
+    cfg, _ = command_config(ns, DemoConfig)
+    run_demo(out=cfg.out, epochs=cfg.epochs, model=cfg.model, device=cfg.device)
+    return 0
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from dinotune.backbone.registry import HUB_ARCH, HUB_FAMILIES, RANDOM_FAMILIES, arch_summary
+
+    print("Hugging Face hub ids (downloaded once, then read from the local cache):")
+    for family, ids in HUB_FAMILIES.items():
+        print(f"  {family}")
+        for h in ids:
+            print(f"    {h:45s} {arch_summary(HUB_ARCH[h])}")
+    print("random-weight architectures (tests, demos; --init-seed picks the weights):")
+    for family, specs in RANDOM_FAMILIES.items():
+        print(f"  {family}")
+        for s in specs:
+            print(f"    {s:26s} {arch_summary(s.split(':', 1)[1])}")
+    print("also: a local Hugging Face folder of either family, or an official .pth checkpoint "
+          "(dinov2_vits14_pretrain.pth, dinov3_vits16_pretrain_lvd1689m-*.pth ...)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ data download
+def cmd_data_download(ns: argparse.Namespace) -> int:
+    from dinotune.data.download import download_dataset
+
+    cfg, _ = command_config(ns, DownloadConfig)
+    try:
+        result = download_dataset(cfg.dataset, to=cfg.to or None, splits=cfg.splits, mirror=cfg.mirror or None,
+                                  keep_archives=cfg.keep_archives, progress=not ns.quiet)
+    except KeyboardInterrupt:
+        print("dinotune: download interrupted; run the same command again to resume it (the partial file is kept)",
+              file=sys.stderr)
+        return 130
+    print(result["dir"])
+    return 0
