@@ -164,7 +164,8 @@ def _last_loss(run: Path) -> tuple[int, float]:
     return last["epoch"], last["train/loss"]
 
 
-@pytest.mark.slow  # a trainer subprocess, DataLoader workers and two more runs: ~15-30 s on 2 idle cores
+# the issue's own case, kept in the default suite: ~20 s on 2 idle cores (a trainer subprocess with
+# DataLoader workers, killed; the resume and an uninterrupted reference run in this process)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DataLoader workers in /proc")
 @pytest.mark.usefixtures("_keep_quiet_setting")
 def test_resume_right_after_a_kill_9_while_dataloader_workers_run(tmp_path):
