@@ -230,18 +230,32 @@ class Run(Mapping[str, Any]):
         return export(self.path, out, format=format, **options)
 
 
+# What ``load`` takes; every other keyword of ``evaluate`` / ``predict`` is the run's own option.
+_LOAD_OPTIONS = ("checkpoint_name", "device", "merge", "model", "precision")
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    load_options = {k: v for k, v in options.items() if k in _LOAD_OPTIONS}
+    return load_options, {k: v for k, v in options.items() if k not in _LOAD_OPTIONS}
+
+
 def evaluate(run: str | Path | LoadedRun, data: str, *, split: str = EvalConfig.split,
-             **load_options: Any) -> dict[str, Any]:
-    """Metrics of a trained run on ``data`` (for classification, a folder / CSV / dataset)."""
+             **options: Any) -> dict[str, Any]:
+    """Metrics of a trained run on ``data`` (any layout its task reads). Options: ``load``'s
+    (``device``, ``checkpoint_name``, ...) and ``LoadedRun.evaluate``'s (``batch_size``, ``subset``, ...)."""
+    load_options, eval_options = _split_options(options)
     loaded = run if isinstance(run, LoadedRun) else load(run, **load_options)
-    return loaded.evaluate(data, split=split)
+    return loaded.evaluate(data, split=split, **eval_options)
 
 
-def predict(run: str | Path | LoadedRun, images: str | Path | Sequence[str | Path], *,
-            top_k: int | None = None, **load_options: Any) -> list[dict[str, Any]]:
-    """Predictions per image for a file, a folder (searched recursively) or a list of files."""
+def predict(run: str | Path | LoadedRun, images: str | Path | Sequence[str | Path], **options: Any
+            ) -> list[dict[str, Any]]:
+    """Predictions per image for a file, a folder (searched recursively) or a list of files. Options:
+    ``load``'s (``device``, ``checkpoint_name``, ...) and the run's predict options (its task's
+    inference settings such as ``top_k``, and its extras such as ``draw``)."""
+    load_options, predict_options = _split_options(options)
     loaded = run if isinstance(run, LoadedRun) else load(run, **load_options)
-    return loaded.predict(images, top_k=top_k)
+    return loaded.predict(images, **predict_options)
 
 
 def analyze(run: str | Path, *, data: str | None = None, split: str = AnalyzeConfig.split,
