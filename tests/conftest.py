@@ -7,6 +7,9 @@ need them skip with the reason when it is unset or missing.
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +192,25 @@ def make_segmentation_folders(root: Path, counts: dict[str, int], size: int = 28
             Image.fromarray(pixels).save(root / split / "images" / f"{i:03d}.png")
             Image.fromarray(mask, mode="L").save(root / split / "masks" / f"{i:03d}.png")
     return root
+
+
+# The memory a capped child may take beyond the interpreter with torch imported: an open hole that
+# allocates without bound dies of MemoryError (or is killed) instead of taking the machine.
+MEMORY_CAP_MB = 1500
+
+
+def run_capped(argv: list[str], cap_mb: int = MEMORY_CAP_MB, timeout: float = 300) -> tuple[int | None, str]:
+    """Exit code and stderr of ``python -m dinotune ARGV`` in a child process whose data segment is
+    capped at ``cap_mb`` MB above what importing dinotune and torch takes (``RLIMIT_DATA``: anonymous
+    memory, which is what an oversized tensor or decoded image takes). None: it timed out."""
+    def cap() -> None:
+        limit = (2048 + cap_mb) * 1024 * 1024  # torch's import alone maps ~1.5 GB of data
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "dinotune", *argv], cwd=Path(__file__).resolve().parents[1],
+                              env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:g} s"
+    return done.returncode, done.stderr

@@ -20,4 +20,5 @@ def test_every_hostile_input_is_handled(tmp_path):
     summary = json.loads(out.with_suffix(".json").read_text())
     lost = [f"{c['item']} {c['case']}: {c['evidence']}" for c in summary["cases"] if not c["handled"]]
     assert r.returncode == 0 and not lost, "\n".join(lost) or r.stderr[-3000:]
-    assert summary["tried"] >= 38 and f"tried {summary['tried']}, handled {summary['tried']}, lost 0" in r.stdout
+    assert summary["tried"] >= 38 and summary["holes"] == 0
+    assert f"tried {summary['tried']}, handled {summary['tried']}, lost 0, holes 0" in r.stdout

@@ -1,0 +1,1 @@
+"""The hostile-input replay's cases, one module per surface (``bench_hostile.py`` runs them all)."""
