@@ -185,6 +185,7 @@ def record(image: str, value: float) -> dict[str, Any]:
 
 class BrightnessRuntime(RuntimeTask):
     name = NAME
+    graph_outputs = {"brightness": 1}  # the graph's outputs by name and rank (checked against the file)
 
     def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:
         size = self.info.image_size

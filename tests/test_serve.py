@@ -108,7 +108,7 @@ def test_health_names_the_model(served, task):
     loaded = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
     assert health["status"] == "ok" and health["task"] == task
     assert health["classes"] == loaded["class_names"]
-    assert health["model"]["backbone"] == "random:tiny" and health["model"]["run"] == str(run)
+    assert health["model"]["backbone"] == "random:tiny" and health["model"]["run"] == run.name
     assert health["input"] == {"bands": 3, "arrays": False} and health["max_upload_mb"] == 20
 
 

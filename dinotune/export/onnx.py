@@ -29,6 +29,7 @@ from torch import nn
 
 from dinotune.adapters import adapter_for, merge_adapter
 from dinotune.config.tools import ExportConfig
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from dinotune.engine.run_folder import BEST
 from dinotune.errors import ConfigError, ExportError
 from dinotune.models.graph import ExportGraph
@@ -257,7 +258,8 @@ def _metadata(loaded: LoadedRun, size: int, graph: ExportGraph, checkpoint_name:
         patch_size=loaded.model.patch_size, inputs=list(graph.input_names), outputs=list(graph.output_names),
         input=loaded.input_spec, postprocess=graph.postprocess,
         categories=[{"id": int(c["id"]), "name": str(c["name"])} for c in categories] if categories else None,
-        dtype="float16" if half else "float32", max_image_pixels=cfg.data.max_image_pixels,
+        # a run trained without a pixel limit (0) still ships one: whoever runs the export reads untrusted files
+        dtype="float16" if half else "float32", max_image_pixels=cfg.data.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
         dinotune_version=dinotune_version,
         source={"run": str(loaded.run_dir), "checkpoint": checkpoint_name, "backbone": cfg.backbone.model,
                 "adapter": cfg.adapter.kind, "adapter_merged": adapter_for(cfg.adapter.kind).merges,

@@ -26,6 +26,7 @@ from typing import Any
 from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError
+from dinotune.runtime.schema import MAX_DESCRIPTION_BYTES, check_description
 from dinotune.tasks import registry
 
 EXPORT_META = "dinotune_export.json"
@@ -64,22 +65,23 @@ class ExportInfo:
 
     @classmethod
     def read(cls, folder: Path) -> "ExportInfo":
-        """Parse ``folder/dinotune_export.json``; ConfigError naming the file when it is missing or
-        does not describe a dinotune export."""
+        """Parse ``folder/dinotune_export.json``, every value checked (``schema.py``); ConfigError
+        naming the file (and the key) when it is missing or does not describe a dinotune export."""
         path = Path(folder) / EXPORT_META
         if not path.is_file():
             raise ConfigError(f"{path} is missing: an exported model folder holds {EXPORT_META} beside the graph "
                               "(export with `dinotune export RUN --format onnx --out DIR`)")
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            if path.stat().st_size > MAX_DESCRIPTION_BYTES:
+                raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a dinotune export description is a few "
+                                  "KB (at most 16 MB is read)")
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigError(f"{path}: not readable JSON ({exc})") from None
-        missing = [k for k in ("task", "class_names", "image_size", "patch_size", "inputs", "outputs") if k not in raw]
-        if not isinstance(raw, dict) or missing:
-            raise ConfigError(f"{path}: not a dinotune export description (missing {', '.join(missing) or 'keys'})")
-        if raw["task"] not in registry.names():
-            raise ConfigError(f"{path}: unknown task {raw['task']!r} (expected one of {', '.join(registry.names())})")
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in raw.items() if k in known}
-        values["input"] = InputSpec.from_dict(raw.get("input"))
+        except RecursionError:
+            raise ConfigError(f"{path}: not readable JSON (nested too deep)") from None
+        values = check_description(raw, str(path))
+        if values["task"] not in registry.names():
+            raise ConfigError(f"{path}: unknown task {values['task']!r} (expected one of {', '.join(registry.names())})")
+        values["input"] = InputSpec.from_dict(values["input"])
         return cls(**values)

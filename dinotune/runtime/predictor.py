@@ -21,6 +21,7 @@ from dinotune.config import check_ranges, coerce
 from dinotune.errors import ConfigError
 from dinotune.runtime.inputs import as_model_image, read_image, readable_inputs
 from dinotune.runtime.metadata import EXPORT_META, ExportInfo
+from dinotune.runtime.schema import DescriptionError, check_graph
 from dinotune.runtime.session import OnnxSession
 from dinotune.runtime.task import Prediction, RuntimeTask
 from dinotune.tasks import registry
@@ -54,6 +55,24 @@ class Predictor:
         entry = registry.entry(info.task)
         self._inference = type(entry.config_class()().inference)
         self.runtime: RuntimeTask = entry.runtime_class()(info, self.session.run)
+        self._check(folder)
+
+    def _check(self, folder: Path) -> None:
+        """The description against the graph and the task (``schema.check_graph``), and its settings
+        against the task config's ranges, before anything is predicted: a tampered or mismatched
+        export is refused naming the file, never run."""
+        where = str(Path(folder) / EXPORT_META)
+        rt = self.runtime
+        check_graph(where, self.info.inputs, self.info.outputs, self.session.input_shapes, self.session.output_shapes,
+                    (rt.graph_inputs, rt.graph_outputs), self.input_spec.in_channels, self.info.image_size,
+                    len(self.class_names))
+        problem = rt.check_postprocess(self.info.postprocess)
+        if problem:
+            raise DescriptionError(f"{where}: {problem}")
+        try:
+            self.settings()
+        except ConfigError as exc:
+            raise DescriptionError(f"{where}: postprocess: {exc}") from None
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -107,8 +126,10 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """What the exported model is (for ``dinotune serve``'s health check and for logs)."""
-        return {"backend": "onnx", "model": str(self.model_path), "task": self.task, "image_size": self.info.image_size,
-                "dtype": self.info.dtype, "providers": list(self.session.providers), "source": self.info.source}
+        # names, never paths: the server shows this to any client
+        source = {k: v for k, v in self.info.source.items() if k in ("checkpoint", "adapter", "trained_image_size")}
+        return {"backend": "onnx", "model": self.model_path.name, "task": self.task, "image_size": self.info.image_size,
+                "dtype": self.info.dtype, "providers": list(self.session.providers), "source": source}
 
 
 def load_predictor(path: str | Path, *, device: str = "auto", threads: int = 0) -> Predictor:

@@ -55,6 +55,9 @@ class OnnxSession:
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # name -> declared shape (ints where the graph fixes a dimension, strings where it is symbolic)
+        self.input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        self.output_shapes = {o.name: list(o.shape) for o in self.session.get_outputs()}
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's outputs by name, for inputs given by name."""

@@ -41,6 +41,9 @@ class RuntimeTask:
     """
 
     name: ClassVar[str]
+    # the exported graph's tensors: name -> rank (``ExportGraph``'s names; checked against the graph)
+    graph_inputs: ClassVar[dict[str, int]] = {"images": 4}
+    graph_outputs: ClassVar[dict[str, int]]
     extra_options: ClassVar[frozenset[str]] = frozenset()
     check: ClassVar[Literal["full", "fast"]] = "fast"
     # the page colours label i with palette entry i + colour_offset: 0 when label 0 is a class
@@ -60,6 +63,11 @@ class RuntimeTask:
         return self.info.input
 
     # ------------------------------------------------------------------------------ settings
+    def check_postprocess(self, postprocess: dict[str, Any]) -> str | None:
+        """What is wrong with the task's own keys of the export's ``postprocess`` (beyond the
+        inference section, which its config's ranges check), or None."""
+        return None
+
     def check_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Task-specific refusals and adjustments of the resolved settings (the run's inference
         section with the call's options applied, already range-checked)."""

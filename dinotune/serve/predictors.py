@@ -69,7 +69,11 @@ class RunPredictor:
     def describe(self) -> dict[str, Any]:
         """What ``GET /health`` says of the model."""
         cfg = self.run.cfg
-        return {"backend": "torch", "run": str(self.run.run_dir), "backbone": cfg.backbone.model,
+        # names, never paths: the server shows this to any client (a hub id or random:* spec as it is)
+        backbone = cfg.backbone.model
+        if Path(backbone).expanduser().exists():
+            backbone = Path(backbone).name
+        return {"backend": "torch", "run": self.run.run_dir.name, "backbone": backbone,
                 "adapter": cfg.adapter.kind, "image_size": cfg.backbone.image_size, "device": str(self.run.device)}
 
     def view_settings(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class ClassifyRuntime(RuntimeTask):
     """Top-k classes per image (see the module docstring)."""
 
     name = "classify"
+    graph_outputs = {"logits": 2}
     check = "full"  # as the PyTorch path checks classification inputs: every file decoded
 
     def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:

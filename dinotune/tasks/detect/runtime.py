@@ -35,21 +35,52 @@ def detect_input(image: np.ndarray, size: int, spec: InputSpec) -> tuple[np.ndar
     return normalize(canvas, spec), factor
 
 
+# COCO image ids are 64-bit integers (pycocotools, most evaluation servers)
+MAX_IMAGE_ID = 2**63 - 1
+# test-dev's image info is ~7 MB for 40 670 images
+MAX_INFO_BYTES = 256 * 2**20
+
+
 def read_image_info(path: str | Path | None) -> dict[str, int] | None:
     """File name -> COCO image id from a COCO image-info JSON (``{"images": [{"file_name", "id"},
     ...]}``, e.g. test-dev's ``image_info_test-dev2017.json``): ``predict --image-info``. None
-    without a path. The file is the user's, but read as untrusted: JSON only, its shape checked."""
+    without a path. Read as untrusted: JSON only (at most ``MAX_INFO_BYTES``), its shape checked,
+    ids whole numbers from 0 to 2^63 - 1; a problem is one line naming the file and the entry."""
     if not path:
         return None
+    where = f"--image-info {path}"
     try:
-        info = json.loads(Path(path).expanduser().read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"--image-info {path}: cannot be read as JSON ({exc})") from None
+        file = Path(path).expanduser()
+        if file.stat().st_size > MAX_INFO_BYTES:
+            raise DataError(f"{where}: {file.stat().st_size:,} bytes; COCO image info is read up to "
+                            f"{MAX_INFO_BYTES // 2**20} MB")
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{where}: cannot be read as JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{where}: cannot be read as JSON (nested too deep)") from None
     images = info.get("images") if isinstance(info, dict) else None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and isinstance(im.get("file_name"), str)
-                                               and isinstance(im.get("id"), int) for im in images):
-        raise DataError(f"--image-info {path}: not COCO image info (an \"images\" list of {{\"file_name\", \"id\"}})")
-    return {im["file_name"]: im["id"] for im in images}
+    if not isinstance(images, list):
+        raise DataError(f"{where}: not COCO image info (an \"images\" list of {{\"file_name\", \"id\"}})")
+    out: dict[str, int] = {}
+    for i, im in enumerate(images):
+        name, image_id = (im.get("file_name"), im.get("id")) if isinstance(im, dict) else (None, None)
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where}: images[{i}] has no file_name (a string)")
+        if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id <= MAX_IMAGE_ID:
+            raise DataError(f"{where}: images[{i}] ({name}) has id {image_id!r}; a whole number from 0 to 2^63 - 1 "
+                            "is expected")
+        out[name] = image_id
+    return out
+
+
+
+
+def _numeric_stem(path: Path) -> bool:
+    """A file stem that is a COCO image id: ASCII digits only (``'²³'.isdigit()`` is true, but no
+    id), at most 18 of them."""
+    stem = path.stem
+    return 0 < len(stem) <= 18 and stem.isascii() and stem.isdigit()
 
 
 def image_ids(paths: Sequence[Path], mapping: dict[str, int] | None) -> dict[str, int]:
@@ -61,7 +92,7 @@ def image_ids(paths: Sequence[Path], mapping: dict[str, int] | None) -> dict[str
         if missing:
             raise DataError(f"image info has no id for {', '.join(missing[:5])}")
         return {str(p): int(mapping[p.name]) for p in paths}
-    if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
+    if all(_numeric_stem(p) for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
         return {str(p): int(p.stem) for p in paths}
     return {str(p): i + 1 for i, p in enumerate(paths)}
 
@@ -77,6 +108,9 @@ def detection_record(image: str, image_id: int, size: tuple[int, int], scores: n
     Returns ``{"image", "image_id", "width", "height", "detections": [{"category_id", "category",
     "bbox", "score"}]}``."""
     scores, labels = np.asarray(scores), np.asarray(labels)
+    if labels.size and not (0 <= labels.min() and labels.max() < len(categories)):
+        raise DataError(f"{image}: the model gave class index {int(labels.max())} for {len(categories)} classes "
+                        "(a graph of another model?)")
     keep = scores >= threshold
     xyxy = np.asarray(boxes, dtype=np.float32)[keep]
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist()[:top_k]
@@ -95,7 +129,17 @@ class DetectRuntime(RuntimeTask):
     (its ``k``) and ``min_score`` (the run's own threshold, applied before any option's)."""
 
     name = "detect"
+    graph_inputs = {"images": 4, "orig_sizes": 2}
+    graph_outputs = {"scores": 2, "labels": 2, "boxes": 3}
     extra_options = frozenset({"image_info"})  # predict --draw is the PyTorch path's alone
+
+    def check_postprocess(self, postprocess: dict[str, Any]) -> str | None:
+        top_k, min_score = postprocess.get("top_k", 1), postprocess.get("min_score", 0.0)
+        if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+            return f"postprocess.top_k is {top_k!r}; the graph's detections per image (an integer >= 1) are expected"
+        if not (isinstance(min_score, (int, float)) and not isinstance(min_score, bool) and 0 <= min_score <= 1):
+            return f"postprocess.min_score is {min_score!r}; a score in [0, 1] is expected"
+        return None
 
     def check_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         # the PyTorch path is capped alike: its post-processing keeps the run's own top-k

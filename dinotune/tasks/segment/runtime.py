@@ -66,10 +66,24 @@ class SegmentRuntime(RuntimeTask):
     name = "segment"
     extra_options = frozenset(f.name for f in dataclasses.fields(SegmentPredictOptions))  # all of them
     colour_offset = 0  # label 0 is a class (background): drawn in the palette's first colour
+    graph_outputs = {"logits": 4}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._told_windows = False
+
+    def check_postprocess(self, postprocess: dict[str, Any]) -> str | None:
+        mode, stride = postprocess.get("inference", "whole"), postprocess.get("slide_stride", 0) or 0
+        ignore = postprocess.get("ignore_index", 255)
+        if mode not in ("whole", "slide"):
+            return f"postprocess.inference is {mode!r}; whole or slide is expected"
+        if not (isinstance(stride, int) and not isinstance(stride, bool) and 0 <= stride
+                and stride % self.info.patch_size == 0 and stride <= self.info.image_size):
+            return (f"postprocess.slide_stride is {stride!r}; 0 or a multiple of the patch size "
+                    f"{self.info.patch_size} up to {self.info.image_size} is expected")
+        if not (isinstance(ignore, int) and not isinstance(ignore, bool) and 0 <= ignore <= 255):
+            return f"postprocess.ignore_index is {ignore!r}; a label from 0 to 255 is expected"
+        return None
 
     def predict_files(self, paths: list[Path], settings: dict[str, Any],
                       read: Callable[[Path], np.ndarray]) -> list[dict[str, Any]]:
