@@ -11,6 +11,7 @@ import socket
 import tarfile
 import threading
 import zipfile
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,12 +31,17 @@ from tests.conftest import make_class_folders, make_coco_dataset
 class FileServer:
     """Serves ``files`` (URL path -> bytes) on 127.0.0.1. ``Range: bytes=N-`` gets a 206 unless
     ``ignore_range``; a path in ``drop_once`` has its first response cut after half the body.
-    ``requests``: (path, Range header or None) in arrival order."""
+    ``streams`` (URL path -> a function giving the body's blocks) are sent without Content-Length,
+    ended by closing the connection, as some mirrors and proxies do; a Content-Length of its own for a
+    path in ``lengths`` (URL path -> the number announced). ``requests``: (path, Range header or
+    None) in arrival order."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.requests = files, []
         self.drop_once: set[str] = set()
         self.ignore_range = False
+        self.streams: dict[str, Callable[[], Iterable[bytes]]] = {}
+        self.lengths: dict[str, int] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +52,18 @@ class FileServer:
                 path = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 server.requests.append((path, rng))
+                if path in server.streams:
+                    self.send_response(200)
+                    if path in server.lengths:
+                        self.send_header("Content-Length", str(server.lengths[path]))
+                    self.end_headers()
+                    try:
+                        for block in server.streams[path]():
+                            self.wfile.write(block)
+                    except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                        pass
+                    self.close_connection = True
+                    return
                 if path not in server.files:
                     self.send_error(404)
                     return
@@ -176,7 +194,7 @@ def test_a_part_file_left_by_an_earlier_call_is_resumed_or_restarted(tmp_path, h
 
 def test_a_bad_checksum_is_refused_and_the_file_kept_aside(tmp_path, monkeypatch, serve):
     good = b"PK not really the published archive" * 10
-    archive = Archive("hymenoptera_data.zip", None, sha256(b"what the catalog promises"))
+    archive = Archive("hymenoptera_data.zip", None, sha256(b"what the catalog promises"), max_size=10_000)
     point_catalog(monkeypatch, "hymenoptera", {"h": archive}, {"train": ("h",), "val": ("h",)})
     server = serve({"hymenoptera_data.zip": good})
     root = tmp_path / "hym"

@@ -1,7 +1,9 @@
 """``download_dataset``: fetch, verify and extract the archives of a catalog dataset, once.
 
 State lives in ``DIR/.dinotune-download/``: ``<file>.part`` while downloading, ``<file>`` once
-verified, ``<file>.bad`` when it failed the check, and ``<file>.done`` (JSON) after its extraction.
+verified, ``<file>.bad`` when it failed the check or its extraction, ``<file>.extracting/`` while it
+is extracted (moved into ``DIR`` only once whole; removed on failure) and ``<file>.done`` (JSON)
+after its extraction.
 An archive with a ``.done`` marker is never fetched or extracted again, so a second call finds the
 dataset done and does nothing; asking later for another split fetches only what it adds.
 """
@@ -59,13 +61,13 @@ def _by_hand(entry: DatasetEntry, archive: Archive, root: Path) -> str:
 
 
 def _check_space(root: Path, todo: list[Archive]) -> None:
-    """Warn (not refuse: the sizes are estimates of the extracted data) when the disk looks too small
+    """Warn (not refuse: the extracted sizes are bounds, not exact) when the disk looks too small
     for the archives plus their contents."""
-    need = 2 * sum(a.size or 0 for a in todo)
+    need = sum(a.size_bound + (a.max_extracted or a.size_bound) for a in todo)
     probe = next(p for p in [root, *root.parents] if p.exists())
     free = shutil.disk_usage(probe).free
     if need > free:
-        warn(f"{root}: about {human_size(need)} are needed (archives + extracted files), {human_size(free)} are free")
+        warn(f"{root}: up to {human_size(need)} are needed (archives + extracted files), {human_size(free)} are free")
 
 
 def _obtain(entry: DatasetEntry, archive: Archive, root: Path, base: str, progress: bool) -> tuple[Path, bool]:
@@ -114,16 +116,21 @@ def download_dataset(name: str, to: str | Path | None = None, splits: Sequence[s
         path, ours = _obtain(entry, archive, root, base, progress)
         info(f"extracting {archive.file_name} into {root}")
         try:
-            files = safe_extract(path, root, archive.strip)
-        except DataError:
-            if ours:
-                keep_aside(path)  # refused content: the next call downloads afresh instead of re-using it
-            raise
+            files = safe_extract(path, root, archive.strip, max_bytes=archive.max_extracted,
+                                 scratch=state / f"{archive.file_name}.extracting")
+        except DataError as exc:
+            if not ours:
+                raise
+            bad = keep_aside(path)  # refused content: the next call downloads afresh instead of re-using it
+            raise DataError(f"{exc}; {archive.file_name} was moved aside to {bad} (the next call downloads it "
+                            "afresh)") from None
         marker = {"url": base + archive.path, "file": archive.file_name, "size": archive.size,
                   "checksum": list(archive.checksum) if archive.checksum else None, "files": files,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         state.mkdir(parents=True, exist_ok=True)
-        (state / f"{archive.file_name}.done").write_text(json.dumps(marker, indent=1))
+        done = state / f"{archive.file_name}.done"
+        done.with_suffix(".tmp").write_text(json.dumps(marker, indent=1))
+        os.replace(done.with_suffix(".tmp"), done)  # a marker is whole or absent
         if ours and not keep_archives:
             path.unlink()
     info(f"{entry.name} is ready in {root} ({entry.layout}): {result['use']}")

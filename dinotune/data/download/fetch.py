@@ -1,6 +1,8 @@
 """One archive over HTTP: streamed to ``<file>.part`` with a progress bar, resumed with an HTTP
 Range request after an interruption, checked against its size and checksum, then renamed to
 ``<file>``. A file that fails the check is moved aside to ``<file>.bad`` and refused, never used.
+Nothing past the published size (``max_size`` where none is published) is ever written: a server
+announcing more is refused before the body, and a stream running past it is cut there.
 
 Only the standard library speaks HTTP here (``urllib``): no extra dependency for a one-off fetch.
 """
@@ -58,6 +60,13 @@ def _digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def _bound_text(archive: Archive) -> str:
+    if archive.size is not None:
+        return f"the published size of {archive.size} bytes"
+    return (f"{archive.size_bound} bytes ({human_size(archive.size_bound)}), the most dinotune accepts for this "
+            "archive, whose size is not published")
+
+
 def verify(path: Path, archive: Archive, url: str) -> None:
     """Size, then checksum, as the catalog gives them. On a mismatch the file is moved aside to
     ``<file>.bad`` and DataError says what differed and what to do."""
@@ -65,6 +74,8 @@ def verify(path: Path, archive: Archive, url: str) -> None:
     problem = None
     if archive.size is not None and size != archive.size:
         problem = f"it has {size} bytes, the published size is {archive.size}"
+    elif size > archive.size_bound:
+        problem = f"it has {size} bytes, more than {_bound_text(archive)}"
     elif archive.checksum is not None:
         algorithm, expected = archive.checksum
         info(f"checking the {algorithm} of {archive.file_name} ({human_size(size)})")
@@ -98,11 +109,30 @@ def _resumed_at(resp: http.client.HTTPResponse, offset: int) -> int:
     return 0
 
 
+def _too_large(archive: Archive, url: str, part: Path, announced: int | None) -> DataError:
+    """The refusal of a download that would pass the archive's size (``announced``: the size the
+    server's Content-Length gives; None: the body ran past it). A ``.part`` is moved aside: it is
+    never larger than the size, as nothing past it was written."""
+    got = part.stat().st_size if part.exists() else 0
+    bad = keep_aside(part) if part.exists() else None
+    if announced is None:
+        what = (f"the server sends more than {_bound_text(archive)}; the download was stopped there and the {got} "
+                f"bytes received were moved aside to {bad}")
+    else:
+        what = f"the server announces {announced} bytes, more than {_bound_text(archive)}; nothing was downloaded"
+        if bad:
+            what += f" (the {got} bytes of an earlier call were moved aside to {bad})"
+    return DataError(f"{archive.file_name} (from {url}): {what}. The server or mirror serves a different file: "
+                     "check the URL or the mirror")
+
+
 def _one_attempt(url: str, part: Path, archive: Archive, progress: bool) -> bool:
     """Stream the rest of ``url`` into ``part``; True when the body arrived whole. Connection
-    errors before any byte arrives propagate (offline); an interruption mid-body returns False."""
+    errors before any byte arrives propagate (offline); an interruption mid-body returns False.
+    DataError, with nothing written past ``archive.size_bound``, for a body larger than that."""
+    bound = archive.size_bound
     offset = part.stat().st_size if part.exists() else 0
-    if archive.size is not None and offset > archive.size:  # longer than the file can be: start over
+    if offset > bound:  # longer than the file can be: start over
         part.unlink()
         offset = 0
     try:
@@ -114,8 +144,11 @@ def _one_attempt(url: str, part: Path, archive: Archive, progress: bool) -> bool
     with resp:
         start = _resumed_at(resp, offset)
         length = resp.headers.get("Content-Length")
-        expected = start + int(length) if length and length.isdigit() else archive.size
-        received = start
+        announced = start + int(length) if length and length.isdigit() else None
+        if announced is not None and announced > bound:
+            raise _too_large(archive, url, part, announced)
+        expected = announced if announced is not None else archive.size
+        received, over = start, False
         with part.open("r+b" if start else "wb") as f, _bar(expected, start, archive.file_name, progress) as bar:
             f.seek(start)
             f.truncate()
@@ -128,9 +161,15 @@ def _one_attempt(url: str, part: Path, archive: Archive, progress: bool) -> bool
                     return False
                 if not block:
                     break
+                if received + len(block) > bound:  # a stream without (or past) its Content-Length
+                    f.write(block[:bound - received])
+                    over = True
+                    break
                 f.write(block)
                 received += len(block)
                 bar.update(len(block))
+    if over:
+        raise _too_large(archive, url, part, None)
     if expected is not None and received < expected:
         info(f"{archive.file_name}: connection closed after {received} of {expected} bytes")
         return False
@@ -145,7 +184,9 @@ def fetch(url: str, dest: Path, archive: Archive, by_hand: str, progress: bool =
     part = dest.with_name(dest.name + ".part")
     if part.exists():
         info(f"{dest.name}: resuming the earlier download at byte {part.stat().st_size}")
-    info(f"downloading {url} ({human_size(archive.size)})")
+    size = (human_size(archive.size) if archive.size is not None
+            else f"size not published, at most {human_size(archive.size_bound)}")
+    info(f"downloading {url} ({size})")
     for attempt in range(ATTEMPTS):
         if attempt:
             time.sleep(min(0.5 * attempt, 5.0))
