@@ -173,7 +173,7 @@ def test_image_info_is_read_by_the_detection_runtime(tmp_path):
     assert image_ids([Path("x/b.jpg"), Path("x/a.jpg")], read_image_info(info)) == {"x/b.jpg": 9, "x/a.jpg": 7}
     assert read_image_info("") is None
     info.write_text(json.dumps({"images": [{"file_name": "a.jpg"}]}))
-    with pytest.raises(DataError, match="not COCO image info"):
+    with pytest.raises(DataError, match=r"images\[0\] \(a.jpg\) has id None"):
         read_image_info(info)
     with pytest.raises(DataError, match="cannot be read"):
         read_image_info(tmp_path / "missing.json")

@@ -8,9 +8,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
-
 from dinotune.config.base import ConfigError
+from dinotune.config.yaml_files import read_yaml, yaml_text
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -132,7 +131,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def save_yaml(cfg: Any, path: str | Path) -> None:
     from dinotune.utils import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml_text(to_dict(cfg)))
 
 
 def load_yaml(path: str | Path, cls: type | None = None, complete: bool = False) -> Any:
@@ -141,12 +140,7 @@ def load_yaml(path: str | Path, cls: type | None = None, complete: bool = False)
     so a missing one means the file was cut or edited, and silently filling in a default would
     rebuild a different model (e.g. evaluate at 224 px a model trained at 56)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    data = read_yaml(path) or {}  # bounded: size, alias expansion, depth; duplicate keys refused
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
     if complete and "task" not in data:

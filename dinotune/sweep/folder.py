@@ -20,9 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dinotune.config import ConfigError, to_dict
+from dinotune.config.yaml_files import read_yaml, yaml_text
 from dinotune.engine.run_folder import LOCK_FILE, RunFolder
 from dinotune.utils import atomic_write_text
 
@@ -62,6 +61,21 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
         if old.get(key) != new.get(key):
             out.append(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
     return out
+
+
+_DAMAGED_HINT = ("it records the settings this sweep was started with: restore it, or give another --out for "
+                 "a new sweep")
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """A sweep folder's ``sweep.yaml``, or a ConfigError naming it and what to do when it is damaged."""
+    try:
+        saved = read_yaml(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; {_DAMAGED_HINT}") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("grid"), dict) and isinstance(saved.get("base"), dict)):
+        raise ConfigError(f"{path}: damaged (not a mapping with task, search, grid and base); {_DAMAGED_HINT}")
+    return saved
 
 
 class SweepFolder:
@@ -107,16 +121,16 @@ class SweepFolder:
         try:
             fresh = not saved_file.is_file()
             if fresh:
-                atomic_write_text(saved_file, yaml.safe_dump(settings, sort_keys=False))
+                atomic_write_text(saved_file, yaml_text(settings))
             else:
-                saved = yaml.safe_load(saved_file.read_text()) or {}
+                saved = read_settings(saved_file)
                 changed = differences(saved, settings)
                 if changed:
                     shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
                     raise ConfigError(f"{path} is a sweep started with other settings ({shown}). Continue it with "
                                       f"the settings in {saved_file}, or give another --out for a new sweep")
                 if any(saved.get(k) != settings.get(k) for k in EXTENDABLE):
-                    atomic_write_text(saved_file, yaml.safe_dump(settings, sort_keys=False))
+                    atomic_write_text(saved_file, yaml_text(settings))
         except BaseException:
             lock.release()
             raise

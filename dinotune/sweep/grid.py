@@ -12,12 +12,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, get_origin
 
 from dinotune.adapters import adapter_for
 from dinotune.config import ConfigError, build_config, coerce, flag_map, leaf_fields, to_dict
+
+# The most combinations a grid may make: each is a trial trained in its own process (minutes to hours,
+# so a thousand is already days), and expanding the grid to check them takes ~1.5 ms each (a million
+# took 25 minutes before the first trial). Counted as a product of the axes, never by expanding.
+MAX_COMBINATIONS = 1000
 
 # Keys a sweep owns (each trial's folder) or that name the config's kind: never a grid axis.
 RESERVED = {"train.out": "the sweep names each trial's run folder itself (give the sweep folder with --out)"}
@@ -126,8 +132,12 @@ def parse_axes(cls: type, items: Iterable[str], option: str = "--grid") -> tuple
         if key in seen:
             raise ConfigError(f"{option}: {shown} is given twice ({seen[key]} and {name.strip()}); list its values once")
         seen[key] = name.strip()
+        parts = text.split(",")
+        if len(parts) > MAX_COMBINATIONS:
+            raise ConfigError(f"{option} {shown}: {len(parts):,} values; a sweep tries at most "
+                              f"{MAX_COMBINATIONS:,} combinations")
         labels, values = [], []
-        for label in (v.strip() for v in text.split(",")):
+        for label in (v.strip() for v in parts):
             if not label:
                 raise ConfigError(f"{option} {item}: an empty value for {shown}")
             is_list = get_origin(types[key]) is list
@@ -140,6 +150,22 @@ def parse_axes(cls: type, items: Iterable[str], option: str = "--grid") -> tuple
             values.append(value)
         axes.append(Axis(shown, key, tuple(labels), tuple(values)))
     return axes, notes
+
+
+def combinations(axes: Iterable[Axis]) -> int:
+    """How many combinations the axes make: the product of their value counts."""
+    return math.prod(len(a.labels) for a in axes)
+
+
+def check_size(axes: list[Axis], option: str = "--grid") -> int:
+    """The number of combinations, or a ConfigError saying it when over ``MAX_COMBINATIONS``."""
+    count = combinations(axes)
+    if count > MAX_COMBINATIONS:
+        sizes = " x ".join(f"{len(a.labels)} {a.name}" for a in axes)
+        raise ConfigError(f"{option} makes {count:,} combinations ({sizes}); a sweep tries at most "
+                          f"{MAX_COMBINATIONS:,}, each trained in turn. List fewer values"
+                          + (", or let --search optuna --trials N pick among them" if option == "--grid" else ""))
+    return count
 
 
 def rules(cfg: Any) -> tuple[SweepRule, ...]:
@@ -185,9 +211,11 @@ def make_trial(task: str, base: dict[str, Any], axes: list[Axis], labels: dict[s
     return Trial(trial_name(settings), settings, overrides, cfg), {a.name: dropped[a.key] for a in axes if a.key in dropped}
 
 
-def expand(task: str, base: dict[str, Any], axes: list[Axis]) -> Expansion:
+def expand(task: str, base: dict[str, Any], axes: list[Axis], option: str = "--grid") -> Expansion:
     """Every combination of the axes as a trial, in order; combinations that differ only in
-    settings that do not apply become one trial, and each such collapse is told in ``notes``."""
+    settings that do not apply become one trial, and each such collapse is told in ``notes``.
+    More than ``MAX_COMBINATIONS`` are refused before any is made."""
+    check_size(axes, option)
     trials: dict[str, Trial] = {}
     collapsed: dict[tuple[str, str], int] = {}
     combos = list(itertools.product(*[a.labels for a in axes]))

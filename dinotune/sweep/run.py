@@ -4,6 +4,7 @@ and ``dinotune.api.sweep``)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,18 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 from dinotune.config import TASK_CONFIGS, ConfigError, build_config, to_dict
 from dinotune.engine.run_folder import RunLayout
+from dinotune.errors import DataError
 from dinotune.sweep.folder import SweepFolder, settings_dict
-from dinotune.sweep.grid import Axis, Expansion, expand, parse_axes
+from dinotune.sweep.grid import (
+    MAX_COMBINATIONS,
+    Axis,
+    Expansion,
+    check_size,
+    combinations,
+    display_name,
+    expand,
+    parse_axes,
+)
 from dinotune.sweep.plot import plot_pareto
 from dinotune.sweep.runner import DEFAULT_COMMAND, read_attempts, trial_state, wall_time
 from dinotune.sweep.search import place, require_optuna, run_grid, run_optuna
@@ -57,6 +68,21 @@ def _check_base(cfg: Any) -> None:
         raise ConfigError("--data is required: the data every trial trains on")
 
 
+_NOT_A_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a dataset name (hf:NAME), not a path (C:\ is one)
+
+
+def _check_data(cls: type, cfg: Any, axes: Sequence[Axis]) -> None:
+    """The data the trials train and validate on exists: checked once, before the first trial,
+    since each trial would otherwise start a process only to fail on it (what ``train`` refuses
+    first). A dataset name (``hf:NAME``) is left to the task."""
+    for key in ("data.data", "data.val_data"):
+        values = [v for a in axes if a.key == key for v in a.values] or [getattr(cfg.data, key.split(".")[1], "")]
+        for value in dict.fromkeys(values):
+            if value and not _NOT_A_PATH.match(str(value)) and not Path(value).expanduser().exists():
+                raise DataError(f"--{display_name(cls, key)} {value}: not found (no such file or folder); every "
+                                "trial would fail on it, so none was started")
+
+
 def run_sweep(task: str, base: Any, *, grid: Sequence[str] = (), linear_grid: Sequence[str] = (),
               search: Search = "grid", trials: int | None = None, out: str | Path,
               explicit: Iterable[str] = (), retry_failed: bool = False,
@@ -97,9 +123,17 @@ def run_sweep(task: str, base: Any, *, grid: Sequence[str] = (), linear_grid: Se
         require_optuna()  # a missing optuna is told before any folder is made
     elif search != "grid":
         raise ConfigError(f"--search {search}: choose grid or optuna")
-    expansion = expand(task, to_dict(base), axes)
-    _validate(expansion)
-    notes += expansion.notes
+    # a grid trains every combination: over the limit it is refused; optuna picks --trials of them,
+    # so its space may be larger, but then it is checked value by value rather than expanded
+    count = check_size(axes) if search == "grid" else combinations(axes)
+    _check_data(cls, base, axes)
+    if count <= MAX_COMBINATIONS:
+        expansion = expand(task, to_dict(base), axes)
+        _validate(expansion)
+        notes += expansion.notes
+    else:
+        _validate_values(task, to_dict(base), axes)
+        expansion = None
     settings = settings_dict(task, search, {a.name: list(a.labels) for a in axes}, base,
                              trials if search == "optuna" else None)
     folder = SweepFolder.open(out, settings)
@@ -110,6 +144,7 @@ def run_sweep(task: str, base: Any, *, grid: Sequence[str] = (), linear_grid: Se
 
         mode = get_task(base).monitor_mode
         if search == "grid":
+            assert expansion is not None  # a grid is never over the limit
             chosen = [place(folder, t) for t in expansion.trials]
             info(f"sweep {folder.path}: {len(chosen)} trials")
             run_grid(folder, chosen, retry_failed=retry_failed, command=command)
@@ -139,6 +174,17 @@ def _validate(expansion: Expansion) -> None:
             trial.config.validate()
         except ConfigError as exc:
             raise ConfigError(f"trial {trial.name}: {exc}") from None
+
+
+def _validate_values(task: str, base: dict[str, Any], axes: Sequence[Axis]) -> None:
+    """Each value of each axis, alone on the base config, is valid: the check of a space too large
+    to expand (optuna's trials are checked again as they are asked for)."""
+    for axis in axes:
+        for label, value in zip(axis.labels, axis.values):
+            try:
+                build_config(task, base, **{axis.key: value}).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"--grid {axis.name}={label}: {exc}") from None
 
 
 def _report(folder: SweepFolder, rows: list[Row], mode: Literal["max", "min"], notes: list[str],
@@ -178,7 +224,9 @@ def _linear(task: str, base: Any, items: Sequence[str], *, out: str | Path, expl
     lg.check_axes(cls, axes, probe)
     _refuse_swept_flags(axes, explicit, "--linear-grid")
     lg.check_config(base, probe)
-    expansion = expand(task, to_dict(base), axes)
+    check_size(axes, "--linear-grid")
+    _check_data(cls, base, axes)
+    expansion = expand(task, to_dict(base), axes, "--linear-grid")
     _validate(expansion)
     notes += expansion.notes
     settings = settings_dict(task, "linear", {a.name: list(a.labels) for a in axes}, base, None)

@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence
 from dinotune.config import ConfigError
 from dinotune.engine.run_folder import RunLayout
 from dinotune.sweep.folder import SweepFolder
-from dinotune.sweep.grid import Axis, Trial, make_trial
+from dinotune.sweep.grid import Axis, Trial, combinations, make_trial
 from dinotune.sweep.runner import DEFAULT_COMMAND, INTERRUPTED, run_trial, trial_state
 from dinotune.sweep.table import monitored
 from dinotune.utils import info, warn
@@ -84,6 +84,16 @@ def run_grid(folder: SweepFolder, trials: Sequence[Trial], *, retry_failed: bool
         ensure(folder, trial, retry_failed=retry_failed, label=f"[{i + 1}/{len(todo)}]", command=command)
 
 
+def invalid(trial: Trial) -> str:
+    """Why the trial's config is invalid ("" when valid). A sweep checks every trial of its grid
+    before the first runs; optuna over a space too large to expand checks each as it is asked for."""
+    try:
+        trial.config.validate()
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
 def require_optuna() -> Any:
     """The optuna module, or a ConfigError naming the extra that installs it."""
     try:
@@ -108,14 +118,19 @@ def run_optuna(folder: SweepFolder, task: str, base: dict[str, Any], axes: list[
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(Path(folder.path) / STUDY_FILE)))
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
-                                direction="maximize" if mode == "max" else "minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed))
+    journal = Path(folder.path) / STUDY_FILE
+    try:  # optuna replays the whole journal here; a damaged one fails in many ways, none of them ours
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
+                                    direction="maximize" if mode == "max" else "minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed))
+        asked_before = study.get_trials(deepcopy=False)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as exc:
+        raise ConfigError(f"{journal}: damaged, optuna cannot read the study ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:120]}); move it away to start the search afresh (the "
+                          "trials already trained are reused), or give another --out") from None
     space = {a.name: CategoricalDistribution(list(a.labels)) for a in axes}
-    distinct = 1
-    for a in axes:
-        distinct *= len(a.labels)
+    distinct = combinations(axes)
     if n_trials > distinct:
         warn(f"--trials {n_trials} is more than the grid's {distinct} combinations: TPE will ask for some "
              "settings again (they are trained once); --search grid tries each exactly once")
@@ -127,6 +142,11 @@ def run_optuna(folder: SweepFolder, task: str, base: dict[str, Any], axes: list[
             raise ConfigError(f"{folder.path / STUDY_FILE}: trial {number} has no valid value for "
                               f"{', '.join(missing)}; the study belongs to other settings")
         trial, _ = make_trial(task, base, axes, {a.name: params[a.name] for a in axes})
+        problem = "" if trial.name in seen else invalid(trial)
+        if problem:
+            warn(f"{label} {trial.name}: not trained, its settings are invalid: {problem}")
+            study.tell(number, state=TrialState.FAIL)
+            return
         trial = seen.setdefault(trial.name, place(folder, trial))
         state = ensure(folder, trial, retry_failed=retry_failed, label=label, command=command)
         value = result(folder, trial)[1] if state == "done" else None
@@ -135,10 +155,11 @@ def run_optuna(folder: SweepFolder, task: str, base: dict[str, Any], axes: list[
         else:
             study.tell(number, value)
 
-    for old in study.get_trials(deepcopy=False):  # the settings asked for before, in order
+    for old in asked_before:  # the settings asked for before, in order
         if old.state != TrialState.RUNNING and all(old.params.get(a.name) in a.labels for a in axes):
             trial, _ = make_trial(task, base, axes, {a.name: old.params[a.name] for a in axes})
-            seen.setdefault(trial.name, place(folder, trial))
+            if not invalid(trial):
+                seen.setdefault(trial.name, place(folder, trial))
     for old in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         settle(old.number, old.params, f"[optuna {old.number + 1}/{n_trials}]")
     while len(study.trials) < n_trials:

@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from dinotune.config.yaml_files import read_yaml
 from dinotune.data.coco import check_categories
 from dinotune.data.images import SkipReport, header_size, is_image_file, list_image_files, symlink_problem
 from dinotune.data.paths import join_inside
@@ -40,12 +39,7 @@ def find_yaml(root: Path) -> Path | None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the file ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, DataError)  # bounded: size, alias expansion, depth; duplicate keys refused
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with 'names' (and optionally path, train, val)")
     return data
