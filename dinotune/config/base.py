@@ -60,8 +60,9 @@ def device_option(help: str = "auto, cpu, cuda, cuda:N, mps") -> Any:
 def max_image_pixels_option() -> Any:
     """The ``data.max_image_pixels`` field every task config has."""
     return opt(MAX_IMAGE_PIXELS, "skip (and report) images with more pixels than this, read from the header before "
-               "anything is decoded: a guard against decompression bombs (default: Pillow's limit; 0 = no limit)",
-               ge=0)
+               "anything is decoded: a guard against decompression bombs. It also bounds what an image is resized "
+               "to for the model, refuses aspect ratios beyond 1:100 and band arrays that decode to more than 3 "
+               "bytes per pixel of the limit (default: Pillow's limit; 0 = no limit)", ge=0)
 
 
 def range_text(meta: Any) -> str:

@@ -10,10 +10,23 @@ uint16 reflectance; scaling is the normaliser's job). Which axis holds the bands
 read from the TIFF header where it says so (``YXS``: samples last, a page stack: bands first),
 else taken from ``layout`` (``hwc`` / ``chw``), else (``auto``) it is the axis smaller than the
 other two; a cube with no such axis is refused asking for ``--band-layout``.
+
+What a header may claim is bounded before anything is decoded (``header_problem``, with the
+limit ``--max-image-pixels`` sets; 0 lifts the first three):
+
+- pixels: at most the limit (``height x width``), as for pictures;
+- aspect ratio: at most 1:``MAX_ASPECT_RATIO``; a longer strip would blow up when resized to the
+  model's short side (a 157-byte 1 x 20000 PNG asked gigabytes), pictures alike (``size_problem``);
+- decoded bytes (``bands x pixels x bytes per sample``): at most what an RGB picture at the pixel
+  limit decodes to (3 bytes a pixel), so a 13-band float32 tile cannot take 17x a picture's memory;
+- TIFF pages: at most ``MAX_TIFF_PAGES``, counted from the chain of page offsets before tifffile
+  parses a page (it takes seconds per thousand pages of varying shapes).
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +42,16 @@ NPY_EXTENSIONS = {".npy"}
 # TIFF photometric interpretations that Pillow turns into a picture (gray, RGB, palette, CMYK, YCbCr)
 _PICTURE_PHOTOMETRIC = {0, 1, 2, 3, 5, 6}
 
+# The longest side at most this many times the shortest: a panorama (1:10) or a line-scan strip
+# (1:50) reads; a 1 x 20000 image, resized to the model's short side, would not fit in memory.
+MAX_ASPECT_RATIO = 100
+# Pages of a TIFF (a page stack is read as bands): more than any imaging spectrometer's band count
+# (AVIRIS-NG: 425, Specim FX10: 448); tifffile parses a page in about a millisecond, more when
+# the pages differ in shape (20 000 such pages took 41 s).
+MAX_TIFF_PAGES = 512
+# Decoded bytes allowed per pixel of the pixel limit: an RGB picture's (8 bits x 3 samples).
+BYTES_PER_PIXEL = 3
+
 
 @dataclass(frozen=True)
 class BandHeader:
@@ -38,6 +61,88 @@ class BandHeader:
     width: int
     bands: int
     dtype: str
+
+
+def size_problem(what: str, width: int, height: int, max_pixels: int) -> str | None:
+    """Why an image or array (``what``) of ``width x height`` is refused: more pixels than
+    ``max_pixels`` or a longer side over ``MAX_ASPECT_RATIO`` times the shorter; None when it is
+    within both (or ``max_pixels`` is 0: no limit)."""
+    if not max_pixels:
+        return None
+    if width * height > max_pixels:
+        return (f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                "(--max-image-pixels; a guard against decompression bombs); not decoded")
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT_RATIO * max(short, 1):
+        return (f"{what} is {width}x{height} pixels, an aspect ratio of 1:{long / max(short, 1):.0f}; at most "
+                f"1:{MAX_ASPECT_RATIO} is read (resized for the model, a longer strip would not fit in memory; "
+                "--max-image-pixels 0 lifts this guard); not decoded")
+    return None
+
+
+def header_problem(header: BandHeader, max_pixels: int) -> str | None:
+    """Why a band file with ``header`` is refused before decoding: ``size_problem``, or more decoded
+    bytes (``bands x pixels x bytes per sample``) than ``BYTES_PER_PIXEL x max_pixels``; None when
+    it may be read (``max_pixels`` 0: no limit)."""
+    problem = size_problem("array", header.width, header.height, max_pixels)
+    if problem or not max_pixels:
+        return problem
+    itemsize = np.dtype(header.dtype).itemsize
+    decoded = header.bands * header.height * header.width * itemsize
+    if decoded > BYTES_PER_PIXEL * max_pixels:
+        return (f"{header.bands} band(s) x {header.width}x{header.height} pixels x {itemsize} byte(s) "
+                f"({header.dtype}) = {decoded:,} bytes decoded, over the limit of {BYTES_PER_PIXEL * max_pixels:,} "
+                f"bytes ({BYTES_PER_PIXEL} bytes a pixel of --max-image-pixels {max_pixels:,}, what an RGB picture "
+                "at the limit takes); not read")
+    return None
+
+
+def tiff_page_count(path: Path, limit: int = MAX_TIFF_PAGES) -> int:
+    """Pages (IFDs) of a TIFF counted from its chain of page offsets, no page parsed, stopping at
+    ``limit + 1``: a file of a million tiny pages costs what one of ``limit`` does. A chain that
+    leaves the file or comes back on itself ends the count (the readers name the damage); 0 for
+    what is not a TIFF."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 16:
+            return 0
+        version = struct.unpack(order + "H", head[2:4])[0]
+        if version == 42:  # classic TIFF: 2-byte tag counts, 12-byte tags, 4-byte offsets
+            count_fmt, tag_size, offset_fmt = "H", 12, "I"
+            offset = struct.unpack(order + "I", head[4:8])[0]
+        elif version == 43:  # BigTIFF: 8-byte tag counts, 20-byte tags, 8-byte offsets
+            count_fmt, tag_size, offset_fmt = "Q", 20, "Q"
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+        else:
+            return 0
+        size = os.fstat(f.fileno()).st_size
+        count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+        seen: set[int] = set()
+        while 0 < offset < size and offset not in seen and len(seen) <= limit:
+            seen.add(offset)
+            f.seek(offset)
+            raw = f.read(count_size)
+            if len(raw) < count_size:
+                break
+            f.seek(offset + count_size + struct.unpack(order + count_fmt, raw)[0] * tag_size)
+            raw = f.read(offset_size)
+            if len(raw) < offset_size:
+                break
+            offset = struct.unpack(order + offset_fmt, raw)[0]
+        return len(seen)
+
+
+def tiff_pages_problem(path: Path) -> str | None:
+    """Why a TIFF is refused for its page count (over ``MAX_TIFF_PAGES``), or None."""
+    try:
+        pages = tiff_page_count(path, MAX_TIFF_PAGES)
+    except OSError:
+        return None  # unreadable: the reader says so
+    if pages > MAX_TIFF_PAGES:
+        return (f"a TIFF of more than {MAX_TIFF_PAGES} pages; at most {MAX_TIFF_PAGES} pages (the bands of a page "
+                "stack) are read")
+    return None
 
 
 def is_npy(path: Path) -> bool:
@@ -53,6 +158,8 @@ def tiff_is_picture(path: Path) -> bool:
     than a band array. An unreadable header counts as a picture: Pillow then reports the damage."""
     import tifffile
 
+    if tiff_pages_problem(path):  # no picture has that many pages: band_header refuses it by name
+        return False
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
@@ -80,6 +187,9 @@ def is_band_file(path: Path) -> bool:
 def _tiff_axes(path: Path) -> tuple[tuple[int, ...], str, str]:
     import tifffile
 
+    problem = tiff_pages_problem(path)  # before tifffile parses every page into its series
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
     with tifffile.TiffFile(path) as tf:
         series = tf.series[0]
         return tuple(int(s) for s in series.shape), series.axes, str(np.dtype(series.dtype))
@@ -90,6 +200,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], str]:
         version = np.lib.format.read_magic(f)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = reader(f)
+    _check_dtype(dtype, path)  # a record dtype has no name np.dtype() reads back: refused here
     return tuple(int(s) for s in shape), str(dtype)
 
 
@@ -135,6 +246,8 @@ def band_header(path: Path, layout: BandLayout = "auto") -> BandHeader:
             axes = ""
         else:
             shape, axes, dtype = _tiff_axes(path)
+    except ImageReadError:
+        raise
     except (OSError, ValueError) as exc:
         raise ImageReadError(f"{path}: {_describe(path, exc)}") from None
     except Exception as exc:  # tifffile's own error types on damaged files
@@ -147,6 +260,9 @@ def _check_dtype(dtype: np.dtype, path: Path) -> None:
     if dtype.hasobject:
         raise ImageReadError(f"{path}: an object array, whose values would have to be unpickled; only numeric "
                              "arrays are read (numpy.load with allow_pickle=False)")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise ImageReadError(f"{path}: a structured (record) array of {dtype}; band arrays are plain numbers "
+                             "(bool, integer or float), one value per band and pixel")
     if dtype.kind not in "biuf":
         raise ImageReadError(f"{path}: holds {dtype} values; band arrays must be numbers (bool, integer or float)")
 
@@ -165,13 +281,14 @@ def _describe(path: Path, exc: Exception) -> str:
 
 def read_bands(path: Path, layout: BandLayout = "auto", max_pixels: int = 0) -> np.ndarray:
     """The whole band array of ``path`` as ``H x W x C`` in its own dtype. Raises ImageReadError
-    naming the file: unreadable or truncated, not numeric, more than ``max_pixels`` pixels
-    (checked from the header, before decoding; 0 = no limit), or holding NaN / inf values."""
+    naming the file: unreadable or truncated, not numeric, over the limits ``max_pixels`` sets
+    (``header_problem``: pixels, aspect ratio, decoded bytes; from the header, before decoding; 0 = no
+    limit), holding NaN / inf values or values beyond float32 (the model's input type)."""
     path = Path(path)
     header = band_header(path, layout)
-    if max_pixels and header.height * header.width > max_pixels:
-        raise ImageReadError(f"{path}: array is {header.width}x{header.height} = {header.height * header.width:,} "
-                             f"pixels, over the limit of {max_pixels:,} (--max-image-pixels); not read")
+    problem = header_problem(header, max_pixels)
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
     try:
         if is_npy(path):
             array = np.load(path, allow_pickle=False)
@@ -193,6 +310,13 @@ def read_bands(path: Path, layout: BandLayout = "auto", max_pixels: int = 0) -> 
             bands = sorted({int(b) for b in np.nonzero(bad)[2]})
             raise ImageReadError(f"{path}: holds {int(bad.sum()):,} NaN / inf value(s) (band(s) "
                                  f"{', '.join(map(str, bands[:10]))}); fill or mask them before training")
+        largest = float(np.finfo(np.float32).max)
+        if array.dtype.itemsize > 4 and (array.max() > largest or array.min() < -largest):
+            # float32 would turn them into inf, and the model's scores into NaN
+            over = int(np.count_nonzero(array > largest) + np.count_nonzero(array < -largest))
+            raise ImageReadError(f"{path}: holds {over:,} value(s) beyond float32's range (+-{largest:.4g}; "
+                                 f"largest magnitude {max(abs(float(array.max())), abs(float(array.min()))):.4g}), "
+                                 "which the model's float32 input cannot hold; rescale them")
     return np.ascontiguousarray(array)
 
 
@@ -201,10 +325,7 @@ def check_band_file(path: Path, mode: str, max_pixels: int, layout: str = "auto"
     header; ``full`` reads every value (truncation, NaN / inf)."""
     try:
         if mode == "fast":
-            header = band_header(path, layout)
-            if max_pixels and header.height * header.width > max_pixels:
-                return (f"array is {header.width}x{header.height} = {header.height * header.width:,} pixels, over "
-                        f"the limit of {max_pixels:,} (--max-image-pixels); not read")
+            return header_problem(band_header(path, layout), max_pixels)
         else:
             read_bands(path, layout, max_pixels)
         return None

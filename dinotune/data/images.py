@@ -15,7 +15,12 @@ Two rules hold for every read here (scan, header size, full load), so sizes and 
   stored (``header_size(..., upright=False)``), so a mask matches its image's displayed size.
 - An image with more pixels than ``max_pixels`` (default: Pillow's own 89,478,485) is refused from
   its header, before a byte of pixel data is decoded: a 140 KB PNG can claim 12000 x 12000 pixels
-  and take gigabytes to decode. 0 = no limit.
+  and take gigabytes to decode. So is one longer than 1:100 (``data.arrays.MAX_ASPECT_RATIO``): a
+  157-byte 1 x 20000 PNG, resized to the model's short side, asked gigabytes. 0 = no limit.
+
+What the transforms make of an image is bounded by the same limit: ``work_size_problem`` says
+why a resize / crop / padding to a given size is refused (``data/transforms.py`` and
+``runtime/preprocess.py`` ask it before allocating).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dinotune.config.base import MAX_IMAGE_PIXELS
-from dinotune.data.arrays import BandLayout, band_header, is_band_file
+from dinotune.data.arrays import BandLayout, band_header, is_band_file, size_problem
 from dinotune.errors import ImageReadError
 from dinotune.utils import info, warn
 
@@ -72,12 +77,20 @@ class PixelLimitError(ImageReadError):
 
 
 def pixel_problem(size: tuple[int, int], max_pixels: int) -> str | None:
-    """Why an image of ``size`` (width, height) is refused, or None when it is within ``max_pixels``
-    (0 = no limit)."""
-    w, h = size
-    if max_pixels and w * h > max_pixels:
-        return (f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-                "(--max-image-pixels; a guard against decompression bombs); not decoded")
+    """Why an image of ``size`` (width, height) is refused (more pixels than ``max_pixels``, or an
+    aspect ratio beyond 1:``MAX_ASPECT_RATIO``), or None when it is within both (0 = no limit)."""
+    return size_problem("image", size[0], size[1], max_pixels)
+
+
+def work_size_problem(size: tuple[int, int], work: tuple[int, int], max_pixels: int, step: str) -> str | None:
+    """Why an image of ``size`` ``(height, width)`` may not become ``work`` ``(height, width)`` (the
+    result of a resize, crop or padding ``step``, e.g. "resized to the short side 256"): more pixels
+    than ``max_pixels``, the limit its file was read under. None when within it (0 = no limit)."""
+    (h, w), (wh, ww) = size, work
+    if max_pixels and wh * ww > max_pixels:
+        return (f"a {w}x{h} image {step} is {ww}x{wh} = {wh * ww:,} pixels, over the limit of {max_pixels:,} "
+                "(--max-image-pixels), which bounds what the model's input is made from as well as the file; "
+                "not resized")
     return None
 
 
@@ -243,6 +256,15 @@ class SkipReport:
     def __len__(self) -> int:
         return len(self.skipped)
 
+    def why(self) -> str:
+        """`` (FILE: REASON)`` of the first file left out ('' when none was): the error that nothing
+        was left says why in its own line, not only in the warnings above it."""
+        if not self.skipped:
+            return ""
+        path, reason = self.skipped[0]
+        more = f"; and {len(self.skipped) - 1} more" if len(self.skipped) > 1 else ""
+        return f" ({path}: {reason}{more})"
+
     def print(self, what: str = "files", limit: int = 20) -> None:
         if not self.skipped:
             return
@@ -360,5 +382,5 @@ def readable_images(inputs: str | Path | Iterable[str | Path],
     report.print("inputs")
     paths = [p for p, good in zip(paths, ok) if good]
     if not paths:
-        raise ImageReadError(f"no readable images in {inputs}")
+        raise ImageReadError(f"no readable images in {inputs}{report.why()}")
     return paths

@@ -7,6 +7,10 @@ normalised with their per-band statistics. The same ``v2`` pipeline serves both:
 cropping, flips and quarter turns work on any channel count, ``ToDtype(scale=True)`` turns uint8
 pictures into [0, 1] and leaves float arrays alone. No colour jitter is applied anywhere, so no
 band is ever treated as if it were red, green or blue.
+
+The evaluation resize keeps the aspect ratio, so a long strip grows with it: it is refused before
+resizing when the result would have more pixels than the pixel limit (``BoundedResize``); files
+longer than 1:100 are refused before decoding already (``data/images.py``).
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dinotune.data.bands import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, work_size_problem
+from dinotune.errors import DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandomQuarterTurn", "classify_eval_transform",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BoundedResize", "RandomQuarterTurn", "classify_eval_transform",
            "classify_train_transform", "denormalize", "normalize", "spatial_augmentations"]
 
 
@@ -72,12 +79,36 @@ class FlooredCenterCrop(v2.CenterCrop):
         return v2.functional.crop(inpt, (h - size_h) // 2, (w - size_w) // 2, size_h, size_w)
 
 
-def classify_eval_transform(image_size: int, spec: InputSpec | None = None) -> v2.Compose:
+class BoundedResize(v2.Resize):
+    """``Resize(size)`` (the short side to ``size``, the aspect ratio kept) that raises DataError,
+    before allocating anything, when the result would have more than ``max_pixels`` pixels (0 = no
+    limit): a 1 x 20000 strip would become 256 x 5,120,000."""
+
+    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **kwargs: Any):
+        super().__init__(size, **kwargs)
+        self.short = int(size)
+        self.max_pixels = int(max_pixels)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, (torch.Tensor, Image.Image)):  # images and masks: what get_size measures
+            h, w = v2.functional.get_size(inpt)
+            short, long = min(h, w), max(h, w)
+            new_long = int(self.short * long / max(short, 1))  # torchvision's own rounding
+            work = (self.short, new_long) if h <= w else (new_long, self.short)
+            problem = work_size_problem((h, w), work, self.max_pixels, f"resized to the short side {self.short}")
+            if problem:
+                raise DataError(problem)
+        return super().transform(inpt, params)
+
+
+def classify_eval_transform(image_size: int, spec: InputSpec | None = None,
+                            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> v2.Compose:
     """Resize the short side to ``size * 256/224`` and center-crop ``size`` (the DINOv2 / ImageNet
-    evaluation protocol), then normalise with ``spec``'s statistics (ImageNet's by default)."""
+    evaluation protocol), then normalise with ``spec``'s statistics (ImageNet's by default). A
+    resize to more than ``max_pixels`` pixels is refused (``BoundedResize``; 0 = no limit)."""
     return v2.Compose([
         _to_image(),
-        v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+        BoundedResize(int(round(image_size * 256 / 224)), max_pixels, antialias=True),
         FlooredCenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         normalize(spec),

@@ -39,7 +39,7 @@ def readable_inputs(inputs: str | Path | Iterable[str | Path], spec: InputSpec, 
     report.print("inputs")
     paths = [p for p in paths if p in good]
     if not paths:
-        raise ImageReadError(f"no readable images in {inputs}")
+        raise ImageReadError(f"no readable images in {inputs}{report.why()}")
     check_inputs(paths, spec, "prediction")
     return paths
 

@@ -15,15 +15,31 @@ bilinear with antialiasing, as ``torchvision.transforms.v2.functional.resize(ant
 
 Then ``[0, 1]`` scaling for pictures (``x * (1/255)``) and per-band ``(x - mean) / std``; the model
 input is ``C x H x W`` float32.
+
+Memory: a resize holds its input, its output and one output-sized temporary (each tap's source
+rows are gathered at output size; the input is never copied whole into a wider type), and a task
+asks ``check_work`` before it resizes, so what an image becomes stays within the pixel limit its
+file was read under (``data.images.work_size_problem``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from dinotune.data.images import work_size_problem
 from dinotune.data.input_spec import InputSpec
+from dinotune.errors import DataError
 
-__all__ = ["resize", "short_side_size", "center_crop", "normalize", "pad_to_multiple"]
+__all__ = ["resize", "short_side_size", "center_crop", "normalize", "pad_to_multiple", "check_work"]
+
+
+def check_work(name: str, image: np.ndarray, work: tuple[int, int], max_pixels: int, step: str) -> None:
+    """DataError naming ``name`` when ``image`` (``H x W x C``) would become ``work`` ``(h, w)``
+    pixels by ``step`` (e.g. "resized to the short side 256"), more than ``max_pixels`` (0 = no
+    limit): checked before anything of that size is allocated."""
+    problem = work_size_problem(image.shape[:2], work, max_pixels, step)
+    if problem:
+        raise DataError(f"{name}: {problem}")
 
 
 def _filter_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,23 +66,28 @@ def _resize_axis(image: np.ndarray, axis: int, out_size: int) -> np.ndarray:
     index = np.minimum(first[:, None] + np.arange(weights.shape[1])[None, :], in_size - 1)
     moved = np.moveaxis(image, axis, 0)
     shape = (-1,) + (1,) * (moved.ndim - 1)
+    # each tap gathers its source rows at output size: a copy of the whole input in a wider type
+    # (int64 was 8x a 9000 x 9000 photo: 1.9 GB) is never made
     if image.dtype == np.uint8:
         precision = 0  # as many fraction bits as keep the largest weight inside int16
         while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
             precision += 1
         scaled = weights * (1 << precision)
         fixed = np.where(scaled < 0, (scaled - 0.5).astype(np.int64), (scaled + 0.5).astype(np.int64))
-        acc = np.full((out_size,) + moved.shape[1:], 1 << (precision - 1), dtype=np.int64)
-        source = moved.astype(np.int64)
+        # int32 holds every sum: weights are >= 0 and sum to ~2**precision <= 2**22, so a sum is at
+        # most ~255 * 2**22 + rounding < 2**31 (torch's kernel accumulates in 32 bits as well)
+        fixed = fixed.astype(np.int32)
+        acc = np.full((out_size,) + moved.shape[1:], 1 << (precision - 1), dtype=np.int32)
+        term = np.empty_like(acc)
         for k in range(weights.shape[1]):
-            acc += source[index[:, k]] * fixed[:, k].reshape(shape)
+            np.multiply(moved[index[:, k]], fixed[:, k].reshape(shape), out=term)
+            acc += term
         out = np.clip(acc >> precision, 0, 255).astype(np.uint8)
     else:
-        source = moved.astype(np.float32)
         w32 = weights.astype(np.float32)
-        out = source[index[:, 0]] * w32[:, 0].reshape(shape)
+        out = moved[index[:, 0]].astype(np.float32, copy=False) * w32[:, 0].reshape(shape)
         for k in range(1, weights.shape[1]):
-            out += source[index[:, k]] * w32[:, k].reshape(shape)
+            out += moved[index[:, k]] * w32[:, k].reshape(shape)
     return np.moveaxis(out, 0, axis)
 
 

@@ -95,10 +95,12 @@ def decoded_upload(data: bytes, filename: str | None, spec: InputSpec, max_pixel
     """Decode ``data`` for a model whose input is ``spec``; the temporary file lives as long as the
     ``with`` block.
 
-    Raises UploadError: 400 empty; 415 not an image; 422 truncated or corrupt, over ``max_pixels``
-    (``--max-image-pixels``; refused from the header, never decoded), a picture where the model
-    takes band arrays or the reverse, another band count than the model's (both counts named),
-    NaN / inf values.
+    Raises UploadError: 400 empty; 415 not an image; 422 truncated or corrupt, over the limits
+    ``max_pixels`` sets (``--max-image-pixels``: pixels, an aspect ratio beyond 1:100, a band
+    array's decoded bytes, a TIFF's pages; refused from the header, never decoded), a picture where
+    the model takes band arrays or the reverse, another band count than the model's (both counts
+    named), a record dtype, NaN / inf values or values beyond float32. The server calls it under
+    its lock: one upload is decoded at a time.
     """
     name = safe_name(filename)
     if not data:

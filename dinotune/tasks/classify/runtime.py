@@ -14,14 +14,18 @@ import numpy as np
 
 from dinotune.data.input_spec import InputSpec
 from dinotune.runtime.postprocess import softmax
-from dinotune.runtime.preprocess import center_crop, normalize, resize, short_side_size
+from dinotune.runtime.preprocess import center_crop, check_work, normalize, resize, short_side_size
 from dinotune.runtime.task import Prediction, RuntimeTask
 
 
-def classify_input(image: np.ndarray, size: int, spec: InputSpec) -> np.ndarray:
+def classify_input(image: np.ndarray, size: int, spec: InputSpec, name: str = "image", max_pixels: int = 0
+                   ) -> np.ndarray:
     """``classify_eval_transform``: short side to ``round(size * 256 / 224)``, center crop ``size``,
-    normalise. ``H x W x C`` -> ``C x size x size`` float32."""
-    h, w = short_side_size(image.shape[0], image.shape[1], int(round(size * 256 / 224)))
+    normalise. ``H x W x C`` -> ``C x size x size`` float32. DataError naming ``name`` when the
+    resized image would have more than ``max_pixels`` pixels (0 = no limit)."""
+    short = int(round(size * 256 / 224))
+    h, w = short_side_size(image.shape[0], image.shape[1], short)
+    check_work(name, image, (h, w), max_pixels, f"resized to the short side {short}")
     return normalize(center_crop(resize(image, h, w), size), spec)
 
 
@@ -42,7 +46,8 @@ class ClassifyRuntime(RuntimeTask):
     check = "full"  # as the PyTorch path checks classification inputs: every file decoded
 
     def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:
-        batch = np.stack([classify_input(a, self.info.image_size, self.spec) for a in arrays])
+        batch = np.stack([classify_input(a, self.info.image_size, self.spec, n, self.info.max_image_pixels)
+                          for n, a in zip(names, arrays)])
         logits = self.graph(images=batch)["logits"]
         return [(top_k_record(n, row, self.class_names, int(settings["top_k"])), {}) for n, row in zip(names, logits)]
 

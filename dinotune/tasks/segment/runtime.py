@@ -22,7 +22,7 @@ from dinotune.config.segment import SegmentPredictOptions
 from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError
 from dinotune.runtime.postprocess import dense_logits
-from dinotune.runtime.preprocess import normalize, pad_to_multiple, resize
+from dinotune.runtime.preprocess import check_work, normalize, pad_to_multiple, resize
 from dinotune.runtime.task import Prediction, RuntimeTask
 from dinotune.runtime.windows import default_stride
 from dinotune.utils import warn
@@ -123,6 +123,8 @@ class SegmentRuntime(RuntimeTask):
         h, w = array.shape[:2]
         mode = post.get("inference", "whole")
         target = (h, w) if mode == "slide" else eval_size(h, w, size, p)
+        step = ("" if mode == "slide" else f"resized to the short side {size} and ") + f"padded to multiples of {p}"
+        check_work(name, array, (-(-target[0] // p) * p, -(-target[1] // p) * p), self.info.max_image_pixels, step)
         x, valid = segment_input(array, target, p, self.spec)
         if mode == "whole" and x.shape[-2:] != (size, size):
             mode = "slide"  # the graph's input is fixed: cover the image with windows of it
