@@ -32,10 +32,60 @@ def is_dinov3_state_dict(sd: dict[str, Tensor]) -> bool:
     )
 
 
+# ------------------------------------------------------ shape readers (the DINOv2 converter's too)
+def shape_text(t: Tensor) -> str:
+    return " x ".join(str(n) for n in t.shape) if t.dim() else "a single value"
+
+
+def size_of(sd: dict[str, Tensor], key: str, axis: int, ndim: int, least: int = 1) -> int:
+    """``sd[key].shape[axis]``, refusing a tensor of another rank or a size under ``least`` there."""
+    t = sd[key]
+    if t.dim() != ndim:
+        raise CheckpointFormatError(f"{key} has shape {shape_text(t)}, not {ndim} dimensions")
+    if t.shape[axis] < least:
+        raise CheckpointFormatError(f"{key} has shape {shape_text(t)}: a width of 0")
+    return t.shape[axis]
+
+
+def read_width(sd: dict[str, Tensor]) -> int:
+    """The model width, off ``cls_token`` (``1 x 1 x C``)."""
+    if sd["cls_token"].shape[:2] != (1, 1):
+        raise CheckpointFormatError(f"cls_token has shape {shape_text(sd['cls_token'])}, not 1 x 1 x width")
+    return size_of(sd, "cls_token", 2, 3)
+
+
+def read_depth(sd: dict[str, Tensor]) -> int:
+    """The number of blocks, ``blocks.0.*`` to ``blocks.{N-1}.*`` with none missing."""
+    found = {m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not found:
+        raise CheckpointFormatError("no blocks.N.* tensors (the transformer blocks)")
+    present = {int(i) if len(i) < 7 else -1 for i in found}  # -1: an index no model has
+    depth = len(found)
+    gap = next((i for i in range(depth) if i not in present), None)
+    if gap is not None:
+        raise CheckpointFormatError(f"{depth} blocks but no blocks.{gap}.* tensors (blocks are numbered 0 to N-1)")
+    return depth
+
+
+def read_patch(sd: dict[str, Tensor], dim: int) -> int:
+    """The patch size, off ``patch_embed.proj.weight`` (``C x channels x p x p``)."""
+    w = sd["patch_embed.proj.weight"]
+    if w.dim() != 4 or w.shape[0] != dim or min(w.shape) < 1 or w.shape[2] != w.shape[3]:
+        raise CheckpointFormatError(f"patch_embed.proj.weight has shape {shape_text(w)}, not {dim} x channels x "
+                                    "patch x patch (a square patch of at least 1 pixel)")
+    return w.shape[-1]
+
+
 def _num_heads(sd: dict[str, Tensor], dim: int, depth: int) -> int:
     periods = sd.get("rope_embed.periods")
-    if periods is not None:
-        return dim // (4 * periods.numel())  # RoPE: head_dim / 4 periods per axis pair
+    if periods is not None:  # RoPE: head_dim / 4 periods per axis pair
+        n = periods.numel()
+        if n == 0:
+            raise CheckpointFormatError("rope_embed.periods is empty (RoPE keeps head_dim / 4 periods)")
+        if dim % (4 * n):
+            raise CheckpointFormatError(f"rope_embed.periods holds {n} values, so heads of {4 * n} dims (4 per "
+                                        f"period), which a width of {dim} does not split into")
+        return dim // (4 * n)
     for a in DINOV3_ARCHS.values():  # no periods: a released size, else 64-dim heads
         if (a.hidden_size, a.num_layers) == (dim, depth):
             return a.num_heads
@@ -49,7 +99,7 @@ def _check_rope(sd: dict[str, Tensor], head_dim: int) -> None:
     d = periods.numel()
     expect = ROPE_BASE ** (2.0 * torch.arange(d, dtype=torch.float64) / (head_dim // 2))
     # the released checkpoints store the periods in bfloat16: 2^-8 relative precision
-    if not torch.allclose(periods.double(), expect, rtol=1e-2, atol=0):
+    if not torch.allclose(periods.reshape(-1).double(), expect, rtol=1e-2, atol=0):
         raise CheckpointFormatError(
             f"rope_embed.periods do not follow RoPE base {ROPE_BASE:g} (min / max periods are not "
             "supported by transformers' DINOv3)"
@@ -62,21 +112,20 @@ def official_dinov3_config(sd: dict[str, Tensor]) -> DINOv3ViTConfig:
         raise CheckpointFormatError(
             "separate class-token norm (untie_cls_and_patch_norms) has no transformers equivalent"
         )
-    dim = sd["cls_token"].shape[-1]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    dim, depth = read_width(sd), read_depth(sd)
     heads = _num_heads(sd, dim, depth)
-    if dim % heads:
+    if heads < 1 or dim % heads:
         raise CheckpointFormatError(f"width {dim} does not split into {heads} heads")
     _check_rope(sd, dim // heads)
     gated = "blocks.0.mlp.w1.weight" in sd
-    width = sd["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    width = size_of(sd, "blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight", 0, 2)
     qkv_bias = "blocks.0.attn.qkv.bias" in sd
     cfg = make_dinov3_config(
         dim, depth, heads, width,
         gated_mlp=gated,
         qkv_bias=qkv_bias,
-        num_register_tokens=sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0,
-        patch_size=sd["patch_embed.proj.weight"].shape[-1],
+        num_register_tokens=size_of(sd, "storage_tokens", 1, 3, least=0) if "storage_tokens" in sd else 0,
+        patch_size=read_patch(sd, dim),
     )
     # without a bias mask the key bias is a real parameter (it is not softmax-invariant under RoPE)
     cfg.key_bias = qkv_bias and "blocks.0.attn.qkv.bias_mask" not in sd

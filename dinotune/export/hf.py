@@ -39,6 +39,9 @@ def export_hf(run: str | Path, out: str | Path, *, push_to_hub: str | None = Non
         model: another location of the run's base weights (as ``dinotune.load``).
     """
     out = Path(out).expanduser()
+    if out.is_symlink():  # the folder is replaced at the end, which a link would make fail after the work
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); pass the folder itself or a new path "
+                          "as --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; remove it or choose another --out")
     if push_to_hub:

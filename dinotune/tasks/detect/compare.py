@@ -9,6 +9,7 @@ run, a single-object run and a YOLO model are judged identically. Runs arrive lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from dinotune.errors import ConfigError, DataError
+from dinotune.errors import CheckpointError, ConfigError, DataError, DinotuneError
 from dinotune.ops import box_ops
 from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.detect.coco import DetectionSource
@@ -84,12 +85,7 @@ class YoloDetector:
 
     def __init__(self, weights: str, categories: list[dict[str, Any]], image_size: int, device: str = "auto",
                  conf: float = 0.001, class_map: Mapping[str, str] | None = None):
-        try:
-            from ultralytics import YOLO
-        except ImportError:
-            raise ImportError("YOLO baselines need ultralytics: pip install 'dinotune[yolo]'") from None
-        _undo_pil_patch()
-        self.model = YOLO(weights)
+        self.model = open_yolo(weights)
         self.random_weights = Path(weights).suffix.lower() in (".yaml", ".yml")
         self.name = f"yolo:{Path(weights).name}" + (" (random weights)" if self.random_weights else "")
         self.image_size, self.conf = image_size, conf
@@ -126,6 +122,59 @@ class YoloDetector:
                 self.dropped_by_class[c] = self.dropped_by_class.get(c, 0) + 1
         return Detections(boxes[keep].reshape(-1, 4), scores[keep],
                           torch.tensor([c for c in cats if c is not None], dtype=torch.int64))
+
+
+YOLO_SUFFIXES = (".pt", ".yaml", ".yml")
+
+
+def open_yolo(weights: str) -> Any:
+    """``ultralytics.YOLO(weights)``, loaded in ultralytics' safe mode (``safe_load``): a weights file
+    is a pickle, and ultralytics' default loading unpickles it in full, running whatever code the
+    file names. Any failure to load becomes one line naming the file."""
+    try:
+        from ultralytics import YOLO
+    except ImportError:
+        raise ImportError("YOLO baselines need ultralytics: pip install 'dinotune[yolo]'") from None
+    if Path(weights).suffix.lower() not in YOLO_SUFFIXES:
+        raise ConfigError(f"--yolo {weights}: expected ultralytics .pt weights or a model .yaml")
+    _undo_pil_patch()
+    try:
+        with safe_load(weights):
+            return YOLO(weights)
+    except DinotuneError:
+        raise
+    except Exception as exc:  # ultralytics raises TypeError, RuntimeError, OSError, ... for a bad file
+        reason = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        reason = reason.replace("ERROR ❌️", "").strip().split(". ")[0]  # not ultralytics' advice to run `yolo`
+        raise CheckpointError(f"--yolo {weights}: ultralytics cannot load it in its safe mode ({reason}); "
+                              "dinotune loads only what that mode accepts (official and ultralytics-trained "
+                              "weights, model YAMLs)") from None
+
+
+@contextlib.contextmanager
+def safe_load(weights: str):
+    """ultralytics' restricted loading (its ``ULTRALYTICS_SAFE_LOAD`` flag) while a model is opened: a
+    ``.pt`` is unpickled with ``torch.load(weights_only=True)`` against ultralytics' allow-list of model
+    classes, so a payload in the file is refused before it runs, and a model YAML is built without
+    ``eval``. The flag is read when ultralytics is imported, so it is set on its loader for the call.
+    An ultralytics (or torch, < 2.6) without that mode may still open what is not a local file (its
+    own YAMLs, official weights it downloads); a local file is refused."""
+    try:
+        from ultralytics.nn import tasks
+    except ImportError:
+        tasks = None
+    if not (hasattr(tasks, "SAFE_LOAD") and getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False)):
+        if Path(weights).expanduser().exists():
+            raise CheckpointError(f"--yolo {weights}: this ultralytics (or torch) cannot load a file without running "
+                                  "code from it; upgrade both (ultralytics with ULTRALYTICS_SAFE_LOAD, torch >= 2.6)")
+        yield
+        return
+    before = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = before
 
 
 def _few(names: Sequence[str], n: int = 6) -> str:
