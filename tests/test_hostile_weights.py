@@ -176,6 +176,23 @@ def test_compressed_archive_entries_are_refused_before_unpacking(tmp_path):
     _refused(bomb, "is compressed", "never compresses")
 
 
+def test_baseline_weights_with_a_compressed_entry_are_refused(tmp_path):
+    """``--baseline-weights`` reads a torchvision state dict with the same archive check."""
+    from dinotune.errors import DinotuneError
+    from dinotune.tasks.detect.baseline import _read as read_weights_file
+
+    plain, bomb = tmp_path / "plain.pth", tmp_path / "bomb.pth"
+    torch.save({"big": torch.zeros(2_000_000)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w") as out:
+        for name in src.namelist():
+            out.writestr(zipfile.ZipInfo(name), src.read(name), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(DinotuneError, match="is compressed"):
+        read_weights_file(str(bomb))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DinotuneError, match="cannot be read as a torch state dict"):
+        read_weights_file(str(tmp_path / "junk.pth"))
+
+
 @pytest.mark.parametrize("name, sd, needles", [
     ("no-blocks", {k.replace("blocks.", "layers."): v for k, v in official_dinov2().items()},
      ["no blocks.N.* tensors"]),

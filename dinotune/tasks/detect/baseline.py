@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from dinotune.backbone.convert import check_torch_archive
 from dinotune.backbone.model import DinoBackbone
 from dinotune.errors import ConfigError
 from dinotune.models.wrapper import BackboneHead
@@ -65,7 +66,11 @@ def _read(path: str) -> dict[str, Tensor]:
     if not file.is_file():
         raise ConfigError(f"--baseline-weights {path}: no such file; give a .pth state dict of the torchvision "
                           "model, DEFAULT for torchvision's weights, or nothing for random weights")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    check_torch_archive(file)  # a deflated entry would be inflated in full by torch.load
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip errors come in many types
+        raise ConfigError(f"--baseline-weights {path}: cannot be read as a torch state dict ({exc})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # torchvision reference-script checkpoints
         state = state["model"]
     if not isinstance(state, dict):
