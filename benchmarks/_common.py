@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,4 +31,37 @@ def machine_info(device: str = "auto") -> dict:
         info["cpu_model"] = platform.processor() or platform.machine()
     use_cuda = torch.cuda.is_available() and device != "cpu"
     info["device"] = f"cuda: {torch.cuda.get_device_name(0)}" if use_cuda else "cpu"
+    if use_cuda:
+        info.update(gpu_info(torch.device(device if device.startswith("cuda") else "cuda")))
     return info
+
+
+def gpu_info(device) -> dict:
+    """The GPU a CUDA result was measured on: name, compute capability, memory, driver, and the
+    CUDA / cuDNN versions torch was built with (the driver from NVML, else nvidia-smi, else None)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": props.name, "gpu_count": torch.cuda.device_count(),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1), "driver": nvidia_driver(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "bf16_supported": torch.cuda.is_bf16_supported()}
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version, or None where neither NVML nor nvidia-smi answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no NVML (package or library): try the command line
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None

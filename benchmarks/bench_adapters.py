@@ -20,6 +20,8 @@ relative to full fine-tuning, speed relative to the same adapter without checkpo
     python benchmarks/bench_adapters.py                  # CPU, writes results/adapters-cpu.{json,md}
     python benchmarks/bench_adapters.py --device cuda    # GPU, bf16, writes results/adapters-cuda.*
     python benchmarks/bench_adapters.py --size 112 --steps 2 --warmup 1 --repeats 1   # a quick CPU run
+    python benchmarks/bench_adapters.py --model tiny --size 28 --batch 2 --steps 1 --warmup 1 --repeats 1 \
+        --no-compile --in-process --out /tmp/adapters    # a check of the script itself (gpu_suite --dry-run)
 """
 
 from __future__ import annotations
@@ -61,14 +63,20 @@ class Variant:
         return Variant(self.adapter, self.last_n)
 
 
-def variants(with_compile: bool) -> list[Variant]:
-    """Table 2's rows (``none`` is table 1's: a frozen backbone has no memory option to apply)."""
+def variants(with_compile: bool, adapters: list[str] = ADAPTERS) -> list[Variant]:
+    """Table 2's rows for ``adapters`` (``none`` is table 1's: a frozen backbone has no memory option
+    to apply)."""
     rows = [Variant(a) for a in ADAPTERS if a != "none"]
     rows += [Variant(a, ckpt=True) for a in ("lora", "dora", "full")]
     rows += [Variant("lora", 4), Variant("lora", 4, ckpt=True)]
     if with_compile:
         rows += [Variant("lora", compile=True), Variant("full", compile=True)]
-    return rows
+    return [v for v in rows if v.adapter in adapters]
+
+
+def _arch_name(model: str) -> str:
+    """``ViT-S/14`` for ``small``, and so on (``tiny`` is dinotune's 4-block test size)."""
+    return {"tiny": "4-block test ViT/14", "small": "ViT-S/14", "base": "ViT-B/14", "large": "ViT-L/14"}[model]
 
 
 def _precision(device: str) -> str:
@@ -122,16 +130,44 @@ def current_rss_mb() -> float | None:
         return None
 
 
-def run_dinotune(adapter: str, args) -> tuple[tuple[float, float], float | None, float | None]:
-    """The dinotune engine's own training step (Trainer.train_epoch) on in-memory batches, with
-    the run's memory and speed options applied as ``dinotune train`` applies them. Returns the
-    timed seconds, the activation MiB (None under --compile) and the seconds of the first step
-    (compilation included). Seconds are (wall, CPU)."""
+@dataclass
+class Engine:
+    """dinotune's training pieces for one classifier, assembled as ``dinotune train`` assembles
+    them (config, backbone, head, memory / speed options, Trainer, optimizer and schedule of the
+    first phase); ``run`` trains on in-memory batches with the Trainer's own epoch loop."""
+
+    trainer: object
+    task: object
+    bundle: object
+    phase: object
+    optimizer: object
+    scheduler: object
+    device: object
+    precision: str
+
+    def run(self, batches: list[dict]) -> None:
+        from torch.utils.data import DataLoader
+
+        self.trainer.train_loader = DataLoader(batches, batch_size=None)
+        self.trainer.train_epoch(0, self.phase, self.optimizer, self.scheduler, 0)
+
+    def loss(self, batch: dict):
+        """The training loss of one batch (``batch`` on the device), under the run's autocast."""
+        from dinotune.engine.device import autocast
+
+        with autocast(self.device, self.precision):
+            return self.task.training_step(self.bundle, self.bundle.model, batch)["loss"]
+
+
+def build_engine(run_dir: Path, *, model: str, adapter: str, size: int, batch: int, device: str, precision: str,
+                 rank: int = 8, last_n: int = 0, ckpt: bool = False, compile: bool = False,
+                 classes: int = 10) -> Engine:
+    """An ``Engine`` for ``random:<model>`` with a linear head on CLS + mean patch token (LoRA /
+    DoRA rank ``rank`` on q, k, v), writing into ``run_dir``."""
     import torch
     from torch.utils.data import DataLoader
 
     from dinotune.config import build_config
-    from dinotune.engine.device import autocast
     from dinotune.engine.optim import phase_at
     from dinotune.engine.speed import prepare_for_training
     from dinotune.engine.trainer import Trainer
@@ -139,50 +175,71 @@ def run_dinotune(adapter: str, args) -> tuple[tuple[float, float], float | None,
     from dinotune.utils import set_quiet
 
     set_quiet(True)
-    cfg = build_config("classify", model="random:small", adapter=adapter, image_size=args.size,
-                       batch_size=args.batch, epochs=1, precision=_precision(args.device),
-                       device=args.device, progress=False, rank=args.rank, alpha=2 * args.rank,
-                       targets=["qkv"], pool="cls_mean", last_n_blocks=args.last_n,
-                       grad_checkpointing=args.ckpt, compile=args.compile)
+    cfg = build_config("classify", model=f"random:{model}", adapter=adapter, image_size=size,
+                       batch_size=batch, epochs=1, precision=precision, device=device, progress=False,
+                       rank=rank, alpha=2 * rank, targets=["qkv"], pool="cls_mean", last_n_blocks=last_n,
+                       grad_checkpointing=ckpt, compile=compile)
     task = get_task(cfg)
     backbone, _ = build_backbone(cfg)
-    bundle = task.build_model({"class_names": [str(i) for i in range(10)], "num_classes": 10}, backbone)
-    device = torch.device(args.device)
-    prepare_for_training(bundle, cfg.train, device)
-    model = bundle.model
-    batches = [{"image": x, "label": y} for x, y in _synthetic_batches(args.warmup + args.steps, args.batch, args.size)]
+    meta = {"class_names": [str(i) for i in range(classes)], "num_classes": classes}
+    bundle = task.build_model(meta, backbone)
+    dev = torch.device(device)
+    prepare_for_training(bundle, cfg.train, dev)
+    # the loader sets the schedule's length (one step per epoch) only: ``Engine.run`` replaces it
+    trainer = Trainer(bundle=bundle, task=task, train_loader=DataLoader([None], batch_size=None), val_loader=None,
+                      cfg=cfg, run_dir=run_dir, meta=meta, device=dev, precision=precision)
+    index, phase = phase_at(trainer.phases, 0)
+    optimizer, scheduler = trainer.start_phase(index, phase, None)
+    return Engine(trainer, task, bundle, phase, optimizer, scheduler, dev, precision)
+
+
+def image_batches(n: int, batch: int, size: int, classes: int = 10) -> list[dict]:
+    """``n`` batches of random images and labels as the classification task reads them."""
+    return [{"image": x, "label": y} for x, y in _synthetic_batches(n, batch, size, classes)]
+
+
+def attention_of(model) -> str | None:
+    """The attention implementation transformers resolved for the backbone inside ``model``
+    (``sdpa`` where PyTorch's scaled_dot_product_attention serves, transformers' default)."""
+    return next((m.config._attn_implementation for m in model.modules()
+                 if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
+
+
+def run_dinotune(adapter: str, args) -> tuple[tuple[float, float], float | None, float | None, str | None]:
+    """The dinotune engine's own training step (Trainer.train_epoch) on in-memory batches, with
+    the run's memory and speed options applied as ``dinotune train`` applies them. Returns the
+    timed seconds, the activation MiB (None under --compile), the seconds of the first step
+    (compilation included) and the attention implementation. Seconds are (wall, CPU)."""
+    import torch
+
+    batches = image_batches(args.warmup + args.steps, args.batch, args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(bundle=bundle, task=task, train_loader=DataLoader(batches[:1], batch_size=None),
-                          val_loader=None, cfg=cfg, run_dir=Path(tmp), meta={}, device=device,
-                          precision=_precision(args.device))
-        index, phase = phase_at(trainer.phases, 0)
-        optimizer, scheduler = trainer.start_phase(index, phase, None)
+        engine = build_engine(Path(tmp), model=args.model, adapter=adapter, size=args.size, batch=args.batch,
+                              device=args.device, precision=_precision(args.device), rank=args.rank,
+                              last_n=args.last_n, ckpt=args.ckpt, compile=args.compile)
+        device = engine.device
         t0 = time.perf_counter()
-        trainer.train_epoch(0, phase, optimizer, scheduler, 0)  # the first step: compiles under --compile
+        engine.run(batches[:1])  # the first step: compiles under --compile
         first = time.perf_counter() - t0
         if args.warmup > 1:
-            trainer.train_loader = DataLoader(batches[1: args.warmup], batch_size=None)
-            trainer.train_epoch(0, phase, optimizer, scheduler, 0)
-        trainer.train_loader = DataLoader(batches[args.warmup:], batch_size=None)
+            engine.run(batches[1: args.warmup])
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0, c0 = time.perf_counter(), time.process_time()
-        trainer.train_epoch(0, phase, optimizer, scheduler, 0)
+        engine.run(batches[args.warmup:])
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0, time.process_time() - c0
         saved = None
         if not args.compile:  # the counting hooks would make the compiled graph recompile
             x, y = batches[0]["image"].to(device), batches[0]["label"].to(device)
-            with autocast(device, _precision(args.device)):
-                saved = saved_activation_mb(
-                    lambda: task.training_step(bundle, model, {"image": x, "label": y})["loss"], model)
-        optimizer.zero_grad(set_to_none=True)
-        return seconds, saved, first
+            saved = saved_activation_mb(lambda: engine.loss({"image": x, "label": y}), engine.bundle.model)
+        engine.optimizer.zero_grad(set_to_none=True)
+        return seconds, saved, first, attention_of(engine.bundle.model)
 
 
-def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None]:
+def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None, str | None]:
     """A plain loop as a user would write it with transformers + PEFT."""
     import torch
     from torch import nn
@@ -192,7 +249,7 @@ def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None]:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone = AutoModel.from_config(arch_config("small"))
+    backbone = AutoModel.from_config(arch_config(args.model))
     if adapter in ("lora", "dora"):
         from peft import LoraConfig, get_peft_model
 
@@ -201,7 +258,7 @@ def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None]:
                                                        use_dora=adapter == "dora"))
     elif adapter == "none":
         backbone.requires_grad_(False)
-    head = nn.Linear(2 * 384, 10)
+    head = nn.Linear(2 * backbone.config.hidden_size, 10)
     backbone.to(device)
     head.to(device)
     params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
@@ -235,32 +292,54 @@ def run_baseline(adapter: str, args) -> tuple[tuple[float, float], float, None]:
     saved = saved_activation_mb(lambda: forward(data[0][0].to(device), data[0][1].to(device)),
                                 nn.ModuleList([backbone, head]))
     opt.zero_grad(set_to_none=True)
-    return seconds, saved, None
+    return seconds, saved, None, attention_of(backbone)
 
 
-def child(args) -> None:
+def measure(args) -> dict:
+    """One configuration (``args.impl``, ``args.adapter`` and the variant flags) in this process."""
+    import peft  # noqa: F401
     import torch
 
     import dinotune.tasks  # noqa: F401 - with torch, transformers and peft: the fixed cost of every process
-    import peft  # noqa: F401
 
     torch.set_num_threads(args.threads) if args.threads else None
     base_rss = current_rss_mb()
     run = run_dinotune if args.impl == "dinotune" else run_baseline
-    (seconds, cpu_seconds), saved, first = run(args.adapter, args)
     cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    (seconds, cpu_seconds), saved, first, attention = run(args.adapter, args)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({"impl": args.impl, "adapter": args.adapter, "last_n": args.last_n, "ckpt": args.ckpt,
-                      "compile": args.compile, "seconds": seconds, "first_step_s": first,
-                      "images_per_s": args.steps * args.batch / seconds,
-                      "images_per_cpu_s": args.steps * args.batch / cpu_seconds, "peak_mb": peak_mb,
-                      "peak_above_imports_mb": peak_mb if cuda or base_rss is None else peak_mb - base_rss,
-                      "saved_activation_mb": saved}))
+    return {"impl": args.impl, "adapter": args.adapter, "last_n": args.last_n, "ckpt": args.ckpt,
+            "compile": args.compile, "seconds": seconds, "first_step_s": first,
+            "images_per_s": args.steps * args.batch / seconds,
+            "images_per_cpu_s": args.steps * args.batch / cpu_seconds, "peak_mb": peak_mb,
+            "peak_above_imports_mb": peak_mb if cuda or base_rss is None else peak_mb - base_rss,
+            "saved_activation_mb": saved, "attn_implementation": attention}
+
+
+def child(args) -> None:
+    print(json.dumps(measure(args)))
+
+
+def _in_process(args, impl: str, v: Variant) -> dict:
+    """``--in-process``: the configuration in this process (peak RSS is then the process's so far)."""
+    import torch
+
+    one = argparse.Namespace(**{**vars(args), "impl": impl, "adapter": v.adapter, "last_n": v.last_n,
+                                "ckpt": v.ckpt, "compile": v.compile})
+    row = measure(one)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
 
 
 def _launch(args, impl: str, v: Variant) -> dict:
+    if args.in_process:
+        return _in_process(args, impl, v)
     cmd = [sys.executable, __file__, "--impl", impl, "--adapter", v.adapter, "--device", args.device,
+           "--model", args.model,
            "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--rank", str(args.rank), "--threads", str(args.threads),
            "--last-n", str(v.last_n)] + ["--ckpt"] * v.ckpt + ["--compile"] * v.compile
@@ -298,11 +377,11 @@ def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
     return f"{a / b:.{digits}f}" if a is not None and b else "-"
 
 
-def baseline_table(by: dict) -> list[str]:
+def baseline_table(by: dict, adapters: list[str] = ADAPTERS) -> list[str]:
     table = ["| adapter | baseline img/s | dinotune img/s | speed ratio | baseline peak MB | dinotune peak MB "
              "| memory ratio | baseline activations MB | dinotune activations MB | activation ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for a in ADAPTERS:
+    for a in adapters:
         b, d = by[("baseline", Variant(a))], by[("dinotune", Variant(a))]
         table.append(f"| {a} | {b['images_per_s']:.2f} | {d['images_per_s']:.2f} | "
                      f"{_ratio(d['images_per_s'], b['images_per_s'])} | {b['peak_mb']:.0f} | {d['peak_mb']:.0f} | "
@@ -321,7 +400,7 @@ def options_table(by: dict, rows: list[Variant], cuda: bool) -> list[str]:
     table = [f"| setting | activations MB | {peak} | activations / full | peak / full | {speed} "
              "| speed / same adapter plain | first step s |",
              "|---|---|---|" + ("" if cuda else "---|---|") + "---|---|---|---|---|"]
-    full = by[("dinotune", Variant("full"))]
+    full = by.get(("dinotune", Variant("full")), {"saved_activation_mb": None, "peak_above_imports_mb": None})
     for v in rows:
         d, ref = by[("dinotune", v)], by[("dinotune", v.reference)]
         act = "-" if d["saved_activation_mb"] is None else f"{d['saved_activation_mb']:.1f}"
@@ -337,6 +416,13 @@ def options_table(by: dict, rows: list[Variant], cuda: bool) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="small", choices=["tiny", "small", "base", "large"],
+                   help="the random:<model> DINOv2 architecture (default small: ViT-S/14)")
+    p.add_argument("--adapters", default=",".join(ADAPTERS),
+                   help=f"comma-separated subset of {','.join(ADAPTERS)} (table 1's rows, and table 2's of these)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every configuration in this process, not a fresh one each (a quick check of the "
+                        "script: peak memory is then not per configuration on the CPU)")
     p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 30 CUDA)")
@@ -359,6 +445,10 @@ def main() -> None:
     args.batch = args.batch or (64 if cuda else 8)
     args.steps = args.steps or (30 if cuda else 5)
     args.warmup = max(1, args.warmup)
+    adapters = [a for a in ADAPTERS if a in args.adapters.split(",")]
+    unknown = set(args.adapters.split(",")) - set(ADAPTERS)
+    if unknown or not adapters:
+        p.error(f"--adapters {args.adapters}: choose among {','.join(ADAPTERS)}")
     if args.impl:
         child(args)
         return
@@ -367,13 +457,13 @@ def main() -> None:
     from dinotune.engine.speed import compile_problem
 
     no_compile = "left out (--no-compile)" if args.no_compile else compile_problem(torch.device(args.device))
-    rows = variants(with_compile=not no_compile)
+    rows = variants(with_compile=not no_compile, adapters=adapters)
     runs: dict[tuple[str, Variant], list[dict]] = {}
     t_start, load_start = time.time(), _load()
     for repeat in range(args.repeats):
         # alternate the order so neither side always runs on a warmer machine
         order = ("baseline", "dinotune") if repeat % 2 == 0 else ("dinotune", "baseline")
-        pairs = [] if args.skip_baseline else [(i, Variant(a)) for a in ADAPTERS for i in order]
+        pairs = [] if args.skip_baseline else [(i, Variant(a)) for a in adapters for i in order]
         jobs = pairs + [("dinotune", v) for v in rows if ("dinotune", v) not in pairs]
         for impl, v in jobs:
             row = _launch(args, impl, v)
@@ -382,10 +472,11 @@ def main() -> None:
                   f"({time.time() - t_start:.0f} s)", flush=True)
     by = {key: _median(rs) for key, rs in runs.items()}
     table1 = (["Not run this time (--skip-baseline); run the script without it for this table."]
-              if args.skip_baseline else baseline_table(by))
+              if args.skip_baseline else baseline_table(by, adapters))
     table2 = options_table(by, rows, cuda)
-    settings = {k: getattr(args, k) for k in ("device", "batch", "size", "steps", "warmup", "rank", "repeats",
-                                              "threads", "skip_baseline")}
+    settings = {k: getattr(args, k) for k in ("device", "model", "batch", "size", "steps", "warmup", "rank",
+                                              "repeats", "threads", "skip_baseline", "in_process")}
+    settings["adapters"] = adapters
     settings["load_average_1min"] = {"start": load_start, "end": _load()}
     settings["precision"] = _precision(args.device)
     settings["compile_rows"] = "yes" if not no_compile else f"no: {no_compile}"
@@ -400,11 +491,15 @@ def main() -> None:
               "the peak resident set size of the whole process, and that peak above the RSS right after the imports "
               "(the libraries every process carries), which the ratios to full fine-tuning use")
     md = [f"# Adapter training-step benchmark ({args.device})", "",
-          f"random:small (ViT-S/14), {args.size} px, batch {args.batch}, {settings['precision']}, "
+          f"random:{args.model} ({_arch_name(args.model)}), {args.size} px, batch {args.batch}, {settings['precision']}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} run(s)"
-          f"{' in alternating order' if args.repeats > 1 else ''}; LoRA/DoRA rank {args.rank} on q,k,v; "
+          f"{' in alternating order' if args.repeats > 1 else ''}"
+          f"{' (all in one process, --in-process: peak memory is not per setting)' if args.in_process else ''}"
+          f"; LoRA/DoRA rank {args.rank} on q,k,v; "
           f"{settings['wall_s']} s in all; 1-minute load average {settings['load_average_1min']['start']} at "
           f"the start, {settings['load_average_1min']['end']} at the end.",
+          f"Attention: {', '.join(sorted({str(r.get('attn_implementation')) for r in result['rows']}))} "
+          "(transformers' implementation of the backbone's attention). "
           f"Machine: {json.dumps(result['machine'])}", *(["", args.note] if args.note else []), "",
           f"Peak memory is {memory}; activations are the bytes kept for backward in one forward "
           "(autograd's saved tensors plus the block inputs checkpointing keeps; deterministic).", "",

@@ -28,10 +28,11 @@ from dinotune.engine.trackers import check_trackers
 from dinotune.engine.trainer import Trainer
 from dinotune.runs import LoadedRun, load
 from dinotune.tasks import Task, build_backbone, get_task, registry
+from dinotune.threads import apply_threads
 from dinotune.utils import info, seed_everything, set_quiet, warn, write_json
 
 # What may change when a run resumes: where and how it runs, never what it trains.
-RESUME_OPTIONS = ("device", "workers", "progress")
+RESUME_OPTIONS = ("device", "workers", "threads", "progress")
 
 
 def _train_config(config: Any, task: str, resume: str | Path | None, options: dict[str, Any]) -> Any:
@@ -74,6 +75,7 @@ def train(config: Any = None, *, task: str | None = None, resume: str | Path | N
     """
     cfg = _train_config(config, task or registry.default_name(), resume, options)
     cfg.validate()
+    apply_threads(cfg.train.threads)  # before any tensor work: 0 = what does not oversubscribe the machine
     if resume is None:
         RunFolder.check(cfg.train.out)
     ctx = distributed.setup(cfg.train.device)  # a no-op unless launched by torchrun
@@ -170,6 +172,7 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
         files += task.report(run_dir, best_metrics, meta)
     summary = {"run_dir": str(run_dir), "task": task.name, "best": result["best"], "last": result["last"],
                "stopped_early": result.get("stopped_early"),  # None, or the epoch it stopped after and why
+               "monitor": result.get("monitor"),  # the metric that picked "best", its direction, and why
                "metrics": best_metrics, "files": [str(f) for f in files]}
     if parameters is not None:
         summary["parameters"] = parameters

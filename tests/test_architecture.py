@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module may import its own layer or lower ones, never higher:
 
-    errors, utils, ops, config, tasks.registry  shared vocabulary; the task registry (names, lazy references)
+    errors, utils, threads, ops, config,        shared vocabulary; CPU threads; the task registry (names, lazy
+    tasks.registry                              references)
     backbone, data, viz, runtime                DINOv2 / DINOv3 features, readers, pictures; torch-free inference
     adapters, models                            PEFT on the backbone; wrapper, pyramid, export graph, losses
     engine                                      training loop, checkpoints, devices, processes, the run layout
@@ -29,7 +30,7 @@ import dinotune
 
 ROOT = Path(dinotune.__file__).parent
 LAYERS = [
-    ("errors", "utils", "ops", "config", "tasks.registry"),
+    ("errors", "utils", "threads", "ops", "config", "tasks.registry"),
     ("backbone", "data", "viz", "runtime"),
     ("adapters", "models"),
     ("engine",),

@@ -101,7 +101,7 @@ def test_resume_takes_only_where_it_runs(tiny_folder, tmp_path, capsys):
     assert main(["train", "--resume", run, "--data", "X", "--lr", "1"]) == 2
     err = capsys.readouterr().err
     assert "--resume continues a run with its own saved settings" in err and "--data X --lr 1" in err
-    with pytest.raises(ConfigError, match="takes only device, workers, progress, not lr"):
+    with pytest.raises(ConfigError, match="takes only device, workers, threads, progress, not lr"):
         dinotune.train(resume=run, lr=1.0)
     assert main(["train", "--resume", run, "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
     assert "all 1 epochs are done already" in capsys.readouterr().err

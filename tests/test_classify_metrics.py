@@ -346,3 +346,19 @@ def test_plot_overwrites_existing_file(tmp_path):
     path.write_bytes(b"old")
     plot_confusion_matrix([[1, 0], [0, 1]], ["a", "b"], path)
     _assert_png(path)
+
+
+def test_training_curves_tick_whole_epochs_and_show_equal_series_apart():
+    """Epoch ticks are whole numbers (no 1.2, 1.4, ...), and a series equal to another (balanced
+    accuracy is macro recall) is labelled as such instead of hiding under it."""
+    from dinotune.viz.plots import training_curves_figure
+
+    history = [{"epoch": e, "train/loss": 1 / e, "val/loss": 1.1 / e, "val/recall_macro": 0.1 * e,
+                "val/accuracy_balanced": 0.1 * e, "val/top1": 0.05 * e} for e in (1, 2, 3)]
+    fig = training_curves_figure(history)
+    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+    metrics = next(ax for ax in fig.axes if ax.get_title() == "validation metrics")
+    labels = [line.get_label() for line in metrics.get_lines()]
+    assert "val/recall_macro (= val/accuracy_balanced)" in labels and "val/top1" in labels
+    ticks = [t for ax in fig.axes for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -70,7 +70,7 @@ def test_help_predict(capsys):
     out = _help(["predict"], capsys)
     for flag in ("--top-k", "--format", "--out", "--checkpoint"):
         assert flag in out
-    assert "{json,csv}" in out
+    assert "--format FORMAT" in out and "coco (COCO results for evaluation" in out
 
 
 def test_help_demo_and_models(capsys):
@@ -297,3 +297,15 @@ def test_predict_defaults_come_from_the_run_and_foreign_flags_are_refused(small_
 
     with pytest.raises(ConfigError, match=r"masks: not an option of classify predictions \(valid: batch_size, top_k\)"):
         dinotune.load(run, device="cpu").predict(images, masks=str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["eval", "runs/x", "--data", "d", "--bogus"], "usage: dinotune eval"),
+    (["train", "classify", "--data", "d", "--bogus", "1"], "usage: dinotune train classify"),
+    (["data", "download", "coco", "--bogus"], "usage: dinotune data download"),
+])
+def test_an_unknown_flag_shows_the_commands_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and usage in err and "unrecognized arguments: --bogus" in err

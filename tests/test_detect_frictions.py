@@ -136,7 +136,7 @@ def test_predict_json_keeps_file_names_and_loads_in_pycocotools(rf_run):
     root, run = rf_run
     loaded = dinotune.load(run, device="cpu")
     results = loaded.predict(root / "valid" / "images", top_k=3)
-    flat = json.loads(loaded.task.format_predictions(results, "json"))
+    flat = json.loads(loaded.task.format_predictions(results, "coco"))
     assert len(flat) == 6
     by_id = {r["image_id"]: r["image"] for r in results}
     assert all(r["file_name"] == by_id[r["image_id"]] for r in flat)

@@ -52,6 +52,11 @@ def test_train_writes_run_folder(coco_run):
     assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "val/AP", "val/AP50"} <= history[0].keys()
     best = json.loads((run / "best_metrics.json").read_text())
     assert len(best["per_class_AP"]) == 80 and len(best["precision_recall"]["recall"]) == 101
+    # a DETR run is judged by COCO's metrics alone: a single-object "accuracy" beside AP read as the detector's
+    single = {"accuracy", "precision", "recall", "f1", "mean_iou", "map50"}
+    assert not single & best.keys() and not {f"val/{k}" for k in single} & history[0].keys()
+    assert best["monitor"]["key"] == "val/AP" and best["monitor"]["mode"] == "max"
+    assert json.loads((run / "results.json").read_text())["monitor"] == best["monitor"]
     meta = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
     assert meta["categories"][-1] == {"id": 90, "name": "toothbrush"} and meta["num_classes"] == 80
     for f in ("training_curves.png", "per_class_ap.png", "precision_recall.png"):
@@ -63,6 +68,7 @@ def test_eval_prints_coco_metrics(coco_run, capsys):
     assert main(["eval", str(run), "--data", str(coco), "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"} <= metrics.keys()
+    assert not {"accuracy", "precision", "recall", "f1", "mean_iou", "map50"} & metrics.keys()  # single-object only
     assert 0.0 <= metrics["AP"] <= 1.0
     assert (run / "eval" / "coco_tiny-val.json").is_file()
 
@@ -71,7 +77,7 @@ def test_predict_writes_coco_results_with_original_ids(coco_run, tmp_path):
     coco, run = coco_run
     out = tmp_path / "results.json"
     draw = tmp_path / "drawn"
-    assert main(["predict", str(run), str(coco / "val2017"), "--out", str(out), "--draw", str(draw),
+    assert main(["predict", str(run), str(coco / "val2017"), "--out", str(out), "--format", "coco", "--draw", str(draw),
                  "--draw-threshold", "0.0", "--top-k", "10", "--device", "cpu"]) == 0
     results = json.loads(out.read_text())
     gt = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
@@ -85,16 +91,21 @@ def test_predict_writes_coco_results_with_original_ids(coco_run, tmp_path):
         W, H = sizes[r["image_id"]]
         assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= W + 0.01 and y + h <= H + 0.01
     assert len(list(draw.glob("*.jpg"))) == 80  # straight into --draw DIR, as segmentation
-    # the same through CSV
+    # the same through CSV, every row shown (--draw-threshold 0); by default only those a person should read
     assert main(["predict", str(run), str(coco / "val2017" / "000000005001.jpg"), "--format", "csv",
-                 "--out", str(tmp_path / "r.csv"), "--top-k", "5", "--device", "cpu"]) == 0
+                 "--out", str(tmp_path / "r.csv"), "--top-k", "5", "--draw-threshold", "0", "--device", "cpu"]) == 0
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 5 and rows[0]["image_id"] == "5001"
+    assert main(["predict", str(run), str(coco / "val2017" / "000000005001.jpg"), "--format", "csv",
+                 "--out", str(tmp_path / "shown.csv"), "--top-k", "5", "--device", "cpu"]) == 0
+    shown = list(csv.DictReader((tmp_path / "shown.csv").open()))
+    assert [r for r in rows if float(r["score"]) >= 0.3] == shown  # the run's draw_threshold
     # --image-info JSON: the ids of test-dev style image info, read by the task (the CLI passes the path on)
     info = tmp_path / "image_info.json"
     info.write_text(json.dumps({"images": [{"file_name": "000000005001.jpg", "id": 42}]}))
     assert main(["predict", str(run), str(coco / "val2017" / "000000005001.jpg"), "--format", "csv", "--image-info",
-                 str(info), "--out", str(tmp_path / "i.csv"), "--top-k", "1", "--device", "cpu"]) == 0
+                 str(info), "--out", str(tmp_path / "i.csv"), "--top-k", "1", "--draw-threshold", "0",
+                 "--device", "cpu"]) == 0
     assert [r["image_id"] for r in csv.DictReader((tmp_path / "i.csv").open())] == ["42"]
 
 
@@ -150,6 +161,7 @@ def test_single_object_heads(head, tmp_path):
     assert cfg.train.two_stage is (head == "improved")
     m = result["metrics"]
     assert {"accuracy", "precision", "recall", "f1", "mean_iou", "map50", "AP", "AP50"} <= m.keys()
+    assert result["monitor"]["key"] == "val/map50"
     assert 0.0 <= m["mean_iou"] <= 1.0
     history = read_metrics(Path(result["run_dir"]))
     assert [r["phase"] for r in history] == (["stage1", "stage2"] if head == "improved" else ["train"])

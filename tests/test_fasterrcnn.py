@@ -132,7 +132,8 @@ def test_eval_predict_and_compare_through_the_cli(frcnn_run, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert 0.0 <= metrics["AP"] <= 1.0 and metrics["images"] == 2
     out = tmp_path / "pred.json"
-    assert main(["predict", str(run), str(coco / "val"), "--out", str(out), "--device", "cpu", "--top-k", "5"]) == 0
+    assert main(["predict", str(run), str(coco / "val"), "--out", str(out), "--format", "coco", "--device", "cpu",
+                 "--top-k", "5"]) == 0
     results = json.loads(out.read_text())
     assert results and all(r["category_id"] in (3, 7) for r in results)
     assert all(0 <= r["bbox"][0] <= 70 and 0 <= r["bbox"][1] <= 52 for r in results)

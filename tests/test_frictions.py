@@ -147,8 +147,19 @@ def test_collapse_to_one_class_is_warned_naming_the_class_and_majority_share(cap
     out = ClassifyTask(ClassifyConfig()).compute_metrics(_bundle(names), _classify_parts(labels, 0), None)
     err = capsys.readouterr().err
     assert "warning: all 64 evaluated images were predicted as 'red'" in err
-    assert "'red', is 62.5% of them (40 of 64)" in err and "--loss focal" in err and "--lr" in err
-    assert out["top1"] == pytest.approx(0.625)
+    assert "'red' is the most common, 62.5% of them (40 of 64), so top-1 0.625" in err
+    assert "--sampler balanced" in err and "--loss focal" in err and "--lr" in err
+    assert out["top1"] == pytest.approx(0.625) and out["collapsed"] == 1
+
+
+def test_collapse_onto_a_minority_class_quotes_its_share_beside_the_majority():
+    """The trial's numbers: top-1 0.076 came from the PREDICTED (minority) class, which the warning
+    once called "what answering one class gives" beside a 49.9% majority."""
+    names = ["dog", "cat", "fox"]
+    warning = collapse_warning([[0, 0, 211], [0, 0, 180], [0, 0, 32]], names)
+    assert "predicted as 'fox'" in warning and "top-1 0.076 is the share of 'fox' (32 of 423)" in warning
+    assert "below the 49.9% that answering the most common class, 'dog' (211 of 423), would give" in warning
+    assert "--sampler balanced" in warning and "--loss focal" in warning
 
 
 def test_no_collapse_warning_for_varied_predictions_or_one_class_data(capsys):

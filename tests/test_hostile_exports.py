@@ -136,7 +136,7 @@ def test_detection_predict_reads_a_non_ascii_numeric_file(tmp_path_factory, tmp_
     image = next(data_folder("detect", tmp_path_factory).glob("*.png"))
     odd = tmp_path / "²³.png"
     Image.open(image).save(odd)
-    assert main(["predict", str(exported("detect", tmp_path_factory)), str(odd)]) == 0
+    assert main(["predict", str(exported("detect", tmp_path_factory)), str(odd), "--format", "coco"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert all(r["image_id"] == 1 and r["file_name"] == str(odd) for r in records)
 

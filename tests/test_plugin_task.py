@@ -12,7 +12,6 @@ token, MSE, mean absolute error), its export graph and its ``RuntimeTask`` (nump
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,12 +196,8 @@ class BrightnessRuntime(RuntimeTask):
         return [(record(n, v), {}) for n, v in zip(names, values)]
 
     @classmethod
-    def format_predictions(cls, results: list[dict[str, Any]], fmt: str) -> str:
-        if fmt == "json":
-            return json.dumps(results) + "\n"
-        buf = io.StringIO()
-        csv.writer(buf).writerows([["image", "brightness"]] + [[r["image"], r["brightness"]] for r in results])
-        return buf.getvalue()
+    def csv_rows(cls, results: list[dict[str, Any]]) -> list[list[Any]]:
+        return [["image", "brightness"]] + [[r["image"], r["brightness"]] for r in results]
 
     @classmethod
     def view(cls, record: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:

@@ -104,3 +104,20 @@ def test_heads_and_losses_fit_the_training_images(tiny_folder, tmp_path, head, p
     # loss below chance (the cross-entropy of a coin flip between 2 classes: ln 2)
     assert last["val/top1"] == 1.0
     assert last["val/loss"] < math.log(2), last["val/loss"]
+
+
+def test_predict_skips_a_folders_annotation_files_quietly(tmp_path, capsys):
+    """A folder of images with its annotations beside them (a COCO JSON, YOLO labels, a list): the
+    images are read and the annotation files are not reported as bad images; a file named on its own
+    is still reported."""
+    from dinotune.data.images import SkipReport, collect_images
+    from tests.conftest import make_image
+
+    for i in range(2):
+        make_image((200, 10, 10), 32, seed=i).save(tmp_path / f"{i}.png")
+    for name in ("_annotations.coco.json", "labels.txt", "data.yaml", "0.xml"):
+        (tmp_path / name).write_text("{}")
+    report = SkipReport()
+    assert [p.name for p in collect_images(tmp_path, report)] == ["0.png", "1.png"] and not report.skipped
+    collect_images(tmp_path / "labels.txt", report)
+    assert [Path(p).name for p, _ in report.skipped] == ["labels.txt"]

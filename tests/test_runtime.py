@@ -6,6 +6,7 @@ runs in a process where torch cannot be imported; refusals name the problem."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -274,8 +275,8 @@ def test_refusals_name_the_problem(tmp_path_factory, tmp_path, capsys):
     images = data_folder("classify", tmp_path_factory)
     with pytest.raises(ConfigError, match="masks: not an option of classify predictions"):
         classify.predict(images, masks=str(tmp_path))
-    with pytest.raises(ConfigError, match="draw: not an option of detect predictions with the ONNX backend"):
-        detect.predict(images, draw=str(tmp_path))  # detections are drawn by the torch path
+    with pytest.raises(ConfigError, match="draw: not an option of classify predictions with the ONNX backend"):
+        classify.predict(images, draw=str(tmp_path))
     with pytest.raises(ConfigError, match=r"--top-k 0: must be >= 1 \(inference.top_k\)"):
         classify.predict(images, top_k=0)  # the range the task config declares
     with pytest.raises(ConfigError, match="category_ids='voc' is not one of: coco, yolo"):
@@ -291,3 +292,46 @@ def test_refusals_name_the_problem(tmp_path_factory, tmp_path, capsys):
     assert "predict it with --backend onnx" in capsys.readouterr().err
     assert main(["predict", str(exported("classify", tmp_path_factory)), str(images), "--score-threshold", "0.5"]) == 2
     assert "--score-threshold does not apply to classify runs" in capsys.readouterr().err
+
+
+def test_detection_outputs_for_a_person_and_for_evaluation(tmp_path_factory, tmp_path, capsys):
+    """JSON records and CSV rows show the detections scoring at least --draw-threshold; COCO results
+    (``--format coco``, or JSON with ``--image-info``) keep every top-k detection, as COCO AP
+    requires; ``--draw`` works with the ONNX backend and gives the torch path's drawings."""
+    folder, images = exported("detect", tmp_path_factory), data_folder("detect", tmp_path_factory)
+
+    def predict(*extra: str) -> str:
+        capsys.readouterr()
+        assert main(["predict", str(folder), str(images), *extra]) == 0
+        return capsys.readouterr().out
+
+    every = json.loads(predict("--format", "coco"))
+    scores = sorted(r["score"] for r in every)
+    cut = scores[len(scores) // 2]  # a threshold that keeps about half
+    records = json.loads(predict("--draw-threshold", str(cut)))
+    shown = [d["score"] for r in records for d in r["detections"]]
+    assert shown and min(shown) >= cut and len(shown) == sum(1 for s in scores if s >= cut) < len(every)
+    rows = predict("--format", "csv", "--draw-threshold", str(cut)).strip().splitlines()
+    assert len(rows) == 1 + len(shown)
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"images": [{"file_name": p.name, "id": 100 + i}
+                                           for i, p in enumerate(sorted(images.iterdir()))]}))
+    for_eval = json.loads(predict("--image-info", str(info), "--draw-threshold", str(cut)))
+    assert len(for_eval) == len(every) and {r["image_id"] for r in for_eval} >= {100}
+
+    draw = tmp_path / "drawn"
+    assert main(["predict", str(folder), str(images), "--draw", str(draw), "--draw-threshold", "0"]) == 0
+    drawn = sorted(p.name for p in draw.glob("*.jpg"))
+    assert drawn == sorted(f"{p.stem}.jpg" for p in images.iterdir()) and (draw / "confidence_histogram.png").is_file()
+    capsys.readouterr()
+
+
+def test_onnx_options_are_refused_before_the_run_is_exported(tmp_path_factory, tmp_path, capsys):
+    run = copy_run(trained_run("classify", tmp_path_factory), tmp_path / "run")
+    shutil.rmtree(run / "export", ignore_errors=True)  # a cached export from other tests
+    images = data_folder("classify", tmp_path_factory)
+    for extra, message in ((["--draw", str(tmp_path / "d")], "--draw does not apply to classify runs"),
+                           (["--format", "coco"], "--format coco is not an output format of this run")):
+        assert main(["predict", str(run), str(images), "--backend", "onnx", *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (run / "export").exists()  # refused before any export work

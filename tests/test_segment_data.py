@@ -398,10 +398,13 @@ def test_missing_mask_file_named(tmp_path):
 
 def test_rgb_mask_refused(tmp_path):
     root = make_folders(tmp_path / "d", {"a": np.zeros((20, 30))})
-    Image.new("RGB", (30, 20), (128, 0, 0)).save(root / "masks" / "a.png")
     src = read_folders(root, "train", num_classes=21)
-    with pytest.raises(DataError, match=r"a\.png: mask has image mode 'RGB'.*do not convert"):
+    Image.new("RGB", (30, 20), (128, 0, 0)).save(root / "masks" / "a.png")  # RGB among index masks
+    with pytest.raises(DataError, match=r"a\.png: mask has image mode 'RGB'.*do not convert.*--mask-colors"):
         load_mask(src, 0)
+    # a set of colour masks is refused when read, with its colours (tests/test_segment_colour_masks.py)
+    with pytest.raises(DataError, match=r"masks are colour images .*#800000 \(128, 0, 0\) 100\.0 %"):
+        read_folders(root, "train", num_classes=21)
 
 
 def test_layout_not_found_lists_what_was_looked_for(tmp_path):

@@ -119,14 +119,16 @@ def test_predict_equals_the_cli_record(served, task, capsys, tmp_path):
     assert answer.status_code == 200, answer.text
     record = answer.json()
     assert record["image"] == sample.name and "overlay" not in record
-    cli = _cli_predict(run, sample, capsys)
-    if task == "detect":  # predict writes COCO results: one flat entry per box
+    cli = _cli_predict(run, sample, capsys, *(["--format", "coco"] if task == "detect" else []))
+    if task == "detect":  # COCO results (every top-k detection, as the server's record): one flat entry per box
         assert cli == [{"image_id": record["image_id"], "file_name": str(sample), "category_id": d["category_id"],
                         "bbox": d["bbox"], "score": d["score"]} for d in record["detections"]]
         assert (record["width"], record["height"]) == Image.open(sample).size
         numbered = tmp_path / "000042.png"  # a numeric file name is the COCO image id, served or not
         numbered.write_bytes(sample.read_bytes())
         assert _upload(client, numbered).json()["image_id"] == 42 == _cli_predict(run, numbered, capsys)[0]["image_id"]
+        shown = _cli_predict(run, sample, capsys, "--draw-threshold", "0")  # the records a person reads, all shown
+        assert shown == [{**record, "image": str(sample)}]
     else:  # classification and segmentation write a list of these records
         assert cli == [{**record, "image": str(sample)}]
     with_overlay = _upload(client, sample, query="?overlay=1").json()

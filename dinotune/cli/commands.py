@@ -5,10 +5,11 @@ task, never decided by its name)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dinotune.cli.flags import (
     _overrides,
@@ -31,6 +32,7 @@ from dinotune.config.commands import (
     PredictConfig,
 )
 from dinotune.config.tools import EXPORT_FORMAT_OPTIONS, ExportConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.tasks import registry
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -38,7 +40,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from dinotune.config import apply_overrides, apply_presets, build_config
 
     if ns.resume:
-        options = {"device": ns.resume_device, "workers": ns.resume_workers, "progress": ns.resume_progress}
+        options = {"device": ns.resume_device, "workers": ns.resume_workers, "threads": ns.resume_threads,
+                   "progress": ns.resume_progress}
         result = api.train(resume=ns.resume, **{k: v for k, v in options.items() if v is not None})
     else:
         if not ns.task:
@@ -84,8 +87,11 @@ def _print_result(result: dict[str, Any]) -> None:
     metrics = result.get("metrics") or {}
     print(f"\nrun folder: {result['run_dir']}")
     if best:
+        key = (result.get("monitor") or {}).get("key", "")
         shown = {k: v for k, v in best.items() if k.startswith("val/") and isinstance(v, float)}
-        print(f"best epoch {best.get('epoch')}: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in shown.items()))
+        shown = {**({key: shown.pop(key)} if key in shown else {}), **shown}  # the monitored metric first
+        by = f" (by {key.removeprefix('val/')})" if key in best else ""
+        print(f"best epoch {best.get('epoch')}{by}: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in shown.items()))
     table = get_task(build_config(result["task"])).summary_table(metrics) if metrics else None
     if table:
         print(table)
@@ -134,6 +140,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     write_json(out, metrics)
     files = loaded.task.report(out.parent, metrics, loaded.meta)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    table = loaded.task.summary_table(metrics)  # per-class numbers for the reader (stdout stays JSON)
+    if table:
+        print(table, file=sys.stderr)
     print(f"full metrics: {out}", file=sys.stderr)
     for f in files:
         print(f"wrote {f}", file=sys.stderr)
@@ -158,10 +167,15 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     flags = {name: task_options[name].meta["flag"] for name in given}
     options = {**given, **({"batch_size": cfg.batch_size} if cfg.batch_size is not None else {})}
     backend = cfg.backend or ("onnx" if _is_export(cfg.run) else "torch")
+    fmt = cfg.format or (Path(cfg.out).suffix.lstrip(".").lower() if cfg.out else "") or "json"
     if backend == "onnx":  # the exported graph in onnxruntime; no torch needed for an export
+        if not _is_export(cfg.run):  # refused before the run is exported (a minute for a large model)
+            _check_onnx_options(cfg.run, flags, fmt)
         predictor = _onnx_predictor(cfg)
         _refuse_inapplicable(flags, set(predictor.options), f"{predictor.task} runs with --backend onnx")
-        results, format_predictions = predictor.predict(cfg.images, **options), predictor.format_predictions
+        _check_format(fmt, predictor.runtime.formats, cfg.out)
+        results = predictor.predict(cfg.images, **options)
+        text = predictor.format_predictions(results, fmt, predictor.settings(**options))
     else:
         if _is_export(cfg.run):
             raise ConfigError(f"{cfg.run} is an exported ONNX model: predict it with --backend onnx")
@@ -169,12 +183,10 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
         loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
         _refuse_inapplicable(flags, loaded.predict_option_names(), f"{loaded.task.name} runs")
-        results, format_predictions = loaded.predict(cfg.images, **options), loaded.task.format_predictions
-    fmt = cfg.format or (Path(cfg.out).suffix.lstrip(".").lower() if cfg.out else "") or "json"
-    if fmt not in ("json", "csv"):
-        raise ConfigError(f"--out {cfg.out}: cannot tell the format from the extension '.{fmt}'; name the file "
-                          "*.json or *.csv, or pass --format json|csv")
-    text = format_predictions(results, fmt)
+        _check_format(fmt, loaded.task.runtime().formats, cfg.out)
+        results = loaded.predict(cfg.images, **options)
+        settings, extra = loaded.settings(**options)
+        text = loaded.task.format_predictions(results, fmt, {**dataclasses.asdict(settings), **extra})
     if cfg.out:
         from dinotune.utils import atomic_write_text
 
@@ -183,6 +195,32 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _check_format(fmt: str, formats: Sequence[str], out: str) -> None:
+    """Refuse an output format the run's task does not write, naming where it came from."""
+    if fmt in formats:
+        return
+    source = (f"--out {out}: the extension '.{fmt}'" if out and Path(out).suffix.lstrip(".").lower() == fmt
+              else f"--format {fmt}")
+    raise ConfigError(f"{source} is not an output format of this run; name the file *.{' or *.'.join(formats)}, or "
+                      f"pass --format {'|'.join(formats)}")
+
+
+def _check_onnx_options(run: str, flags: dict[str, str], fmt: str) -> None:
+    """The options and format of ``predict RUN --backend onnx`` checked against the run's task from
+    its saved config, before the run is exported."""
+    from dinotune.config.io import load_run_config
+    from dinotune.engine.run_folder import RunLayout
+
+    layout = RunLayout(Path(run).expanduser())
+    if not layout.config.is_file():
+        return  # the export says what is wrong with the folder
+    cfg = load_run_config(layout.config)
+    runtime = registry.entry(cfg.task).runtime_class()
+    accepted = {f.name for f in dataclasses.fields(cfg.inference)} | runtime.extra_options
+    _refuse_inapplicable(flags, accepted, f"{cfg.task} runs with --backend onnx")
+    _check_format(fmt, runtime.formats, "")
 
 
 def _onnx_predictor(cfg: PredictConfig) -> Any:

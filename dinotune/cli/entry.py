@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from dinotune.cli.parser import build_parser
@@ -19,7 +20,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 # ------------------------------------------------------------------------------- config flags
 
 
-_RESUME_FLAGS = ("--resume", "--device", "--workers", "--progress", "--no-progress")
+_RESUME_FLAGS = ("--resume", "--device", "--workers", "--threads", "--progress", "--no-progress")
 
 
 def _refuse_resume_extras(argv: list[str]) -> None:
@@ -35,14 +36,14 @@ def _refuse_resume_extras(argv: list[str]) -> None:
             continue
         name = a.split("=", 1)[0]
         if name in _RESUME_FLAGS:
-            skip = "=" not in a and name in ("--resume", "--device", "--workers")
+            skip = "=" not in a and name in ("--resume", "--device", "--workers", "--threads")
         elif a in ("-h", "--help"):
             return
         else:
             extras.append(a)
     if extras:
         raise ConfigError(f"--resume continues a run with its own saved settings and takes only --device, "
-                          f"--workers and --progress / --no-progress; got {' '.join(extras)}")
+                          f"--workers, --threads and --progress / --no-progress; got {' '.join(extras)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -60,6 +61,31 @@ def _one_line(exc: BaseException) -> str:
     return "\n".join([lines[starts[-1]].split(prefix, 1)[1], *lines[starts[-1] + 1:]]).strip()
 
 
+def _command_parser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost parser of the command ``ns`` holds (``dinotune train classify``'s, ...)."""
+    current = parser
+    while True:
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(ns, sub.dest, None) if sub is not None else None
+        if name not in getattr(sub, "choices", {}):
+            return current
+        current = sub.choices[name]
+
+
+def _threads(ns: argparse.Namespace) -> None:
+    """Apply ``--threads`` (every command's, ``train``'s config key, or ``train --resume``'s) before
+    the command loads PyTorch or onnxruntime: 0 = a count that does not oversubscribe the machine.
+    A ``train --config FILE`` run applies its file's value when the config is built."""
+    from dinotune.threads import apply_threads
+
+    for dest in ("threads", "train.threads", "resume_threads"):
+        value = getattr(ns, dest, None)
+        if value is not None:
+            apply_threads(int(value))
+            return
+    apply_threads(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dinotune: error: {exc}", file=sys.stderr)
         return 2
-    ns = parser.parse_args(argv)
+    ns, extras = parser.parse_known_args(argv)
+    if extras:  # said by the command's own parser: its usage is the one that helps
+        _command_parser(parser, ns).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(ns.quiet)
     set_verbose(ns.verbose)
     try:
+        _threads(ns)
         return ns.func(ns)
     except _known_errors() as exc:
         print(f"dinotune: error: {_one_line(exc)}", file=sys.stderr)

@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("--resume", metavar="RUN",
                          help="continue RUN exactly where it stopped, with its own saved settings; only "
-                              "--device, --workers and --progress / --no-progress may be given with it")
+                              "--device, --workers, --threads and --progress / --no-progress may be given with it")
     p_train.add_argument("--device", dest="resume_device", help=argparse.SUPPRESS)
     p_train.add_argument("--workers", dest="resume_workers", type=int, help=argparse.SUPPRESS)
+    p_train.add_argument("--threads", dest="resume_threads", type=int, help=argparse.SUPPRESS)
     p_train.add_argument("--progress", dest="resume_progress", action=argparse.BooleanOptionalAction,
                          help=argparse.SUPPRESS)
     tasks = p_train.add_subparsers(dest="task", metavar="TASK")

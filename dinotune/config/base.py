@@ -57,6 +57,14 @@ def device_option(help: str = "auto, cpu, cuda, cuda:N, mps") -> Any:
     return opt("auto", help)
 
 
+def threads_option() -> Any:
+    """A ``threads`` field (training and every command that computes): CPU threads of PyTorch and
+    onnxruntime. ``0`` (auto) takes the cores this process may use that other processes are not
+    already busy on, so a busy machine is not oversubscribed (``dinotune.utils.choose_threads``)."""
+    return opt(0, "CPU threads for PyTorch and onnxruntime (0 = auto: $OMP_NUM_THREADS when set, else the "
+               "cores not already busy, at least 1; oversubscribed cores made predict 4.7x slower)", ge=0)
+
+
 def max_image_pixels_option() -> Any:
     """The ``data.max_image_pixels`` field every task config has."""
     return opt(MAX_IMAGE_PIXELS, "skip (and report) images with more pixels than this, read from the header before "
@@ -176,6 +184,7 @@ class TrainConfig:
     stage2_lr: float = opt(1e-5, "two-stage: learning rate of stage 2 (head and backbone)", gt=0)
     precision: Precision = opt("auto", "auto = bf16 on CUDA when supported, fp32 elsewhere")
     device: str = device_option()
+    threads: int = threads_option()
     seed: int = opt(0, "seed of data order, augmentation and head initialisation", ge=0)
     workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", ge=0)
     eval_every: int = opt(1, "evaluate every N epochs (and always after the last)", ge=1)
@@ -195,6 +204,17 @@ class TrainConfig:
     )
     min_delta: float = opt(0.0, "early stopping: the smallest change of the monitored metric that counts "
                            "as an improvement", ge=0)
+    monitor: str = opt(
+        "auto", "the validation metric that picks checkpoints/best and drives --patience: a key of the "
+        "validation metrics (top1, f1_macro, accuracy_balanced, loss, AP, AP50, map50, mIoU, ...); auto = the "
+        "task's default (classification: accuracy_balanced when the validation classes are imbalanced, "
+        "top1 otherwise; detection: AP, or map50 for --head simple / improved; segmentation: mIoU)",
+        metavar="METRIC",
+    )
+    monitor_mode: Literal["auto", "max", "min"] = opt(
+        "auto", "whether a larger (max) or smaller (min) --monitor value is better; auto = min for a loss, "
+        "max for the rest"
+    )
     report_to: list[str] = opt(
         ["tensorboard"], "where to log besides metrics.jsonl: tensorboard, csv, wandb, mlflow (wandb and "
         "mlflow are optional extras, and log offline unless configured otherwise), or none",

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dinotune.config.base import device_option, opt
+from dinotune.config.base import device_option, opt, threads_option
 
 # The checkpoints a run folder keeps (``engine.run_folder``'s ``BEST`` / ``LAST``, the same strings:
 # the config layer cannot import the engine): the one with the best monitored metric, and the latest.
 CheckpointName = Literal["best", "last"]
-# The split of a dataset with train/ and val/ that a command reads.
-Split = Literal["val", "train"]
+# The split of a dataset with train/ and val/ (and test/) that a command reads.
+Split = Literal["val", "train", "test"]
 
 
 # ---------------------------------------------------------------- fields several commands share
@@ -54,7 +54,8 @@ def images_operand() -> Any:
 
 
 def split_option() -> Any:
-    return opt("val", "split folder to use when --data has train/ and val/")
+    return opt("val", "split to read when --data has several (train/, val/, test/; a data.yaml's entries; VOC's "
+               "ImageSets lists)")
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -81,6 +82,7 @@ class EvalConfig:
     checkpoint: CheckpointName = checkpoint_option()
     model: str = weights_option()
     device: str = device_option()
+    threads: int = threads_option()
     batch_size: int | None = batch_size_option()
 
 
@@ -92,7 +94,10 @@ class PredictConfig:
     run: str = run_operand("run folder (or a checkpoint folder), or an exported ONNX model (folder or .onnx file)",
                            metavar="RUN_OR_ONNX")
     images: list[str] = images_operand()
-    format: Literal["json", "csv"] | None = opt(None, "output format", default_text="from --out, else json")
+    format: str = opt("", "output format: json (records per image) or csv (a row per prediction); detection also "
+                      "coco (COCO results for evaluation: every top-k detection, unthresholded, as --image-info "
+                      "implies); json and csv show a person the detections scoring at least --draw-threshold",
+                      default_text="from --out, else json")
     out: str = opt("", "write to this file", default_text="stdout")
     backend: Literal["torch", "onnx"] | None = opt(
         None, "torch: the run in PyTorch; onnx: the exported graph in onnxruntime, pre- and post-processing in "
@@ -101,6 +106,7 @@ class PredictConfig:
     checkpoint: CheckpointName = checkpoint_option()
     model: str = weights_option()
     device: str = device_option()
+    threads: int = threads_option()
     batch_size: int | None = batch_size_option()
 
 
@@ -117,6 +123,7 @@ class AnalyzeConfig:
                                        default_text="the run's inference.draw_threshold", ge=0, le=1)
     model: str = weights_option()
     device: str = device_option()
+    threads: int = threads_option()
 
 
 @dataclass
@@ -141,6 +148,7 @@ class CompareConfig:
     subset_seed: int = opt(0, "seed of --subset", ge=0)
     out: str = opt("runs/compare", "output folder")
     device: str = device_option()
+    threads: int = threads_option()
     batch_size: int | None = batch_size_option("each run's inference.batch_size")
 
 
@@ -152,6 +160,7 @@ class DemoConfig:
     epochs: int | None = opt(None, "epochs", default_text="20 random-init, 3 pretrained", ge=1)
     model: str = opt("facebook/dinov2-small", "backbone; falls back to random:tiny when the hub cannot be reached")
     device: str = device_option()
+    threads: int = threads_option()
 
 
 @dataclass

@@ -25,10 +25,15 @@ from dinotune.config.io import coerce, set_dotted
 class DetectDataConfig:
     data: str = opt(
         "",
-        "training data: a COCO folder (annotations/instances_train*.json + image folders), a COCO "
-        "instances JSON, or a YOLO folder (data.yaml, images/, labels/)",
+        "training data: a COCO folder (annotations/instances_train*.json + image folders; a Roboflow COCO export's "
+        "train/ valid/ test/ with _annotations.coco.json), a COCO instances JSON, a YOLO folder (data.yaml, "
+        "images/, labels/) or a Pascal VOC folder (Annotations/*.xml + JPEGImages/, splits from ImageSets/Main)",
     )
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
+    val_fraction: float = opt(
+        0.0, "Pascal VOC folders without ImageSets/Main/val.txt: hold out this fraction of the training images for "
+        "validation (drawn with --seed)", ge=0, lt=1,
+    )
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
     subset: int = opt(0, "train on a reproducible random subset of N images (0 = all)", ge=0)
@@ -113,9 +118,13 @@ class DetectInferenceConfig:
 
     batch_size: int = opt(8, "images per batch when evaluating or predicting a trained run",
                           flag="--eval-batch-size", ge=1)
-    top_k: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes)", ge=1)
+    top_k: int = opt(100, "detections kept per image after post-processing (top-k over queries x classes); COCO AP "
+                     "wants 100", ge=1)
     score_threshold: float = opt(0.0, "drop detections scoring below this (0 keeps all top-k, as COCO AP wants)", ge=0, le=1)
-    draw_threshold: float = opt(0.3, "predict --draw / analyze: only draw boxes scoring at least this", ge=0, le=1)
+    draw_threshold: float = opt(
+        0.3, "what a person reads shows the detections scoring at least this: predict's JSON records and CSV rows, "
+        "--draw drawings, analyze, the server's page (COCO results for evaluation keep every top-k detection)",
+        ge=0, le=1)
     compare_image_size: int = opt(640, "compare: inference size of the YOLO baselines", ge=1)
     category_ids: Literal["coco", "yolo"] = opt(
         "coco",

@@ -80,11 +80,15 @@ ADDED_KEYS = frozenset({
     # the training options (checkpointing, compile, EMA, early stopping, trackers, layer decay, sampler) and
     # N-band input: runs without them trained plainly on RGB pictures, which these defaults keep
     "train.grad_checkpointing", "train.compile", "train.ema", "train.patience", "train.min_delta",
-    "train.report_to", "optim.layer_decay", "data.sampler",
+    "train.report_to", "train.threads", "optim.layer_decay", "data.sampler",
+    # the monitored metric: runs without it picked their best epoch by the task's metric, which auto picks
+    "train.monitor", "train.monitor_mode",
     "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",
     # the Faster R-CNN head and baselines: runs without them had another head, which ignores these
     "model.rcnn_anchor_scales", "model.rcnn_aspect_ratios", "model.rcnn_rpn_batch", "model.rcnn_roi_batch",
     "model.rcnn_score_threshold", "model.baseline", "model.baseline_weights",
+    # segmentation colour tables: runs without one read masks as class indices, which "" keeps
+    "data.mask_colors",
 })
 
 _INCOMPLETE_HINT = ("a config.yaml dinotune saves holds every key, so this one was cut or edited. Restore "

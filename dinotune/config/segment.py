@@ -39,6 +39,13 @@ class SegmentDataConfig:
         "ADE20K's names where the classes are theirs, else class_<i>; COCO: refused)",
     )
     ignore_index: int = opt(255, "mask value excluded from the loss and the metrics", ge=0, le=255)
+    mask_colors: str = opt(
+        "", "colour table of colour-coded masks (VOC or images/ + masks/ layouts, a colour per class): a JSON file "
+        "{\"road\": [128, 64, 128] or \"#804080\", ...} or a CSV of name,r,g,b / name,#rrggbb lines, in label order; "
+        "it names the classes, and mask colours not in it are reported and ignored. Saved with the run (eval and "
+        "predict use it). Colour masks without it are refused, listing their colours and a table to fill in",
+        metavar="FILE", default_text="masks hold class indices",
+    )
     subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); names go to RUN/subset.json", ge=0)
     val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)", ge=0)
     subset_seed: int = opt(0, "seed that picks the subsets", ge=0)
@@ -93,9 +100,11 @@ class SegmentPredictOptions:
     """Options of ``dinotune predict`` on a segmentation run besides its inference section (the
     keyword options of ``SegmentTask.predict`` and ``SegmentRuntime``)."""
 
-    masks: str = opt("", "write each label map as a palette PNG (pixel values = class indices) into DIR",
+    masks: str = opt("", "write each label map as a palette PNG (pixel values = class indices, coloured with the "
+                     "run's --mask-colors table if it had one) into DIR",
                      metavar="DIR", default_text="not written")
-    draw: str = opt("", "write colour overlays into DIR", metavar="DIR", default_text="not drawn")
+    draw: str = opt("", "write colour overlays, with a legend of the classes present, into DIR", metavar="DIR",
+                    default_text="not drawn")
 
 def _segment_train() -> TrainConfig:
     return TrainConfig(epochs=50, batch_size=8)

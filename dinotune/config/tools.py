@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dinotune.config.base import device_option, opt
+from dinotune.config.base import device_option, opt, threads_option
 from dinotune.config.commands import CheckpointName, checkpoint_option, images_operand, run_operand, weights_option
 
 
@@ -22,6 +22,7 @@ class PcaConfig:
                                              "as DINOv2's demo", default_text="off", ge=0, le=1)
     max_images: int = opt(8, "use at most this many images, one figure row each", ge=1)
     device: str = device_option()
+    threads: int = threads_option()
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8000, "TCP port (0: any free port)", ge=0, le=65535)
     device: str = device_option("auto, cpu, cuda, cuda:N, mps (runs only: an ONNX model picks its provider)")
+    threads: int = threads_option()
     max_upload_mb: float = opt(20.0, "largest upload accepted, in MB (larger ones get 413)", gt=0)
 
 
@@ -56,6 +58,7 @@ class ExportConfig:
     private: bool = opt(False, "hf: create the hub repo private", negatable=False)
     checkpoint: CheckpointName = checkpoint_option()
     model: str = weights_option()
+    threads: int = threads_option()
 
 
 # The ExportConfig fields each format takes; given for another format, they are refused by name.

@@ -1,7 +1,8 @@
 """COCO instances JSON, read and validated once: detection boxes and semantic masks both start here.
 
 ``read_coco_file`` checks everything both readers rely on and returns plain records: the
-categories in label order (the file's sorted by id, or a checkpoint's list), every image with its
+categories in label order (the file's sorted by id, or a checkpoint's list; on request without
+the unused parent categories Roboflow exports carry, see ``unused_parents``), every image with its
 file and size (read from the header when the JSON lacks it), and every annotation with its image,
 category, box and crowd flag. What a task makes of them (clamped training boxes, rasterised
 masks) is the task's business. Errors are ``DataError`` naming the file and the entry, e.g.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,7 +25,7 @@ from dinotune.errors import DataError
 
 __all__ = [
     "SHOW", "CocoImage", "CocoAnnotation", "CocoFile", "read_coco_file", "find_coco_json", "find_coco_jsons",
-    "load_json", "check_categories", "id_list", "short",
+    "load_json", "check_categories", "id_list", "short", "unused_parents",
 ]
 
 SHOW = 5  # how many offending entries an error message lists
@@ -53,13 +55,15 @@ class CocoAnnotation:
 @dataclass
 class CocoFile:
     """A validated COCO instances file. ``categories``: ``[{"id", "name"}]`` in label order;
-    ``annotations`` holds only those whose category is among them."""
+    ``annotations`` holds only those whose category is among them; ``dropped``: the file's
+    categories left out as unused parents (``unused_parents``), ``[{"id", "name", "children"}]``."""
 
     path: Path
     image_dir: Path
     categories: list[dict[str, Any]]
     images: list[CocoImage]
     annotations: list[CocoAnnotation]
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label_of(self) -> dict[int, int]:
@@ -182,7 +186,8 @@ def find_image_dir(json_path: Path, file_names: list[str]) -> Path:
 
 # ------------------------------------------------------------------------------------ reading
 def read_coco_file(json_path: str | Path, image_dir: str | Path | None = None,
-                   categories: list[dict[str, Any]] | None = None, require_bbox: bool = True) -> CocoFile:
+                   categories: list[dict[str, Any]] | None = None, require_bbox: bool = True,
+                   drop_unused_parents: bool = False) -> CocoFile:
     """Read and validate a COCO instances JSON.
 
     Args:
@@ -193,6 +198,8 @@ def read_coco_file(json_path: str | Path, image_dir: str | Path | None = None,
             of other categories are refused (all listed at once).
         require_bbox: every annotation must have a valid ``bbox`` (detection); otherwise a bbox is
             checked only where present (semantic masks come from ``segmentation``).
+        drop_unused_parents: without ``categories``, leave out the categories no annotation uses
+            that are the ``supercategory`` of others (``unused_parents``); listed in ``dropped``.
     """
     json_path = Path(json_path).expanduser()
     where = str(json_path)
@@ -224,9 +231,31 @@ def read_coco_file(json_path: str | Path, image_dir: str | Path | None = None,
         else:
             foreign.append(f"{ann.where}: category_id {ann.category_id} ({file_cats[ann.category_id]!r})")
     if foreign:
-        raise DataError(f"{where}: {len(foreign)} annotations have categories the checkpoint was not trained "
-                        f"on (its ids: {id_list(known)}): " + listing(foreign))
-    return CocoFile(json_path, folder, cats, images, annotations)
+        raise DataError(f"{where}: {len(foreign)} annotations have categories the checkpoint (or the training "
+                        f"data) does not have (its ids: {id_list(known)}): " + listing(foreign))
+    dropped: list[dict[str, Any]] = []
+    if categories is None and drop_unused_parents:
+        dropped = unused_parents(data["categories"], {a.category_id for a in annotations})
+        gone = {c["id"] for c in dropped}
+        cats = [c for c in cats if c["id"] not in gone]
+    return CocoFile(json_path, folder, cats, images, annotations, dropped)
+
+
+def unused_parents(raw: list[dict[str, Any]], used: set[int]) -> list[dict[str, Any]]:
+    """The categories (of a validated ``categories`` list) that no annotation uses (ids not in
+    ``used``) and that other categories name as their ``supercategory``: a Roboflow COCO export
+    writes ``{"id": 0, "name": "cells", "supercategory": "none"}`` above its real classes
+    (``"supercategory": "cells"``), and it would otherwise be trained as a class that never
+    appears. Returned as ``[{"id", "name", "children"}]`` (children: how many name it); none when
+    every category would go."""
+    parents = Counter(str(c["supercategory"]) for c in raw if c.get("supercategory") is not None)
+    out = []
+    for c in raw:
+        name = str(c.get("name", c["id"]))
+        children = parents[name] - (str(c.get("supercategory")) == name)  # a category is not its own child
+        if c["id"] not in used and children > 0:
+            out.append({"id": int(c["id"]), "name": name, "children": children})
+    return out if len(out) < len(raw) else []
 
 
 def _file_categories(raw: list[Any], where: str) -> dict[int, str]:

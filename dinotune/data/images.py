@@ -50,6 +50,10 @@ IMAGE_EXTENSIONS = {
 }
 # Known non-image clutter that is skipped without a warning.
 _SILENT = {".ds_store", "thumbs.db", "desktop.ini"}
+# What datasets keep beside their images (annotations, labels, lists, notes): in a folder a prediction
+# searches for images they are expected, not a problem to report (a file named on its own still is;
+# in training data, a stray file in a class folder is still worth a line).
+_SIDECARS = {".json", ".xml", ".txt", ".csv", ".yaml", ".yml", ".md", ".names", ".cache"}
 
 # Truncated files must fail loudly, not decode into half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -313,10 +317,11 @@ def symlink_problem(path: Path) -> str | None:
     return None
 
 
-def list_image_files(folder: Path, report: SkipReport, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` sorted by name; other files go to ``report`` (hidden ones quietly),
-    and so do broken and looping symlinks, which would otherwise vanish without a word. Symlinks
-    that work are followed wherever they point (see ``dinotune.data.paths``)."""
+def list_image_files(folder: Path, report: SkipReport, recursive: bool = False, sidecars: bool = False) -> list[Path]:
+    """Image files in ``folder`` sorted by name; other files go to ``report`` (hidden ones quietly,
+    and with ``sidecars`` the annotation and list files datasets keep beside their images), and so do
+    broken and looping symlinks, which would otherwise vanish without a word. Symlinks that work are
+    followed wherever they point (see ``dinotune.data.paths``)."""
     files = folder.rglob("*") if recursive else folder.iterdir()
     out = []
     for p in sorted(files):
@@ -330,7 +335,8 @@ def list_image_files(folder: Path, report: SkipReport, recursive: bool = False) 
             continue
         if is_image_file(p):
             out.append(p)
-        elif not p.name.startswith(".") and p.name.lower() not in _SILENT:
+        elif (not p.name.startswith(".") and p.name.lower() not in _SILENT
+              and not (sidecars and p.suffix.lower() in _SIDECARS)):
             report.add(p, f"not an image file (extension {p.suffix or 'none'!r})")
     return out
 
@@ -360,7 +366,7 @@ def collect_images(inputs: str | Path | Iterable[str | Path], report: SkipReport
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out += list_image_files(p, report, recursive=True)
+            out += list_image_files(p, report, recursive=True, sidecars=True)
         elif p.is_file():
             if is_image_file(p):
                 out.append(p)

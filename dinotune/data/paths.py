@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["escape_problem", "join_inside"]
+from dinotune.errors import DataError
+
+__all__ = ["escape_problem", "join_inside", "read_list_ids"]
 
 
 def escape_problem(written: str) -> str | None:
@@ -44,3 +46,27 @@ def join_inside(root: Path, written: str) -> tuple[Path, str | None]:
     """``root / written`` and, when it would leave ``root``, why (see ``escape_problem``)."""
     problem = escape_problem(written)
     return Path(root) / written, (f"{written!r} {problem}; it must lie inside {root}" if problem else None)
+
+
+def read_list_ids(list_file: Path, suffix: str, where: str) -> list[str]:
+    """The ids of a split list (Pascal VOC's ``ImageSets/*/{train,val,test}.txt``): the first word of
+    each non-empty line, a file stem. One whose file (``<id><suffix>``) would lead outside the
+    dataset's folders (``where``: which, for the message) is refused naming the list, the line and
+    the id; an unreadable or empty list is refused naming it."""
+    try:
+        lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{list_file}: cannot read the list ({exc})") from None
+    ids = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        ident = line.split()[0]
+        problem = escape_problem(f"{ident}{suffix}")
+        if problem:
+            raise DataError(f"{list_file}, line {n}: image id {ident!r} leads outside {where} ({ident}{suffix} "
+                            f"{problem}); a VOC id is a file stem inside them")
+        ids.append(ident)
+    if not ids:
+        raise DataError(f"{list_file}: the list is empty")
+    return ids

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-# Folder / file names a split may go by (Roboflow writes "valid", some datasets "validation").
-SPLIT_ALIASES: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "valid", "validation")}
+# Folder / file names a split may go by (Roboflow writes "valid", some datasets "validation"). A
+# test split is read by ``eval --split test`` only: training never looks at it.
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",),
+}
 
 
 def subset_indices(size: int, n: int, seed: int) -> list[int]:

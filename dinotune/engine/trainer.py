@@ -2,7 +2,8 @@
 
 The engine never asks which task it runs: it gets a model bundle (``.model`` with ``.backbone``
 and ``.head``), loaders, and a task that supplies ``training_step(bundle, model, batch) -> dict``
-(with ``"loss"``), ``evaluate(bundle, loader, ...) -> dict`` and the metric to monitor.
+(with ``"loss"``), ``evaluate(bundle, loader, ...) -> dict`` and the metric to monitor
+(``monitor_for``: its default for the run's data, which ``--monitor`` may replace).
 Everything else (phases, AMP, accumulation, clipping, schedules, checkpoints, resume, logs) lives
 here. Under ``torchrun`` it trains with DistributedDataParallel (see ``distributed.py``): every
 process evaluates its shard of the validation set, process 0 alone writes the run folder.
@@ -32,7 +33,17 @@ from dinotune.engine.ema import ModelEma
 from dinotune.engine.fit_state import FitState as _FitState
 from dinotune.engine.logging import METRICS_FILE, RunLogger, progress
 from dinotune.engine.memory import batch_length, peak_memory_mb, reset_peak
-from dinotune.engine.monitor import COUNT_KEYS, EMA_PREFIX, EarlyStopping, Monitor, epoch_line, is_scalar
+from dinotune.engine.monitor import (
+    COUNT_KEYS,
+    EMA_PREFIX,
+    EarlyStopping,
+    Monitor,
+    MonitorChoice,
+    check_metric,
+    choose_monitor,
+    epoch_line,
+    is_scalar,
+)
 from dinotune.engine.optim import (
     Phase,
     build_optimizer,
@@ -50,6 +61,9 @@ from dinotune.utils import info, warn, write_json
 
 
 class TrainableTask(Protocol):
+    """What the engine calls of a task. ``monitor_for(meta, val) -> MonitorChoice`` (``tasks/base.py``)
+    is read when the task has it; a task without it is judged by ``monitor`` / ``monitor_mode``."""
+
     monitor: str
     monitor_mode: str
 
@@ -114,6 +128,9 @@ class Trainer:
         self.ema: ModelEma | None = None  # with --ema: the average of the trained weights (made in _start)
         self.step_losses: list[float] = []  # every optimizer-step loss of this process, for tests
         self.stop_after_epoch: int | None = None  # test hook: simulate an interruption
+        # before any epoch: an unknown --monitor is refused now, not after the first one
+        self._monitor = self._choose_monitor(task, meta, val_loader)
+        self._monitor_checked = False  # against the keys of the first evaluation's result
 
     # -------------------------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -123,6 +140,8 @@ class Trainer:
         t_start = time.time()
         optimizer = scheduler = None
         end = self.total_epochs if state.early.stopped is None else first  # a run stopped early stays stopped
+        if self.dist.is_main and first < end:
+            info(self.monitor.describe())
         try:
             for epoch in range(first, end):
                 index, phase = phase_at(self.phases, epoch)
@@ -131,6 +150,7 @@ class Trainer:
                 t0 = time.time()
                 record, state.global_step = self.train_epoch(epoch, phase, optimizer, scheduler, state.global_step)
                 details, ema_details = self._evaluate(epoch)
+                self._check_monitored(details)
                 record.update({f"val/{k}": v for k, v in details.items() if is_scalar(v)})
                 record.update({f"{EMA_PREFIX}{k}": v for k, v in ema_details.items()
                                if is_scalar(v) and k not in COUNT_KEYS})
@@ -147,7 +167,7 @@ class Trainer:
         finally:
             self.logger.close()
         return {"best": state.best, "last": state.last, "run_dir": str(self.run_dir),
-                "stopped_early": state.early.summary(self.monitor)}
+                "stopped_early": state.early.summary(self.monitor), "monitor": self.monitor.summary()}
 
     # ------------------------------------------------------------------------------ the steps
     def _start(self, resume: bool) -> _FitState:
@@ -334,7 +354,8 @@ class Trainer:
             with _writing(f"writing {RunLayout(self.run_dir).best_metrics}",
                           f"the checkpoints of epoch {epoch} are saved, this file may describe an earlier one"):
                 weights = {"weights": which} if self.ema is not None else {}
-                write_json(RunLayout(self.run_dir).best_metrics, {"epoch": epoch, **weights, **best_details})
+                write_json(RunLayout(self.run_dir).best_metrics,
+                           {"epoch": epoch, **weights, "monitor": self.monitor.summary(), **best_details})
         info(epoch_line(record, self.monitor, self.total_epochs, which, self.ema is not None, eta))
         if state.early.stopped == epoch:
             info(state.early.message(self.monitor, state.best, self.total_epochs))
@@ -354,10 +375,28 @@ class Trainer:
     # -------------------------------------------------------------------------------- helpers
     @property
     def monitor(self) -> Monitor:
-        """The task's validation metric, or the training loss when there is no validation data."""
-        if self.val_loader is None:
-            return Monitor("train/loss", "min")
-        return Monitor(f"val/{self.task.monitor}", self.task.monitor_mode)
+        """The validation metric that picks the best epoch (``--monitor``, or the task's default for
+        this data), or the training loss when there is no validation data."""
+        return self._monitor
+
+    def _choose_monitor(self, task: TrainableTask, meta: dict[str, Any], val_loader: DataLoader | None) -> Monitor:
+        offer = getattr(task, "monitor_for", None)
+        val = val_loader.dataset if val_loader is not None else None
+        choice = offer(meta, val) if offer is not None else MonitorChoice(task.monitor, task.monitor_mode)
+        t = self.cfg.train
+        monitor = choose_monitor(t.monitor, t.monitor_mode, choice, validating=val_loader is not None)
+        if val_loader is None and t.monitor != "auto" and self.dist.is_main:
+            warn(f"--monitor {t.monitor} needs validation data, and this run has none: checkpoints/best is "
+                 "picked by the training loss")
+        return monitor
+
+    def _check_monitored(self, details: dict[str, Any]) -> None:
+        """Refuse, at the first evaluation, a monitored metric the evaluation does not give (a key
+        the task could not declare up front), naming those it gives."""
+        if self._monitor_checked or not details or not self.monitor.key.startswith("val/"):
+            return
+        check_metric(self.monitor.metric, [k for k, v in details.items() if v is None or is_scalar(v)])
+        self._monitor_checked = True
 
 
 class _NullLogger:

@@ -116,9 +116,10 @@ class Predictor:
         array = as_model_image(image, self.input_spec, name)
         return self.runtime.predict_arrays([name], [array], self.settings())[0]
 
-    def format_predictions(self, results: list[dict[str, Any]], fmt: str) -> str:
-        """``predict``'s records as the text of a JSON or CSV file (as the torch path writes them)."""
-        return self.runtime.format_predictions(results, fmt)
+    def format_predictions(self, results: list[dict[str, Any]], fmt: str, settings: dict[str, Any] | None = None) -> str:
+        """``predict``'s records as the text of a ``fmt`` file (as the torch path writes them);
+        ``settings``: the call's resolved settings (default: the export's own)."""
+        return self.runtime.format_predictions(results, fmt, self.settings() if settings is None else settings)
 
     def view_settings(self) -> dict[str, Any]:
         """The server page's controls for this model (``RuntimeTask.view_settings``)."""
@@ -135,7 +136,7 @@ class Predictor:
 def load_predictor(path: str | Path, *, device: str = "auto", threads: int = 0) -> Predictor:
     """The ``Predictor`` of an exported model: its folder (``model.onnx`` + ``dinotune_export.json``)
     or the ``.onnx`` file inside it. ``device``: ``auto`` / ``cpu`` / ``cuda``; ``threads``:
-    onnxruntime's intra-op threads (0: its default)."""
+    onnxruntime's intra-op threads (0: ``dinotune.threads``' choice)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such exported model (a folder with {EXPORT_META}, or its .onnx file)")

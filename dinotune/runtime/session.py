@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from dinotune.errors import ConfigError
+from dinotune.threads import choose_threads, current
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -32,7 +33,7 @@ class OnnxSession:
     Args:
         path: the ``.onnx`` file (its external weights, if any, beside it).
         device: ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` picks the GPU).
-        threads: intra-op threads (0: onnxruntime's default, one per physical core).
+        threads: intra-op threads (0: ``dinotune.threads``' choice, which does not oversubscribe).
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0):
@@ -42,8 +43,8 @@ class OnnxSession:
             raise ConfigError(f"the ONNX backend needs onnxruntime: pip install 'dinotune[runtime]' ({exc})") from None
         providers = providers_for(device, ort.get_available_providers())
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # onnxruntime's default (a thread per core) oversubscribes a busy machine as PyTorch's does
+        options.intra_op_num_threads = threads or current() or choose_threads()
         provider_options = None
         if ":" in device and providers[0] == "CUDAExecutionProvider":
             provider_options = [{"device_id": int(device.split(":")[1])}, {}]

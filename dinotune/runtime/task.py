@@ -18,7 +18,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class RuntimeTask:
     graph_inputs: ClassVar[dict[str, int]] = {"images": 4}
     graph_outputs: ClassVar[dict[str, int]]
     extra_options: ClassVar[frozenset[str]] = frozenset()
+    # the files predict writes (json and csv at least; detection adds coco)
+    formats: ClassVar[tuple[str, ...]] = ("json", "csv")
     check: ClassVar[Literal["full", "fast"]] = "fast"
     # the page colours label i with palette entry i + colour_offset: 0 when label 0 is a class
     # drawn as such (segmentation's background), 1 keeps black for nothing
@@ -91,12 +93,15 @@ class RuntimeTask:
 
     # ------------------------------------------------------------- files and the server's page
     @classmethod
-    def format_predictions(cls, results: list[dict[str, Any]], fmt: Literal["json", "csv"]) -> str:
-        """``predict``'s records as the text of a JSON (``json_text``) or CSV (``csv_rows``) file."""
+    def format_predictions(cls, results: list[dict[str, Any]], fmt: str,
+                           settings: Mapping[str, Any] | None = None) -> str:
+        """``predict``'s records as the text of a ``fmt`` file: ``json`` (``json_text``), ``csv``
+        (``csv_rows``) or another of the task's ``formats``; ``settings``: the resolved predict
+        settings (a task may show a person fewer rows than evaluation keeps)."""
+        if fmt not in cls.formats:
+            raise ConfigError(f"unknown output format {fmt!r}: choose {' or '.join(cls.formats)}")
         if fmt == "json":
             return cls.json_text(results)
-        if fmt != "csv":
-            raise ConfigError(f"unknown output format {fmt!r}: choose json or csv")
         buf = io.StringIO()
         csv.writer(buf).writerows(cls.csv_rows(results))
         return buf.getvalue()

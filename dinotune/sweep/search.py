@@ -30,7 +30,8 @@ def place(folder: SweepFolder, trial: Trial) -> Trial:
 
     trial.config.train.out = str(folder.run_dir(trial.name))
     trial.config.train.progress = False
-    trial.monitor = get_task(trial.config).monitor
+    chosen = trial.config.train.monitor
+    trial.monitor = get_task(trial.config).monitor if chosen == "auto" else chosen.removeprefix("val/")
     return trial
 
 
@@ -39,7 +40,8 @@ def result(folder: SweepFolder, trial: Trial) -> tuple[str, float | None]:
     path = RunLayout(folder.run_dir(trial.name)).results
     if not path.is_file():
         return f"val/{trial.monitor}", None
-    return monitored(json.loads(path.read_text()).get("best") or {}, trial.monitor)
+    summary = json.loads(path.read_text())
+    return monitored(summary.get("best") or {}, trial.monitor, summary.get("monitor"))
 
 
 def _describe(folder: SweepFolder, trial: Trial) -> str:

@@ -41,14 +41,16 @@ class Row:
         return self.status == "done"
 
 
-def monitored(best: dict[str, Any], monitor: str) -> tuple[str, float | None]:
-    """The key and value the trainer picked ``best`` by: ``val/<monitor>``, or the training loss
-    when the run had no validation data."""
-    for key in (f"val/{monitor}", "train/loss"):
+def monitored(best: dict[str, Any], monitor: str, recorded: dict[str, Any] | None = None) -> tuple[str, float | None]:
+    """The key and value the trainer picked ``best`` by: the key ``results.json`` records
+    (``recorded``, its ``monitor``: the task may choose by the data, ``--monitor`` may name another),
+    else ``val/<monitor>``, or the training loss when the run had no validation data."""
+    chosen = recorded.get("key") if isinstance(recorded, dict) else None
+    for key in ([chosen] if isinstance(chosen, str) else [f"val/{monitor}", "train/loss"]):
         value = best.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return key, float(value)
-    return f"val/{monitor}", None
+    return (chosen if isinstance(chosen, str) else f"val/{monitor}"), None
 
 
 def read_row(name: str, settings: dict[str, str], run_dir: Path, monitor: str, status: str,
@@ -66,7 +68,7 @@ def read_row(name: str, settings: dict[str, str], run_dir: Path, monitor: str, s
     results = RunLayout(run_dir).results
     if status == "done" and results.is_file():
         summary = json.loads(results.read_text())
-        key, row.metric = monitored(summary.get("best") or {}, monitor)
+        key, row.metric = monitored(summary.get("best") or {}, monitor, summary.get("monitor"))
         row.extra["metric_key"] = key
         params = summary.get("parameters") or {}
         row.trainable = params.get("trainable")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinotune.adapters import apply_adapter
 from dinotune.backbone.model import DinoBackbone
 from dinotune.engine import distributed
+from dinotune.engine.monitor import MonitorChoice
 from dinotune.errors import ConfigError, ExportError
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.graph import ExportGraph
@@ -111,7 +112,15 @@ class Task(ABC):
     @property
     @abstractmethod
     def monitor(self) -> str:
-        """The key of ``evaluate``'s result that picks the best checkpoint."""
+        """The key of ``evaluate``'s result that picks the best checkpoint by default, from the
+        config alone (``monitor_for`` may choose another for a run's data)."""
+
+    def monitor_for(self, meta: dict[str, Any], val: Dataset | None) -> MonitorChoice:
+        """What picks the best checkpoint of a run on this data (``--monitor auto``), in which
+        direction and why, and the keys ``--monitor`` may name (None: checked at the first
+        evaluation). ``meta``: ``build_data``'s metadata; ``val``: the validation dataset the
+        engine evaluates. By default ``monitor`` / ``monitor_mode``, whatever the data."""
+        return MonitorChoice(self.monitor, self.monitor_mode)
 
     # ------------------------------------------------------------------------- data and model
     @abstractmethod
@@ -179,10 +188,13 @@ class Task(ABC):
         a list of them; unreadable files are reported and skipped). ``settings`` is the resolved
         inference section of the config, ``options`` those named in ``predict_options``."""
 
-    def format_predictions(self, results: list[dict[str, Any]], fmt: Literal["json", "csv"]) -> str:
-        """``predict``'s results as the text of a JSON or CSV file: the runtime's formatter, so
-        ``predict --backend onnx`` writes the very same files."""
-        return self.runtime().format_predictions(results, fmt)
+    def format_predictions(self, results: list[dict[str, Any]], fmt: str, settings: Any = None) -> str:
+        """``predict``'s results as the text of a ``fmt`` file (``runtime().formats``): the runtime's
+        formatter, so ``predict --backend onnx`` writes the very same files. ``settings``: the
+        resolved inference section (a dataclass or a dict) and predict options."""
+        if dataclasses.is_dataclass(settings):
+            settings = dataclasses.asdict(settings)
+        return self.runtime().format_predictions(results, fmt, settings)
 
     @abstractmethod
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: Any, *, images: str = "",

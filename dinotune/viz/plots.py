@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dinotune.utils import atomic_write_bytes
 
@@ -140,6 +141,8 @@ _COUNT_KEYS = ("count", "pixels", "images")
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
             "tab:gray", "tab:olive", "tab:cyan")
 _DASHES = ("-", "--", ":", "-.")
+# and a marker shape each, so lines that cross or lie close stay apart in print and for colour-blind eyes
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 def _metric_family(name: str) -> str:
@@ -200,6 +203,13 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path)
     Returns:
         ``path`` as a ``Path``.
     """
+    return _save(training_curves_figure(history), path)
+
+
+def training_curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """The figure ``plot_training_curves`` saves (see there): epochs as whole-number ticks, every
+    series in its own colour, dash and marker; a series equal to another is drawn dashed over it
+    and labelled ``key (= other)``."""
     panels = training_curve_panels(history)
     order = ["loss", "loss components", "average precision (AP family)", "average recall (AR family)",
              "validation metrics"]
@@ -216,18 +226,27 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path)
         if not series:
             _placeholder(ax, "no loss values" if title == "loss" else "no validation metrics")
             continue
+        drawn: list[tuple[str, np.ndarray, np.ndarray]] = []
         for j, key in enumerate(sorted(series)):
             xs, ys = series[key]
             order_ = np.argsort(xs, kind="stable")
+            x, y = np.asarray(xs)[order_], np.asarray(ys)[order_]
+            # a series equal to one already drawn (balanced accuracy is macro recall) would hide it:
+            # it is drawn dashed, thinner, and says which one it equals
+            twin = next((k for k, x0, y0 in drawn if x0.shape == x.shape and np.array_equal(x0, x)
+                         and np.allclose(y0, y, rtol=0, atol=1e-9)), None)
+            drawn.append((key, x, y))
             # Markers make a one-epoch run visible; for long runs they only add noise.
-            ax.plot(np.asarray(xs)[order_], np.asarray(ys)[order_], label=key, color=_COLOURS[j % len(_COLOURS)],
-                    linestyle=_DASHES[(j // len(_COLOURS)) % len(_DASHES)],
-                    marker="o" if len(xs) <= 50 else None, markersize=3)
+            ax.plot(x, y, label=key if twin is None else f"{key} (= {twin})", color=_COLOURS[j % len(_COLOURS)],
+                    linestyle="--" if twin else _DASHES[(j // len(_COLOURS)) % len(_DASHES)],
+                    linewidth=1.0 if twin else 1.6, marker=_MARKERS[j % len(_MARKERS)] if len(xs) <= 50 else None,
+                    markersize=3.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_bars(values: Mapping[str, float], path: str | Path, title: str, ylabel: str) -> Path:

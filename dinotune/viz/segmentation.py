@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinotune.utils import atomic_write_bytes
 
-__all__ = ["palette", "colorize", "overlay", "comparison_figure", "save_mask_png", "IGNORE_COLOUR"]
+__all__ = ["palette", "colorize", "overlay", "with_legend", "comparison_figure", "save_mask_png", "IGNORE_COLOUR"]
 
 # The ignore label is drawn white: it reads as "nothing here" on the figures and never collides
 # with a VOC class colour (VOC's own void colour is the cream (224, 224, 192)).
@@ -24,16 +24,20 @@ IGNORE_COLOUR = (255, 255, 255)
 MAX_LEGEND_ENTRIES = 20
 
 
-def palette(num_classes: int = 256, ignore_index: int | None = 255) -> np.ndarray:
+def palette(num_classes: int = 256, ignore_index: int | None = 255,
+            colours: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """The Pascal VOC colour map as a ``256 x 3`` uint8 array, row ``i`` the colour of label ``i``.
 
     Colours come from VOC's bit-interleaving formula (bits 0, 1, 2 of the label go to the top
     bits of red, green, blue, the next three to the next bits, and so on): 0 is black, 1 is
     (128, 0, 0), 15 is (192, 128, 128). All 256 rows are filled, so labels past ``num_classes``
     still get a colour; row ``ignore_index`` is white (``IGNORE_COLOUR``) unless it is None.
+    ``colours``: the ``(r, g, b)`` of labels ``0..len-1`` instead (a run's colour table, so
+    predictions look like the masks it was trained on).
 
     Raises:
-        ValueError: ``num_classes`` is outside 1..256 (masks hold 8-bit labels).
+        ValueError: ``num_classes`` is outside 1..256 (masks hold 8-bit labels), or more colours
+            than 256.
     """
     if not 1 <= num_classes <= 256:
         raise ValueError(f"num_classes must be in 1..256 for 8-bit masks, got {num_classes}")
@@ -46,6 +50,11 @@ def palette(num_classes: int = 256, ignore_index: int | None = 255) -> np.ndarra
         c >>= 3
     if ignore_index is not None and 0 <= ignore_index < 256:
         out[ignore_index] = IGNORE_COLOUR
+    if colours is not None and len(colours):
+        given = np.asarray(colours, dtype=np.int64).reshape(-1, 3)
+        if len(given) > 256:
+            raise ValueError(f"at most 256 colours for 8-bit masks, got {len(given)}")
+        out[: len(given)] = given
     return out.astype(np.uint8)
 
 
@@ -101,18 +110,63 @@ def _legend_labels(masks: Sequence[np.ndarray], ignore_index: int | None) -> lis
     return sorted(present[:MAX_LEGEND_ENTRIES])
 
 
+def _font(size: int) -> Any:
+    """Pillow's default font at ``size`` pixels (its fixed bitmap font where FreeType is missing)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def with_legend(image: Image.Image, mask: Any, palette: np.ndarray, class_names: Sequence[str],
+                ignore_index: int | None = 255) -> Image.Image:
+    """``image`` (an overlay) with a legend panel on its right: a colour swatch and the name of each
+    class present in ``mask`` (the ``MAX_LEGEND_ENTRIES`` largest by area, in label order). The
+    image's own pixels stay where they were (top left); the canvas grows down when the legend is
+    taller than the image. A mask with no class (all ignore) returns ``image`` as it is."""
+    from PIL import ImageDraw
+
+    labels = _legend_labels([_as_mask(mask)], ignore_index)
+    if not labels:
+        return image
+    image = image.convert("RGB")
+    size = max(10, min(32, round(max(image.size) / 40)))  # readable on a thumbnail and on an aerial tile
+    font, pad = _font(size), max(3, size // 3)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names = [class_names[i] if i < len(class_names) else f"class {i}" for i in labels]
+    text_w = max(probe.textbbox((0, 0), n, font=font)[2] for n in names)
+    row = size + pad
+    width = pad + size + pad + text_w + pad
+    height = max(image.height, pad + row * len(labels))
+    out = Image.new("RGB", (image.width + width, height), (255, 255, 255))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x = image.width + pad
+    for k, (label, name) in enumerate(zip(labels, names)):
+        y = pad + k * row
+        colour = tuple(int(v) for v in np.asarray(palette)[label])
+        draw.rectangle([x, y, x + size - 1, y + size - 1], fill=colour, outline=(60, 60, 60))
+        top, bottom = draw.textbbox((0, 0), name, font=font)[1::2]
+        draw.text((x + size + pad, y + (size - (bottom - top)) // 2 - top), name, fill=(0, 0, 0), font=font)
+    return out
+
+
 def comparison_figure(image: Image.Image, gt_mask: Any | None, pred_mask: Any, class_names: Sequence[str],
-                      path: str | Path, ignore_index: int | None = 255) -> Path:
+                      path: str | Path, ignore_index: int | None = 255,
+                      colours: Sequence[Sequence[int]] | None = None) -> Path:
     """Save image | ground truth overlay | prediction overlay side by side as a PNG (the middle
     panel is left out when ``gt_mask`` is None), with a legend of the classes present in either
-    mask (the ``MAX_LEGEND_ENTRIES`` largest by area). Returns ``path``."""
+    mask (the ``MAX_LEGEND_ENTRIES`` largest by area). ``colours``: the classes' colours (a run's
+    colour table; default the VOC colour map). Returns ``path``."""
     # matplotlib only here: masks and overlays are written without it (dinotune.runtime needs neither)
     from matplotlib.patches import Patch
 
     from dinotune.viz.plots import _new_figure, _save
 
     image = image.convert("RGB")
-    pal = palette(max(1, min(len(class_names), 256)), ignore_index)
+    pal = palette(max(1, min(len(class_names), 256)), ignore_index, colours)
     pred = _fit(_as_mask(pred_mask), image.size)
     panels = [("image", image)]
     masks = [pred]

@@ -480,19 +480,24 @@ def build_eval_dataset(
     check_images: Literal["full", "fast", "off"] = "full", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     spec: InputSpec | None = None,
 ) -> Dataset:
-    """Evaluation data mapped onto a checkpoint's classes. A folder with train/ and val/ is read
-    from its ``split`` folder; a plain class-folder tree or CSV is used whole. Its files must fit
+    """Evaluation data mapped onto a checkpoint's classes. A folder with train/ and val/ (and test/)
+    is read from its ``split`` folder; a plain class-folder tree or CSV is used whole. A Hugging Face
+    dataset is read from ``hf_split``, or its ``test`` split for ``split="test"``. Its files must fit
     the checkpoint's input ``spec`` (kind and band count; default: RGB pictures)."""
     spec = spec or InputSpec()
     root = Path(data).expanduser()
     if data.startswith("hf:") or is_hf_dataset_folder(root):
-        ds = load_hf(data, hf_split)
+        ds = load_hf(data, "test" if split == "test" else hf_split)
         img, lab, names = hf_columns(ds, image_column, label_column, data)
         _check_class_names(names, class_names, data)
         return HFImageDataset(ds, img, lab, transform, {i: class_names.index(n) for i, n in enumerate(names)})
     if root.is_dir():
         train_dir, val_dir = _split_dirs(root)
-        root = {"train": train_dir, "val": val_dir}.get(split) or root
+        if split == "test" and not (root / "test").is_dir() and (train_dir or val_dir):
+            raise DataError(f"{root}: no test/ folder beside {(train_dir or val_dir).name}/ (--split test reads "
+                            f"{root / 'test'})")
+        test_dir = root / "test" if split == "test" and (root / "test").is_dir() else None
+        root = {"train": train_dir, "val": val_dir, "test": test_dir}.get(split) or root
     samples = _samples_for(root, None, image_column, label_column)
     _check_class_names(samples.class_names, class_names, str(root))
     remap = [class_names.index(n) for n in samples.class_names]

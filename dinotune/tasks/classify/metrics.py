@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ClassificationMetrics", "collapse_warning", "format_per_class_table", "roc_auc_binary"]
+__all__ = ["ClassificationMetrics", "collapse_warning", "collapsed", "format_per_class_table", "roc_auc_binary"]
 
 
 class ClassificationMetrics:
@@ -58,9 +58,16 @@ class ClassificationMetrics:
             ks.append(k)
         self.num_classes = num_classes
         self.class_names = class_names
-        # top1 is always reported: it is the accuracy, and the trainer selects checkpoints on it.
+        # top1 is always reported: it is the accuracy, the trainer's default metric on balanced classes.
         self.topk = tuple(kk for kk in sorted(set(ks) | {1}) if kk == 1 or kk < num_classes)
         self.reset()
+
+    def score_keys(self) -> tuple[str, ...]:
+        """The keys of ``compute()``'s scores, what a run may pick its best epoch by: ``top{k}``,
+        macro precision / recall / F1, ``accuracy_balanced`` and, for two classes, ``roc_auc``."""
+        keys = tuple(f"top{kk}" for kk in self.topk)
+        keys += ("precision_macro", "recall_macro", "f1_macro", "accuracy_balanced")
+        return keys + (("roc_auc",) if self.num_classes == 2 else ())
 
     def reset(self) -> None:
         """Forget every sample seen so far."""
@@ -150,6 +157,9 @@ class ClassificationMetrics:
             - ``per_class``: ``K`` dicts ``{"class", "precision", "recall", "f1", "support"}``.
             - ``confusion``: ``K x K`` ints, rows are true classes, columns predictions.
             - ``count``: number of samples.
+            - ``collapsed``: 1 when every sample was predicted as one class though the targets
+              hold several (see ``collapsed``), else 0; the engine never keeps such an epoch as
+              best while a healthy one exists.
             - ``roc_auc`` (only when ``K == 2``): ROC-AUC of the class-1 softmax probability,
               or ``None`` when the targets hold a single class.
 
@@ -189,6 +199,7 @@ class ClassificationMetrics:
             ],
             confusion=self._confusion.tolist(),
             count=self._count,
+            collapsed=int(collapsed(self._confusion)),
         )
         if self.num_classes == 2:
             out["roc_auc"] = roc_auc_binary(torch.cat(self._probs), torch.cat(self._targets))
@@ -199,30 +210,45 @@ class ClassificationMetrics:
         return format_per_class_table(result)
 
 
+def collapsed(confusion: Sequence[Sequence[int]] | Tensor) -> bool:
+    """Every image was predicted as one class though the labels hold several (``confusion``: ``K x K``
+    counts, rows true classes, columns predictions)."""
+    cm = torch.as_tensor(confusion, dtype=torch.int64)
+    return int((cm.sum(0) > 0).sum()) == 1 and int((cm.sum(1) > 0).sum()) >= 2
+
+
 def collapse_warning(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> str | None:
     """A warning when every image was predicted as one class though the labels hold several, else None.
 
-    A model that answers the majority class everywhere scores that class's share as top-1, which
-    can look like a result on an imbalanced set; training loss then sits at the entropy of the
-    class priors. Said once per evaluation, with the majority share to compare top-1 against and
-    what usually gets training moving.
+    Answering one class everywhere scores that class's share of the images as top-1: when it is
+    the majority class this can look like a result on an imbalanced set (training loss then sits
+    at the entropy of the class priors). Said once per evaluation, with top-1 beside the majority
+    class's share (both classes named: the predicted one need not be the majority) and what usually
+    gets training moving.
 
     Args:
         confusion: ``K x K`` counts, rows true classes, columns predictions (``compute()["confusion"]``).
         class_names: the ``K`` names.
     """
     cm = torch.as_tensor(confusion, dtype=torch.int64)
-    predicted, support = cm.sum(0), cm.sum(1)
-    if int((predicted > 0).sum()) != 1 or int((support > 0).sum()) < 2:
+    if not collapsed(cm):
         return None
+    predicted, support = cm.sum(0), cm.sum(1)
     n = int(support.sum())
     pred, major = int(predicted.argmax()), int(support.argmax())
-    share = int(support[major]) / n
-    return (f"all {n} evaluated images were predicted as {class_names[pred]!r}, though their labels hold "
-            f"{int((support > 0).sum())} classes; the most common, {class_names[major]!r}, is {share:.1%} of them "
-            f"({int(support[major])} of {n}), so top-1 {int(cm[pred, pred]) / n:.3f} is what answering one class "
-            "gives. The model has collapsed to one class: try --loss focal, balancing the classes (more images "
-            "of the rare ones), more --epochs or a higher --lr (a small set makes few optimizer steps per epoch)")
+    top1, share = int(cm[pred, pred]) / n, int(support[major]) / n
+    head = (f"all {n} evaluated images were predicted as {class_names[pred]!r}, though their labels hold "
+            f"{int((support > 0).sum())} classes; ")
+    if int(support[pred]) == int(support[major]):  # the predicted class is (one of) the most common
+        body = (f"{class_names[pred]!r} is the most common, {share:.1%} of them ({int(support[major])} of {n}), so "
+                f"top-1 {top1:.3f} is only what answering the majority class everywhere gives")
+    else:
+        body = (f"top-1 {top1:.3f} is the share of {class_names[pred]!r} ({int(cm[pred, pred])} of {n}), below the "
+                f"{share:.1%} that answering the most common class, {class_names[major]!r} ({int(support[major])} "
+                f"of {n}), would give")
+    return (head + body + ". The model has collapsed to one class: for imbalanced classes try --sampler balanced "
+            "(every class drawn equally often) or --loss focal; otherwise more --epochs or a higher --lr (a small "
+            "set makes few optimizer steps per epoch)")
 
 
 def roc_auc_binary(scores: Tensor, targets: Tensor) -> float | None:

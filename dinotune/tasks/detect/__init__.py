@@ -1,6 +1,8 @@
 """Object detection: a DETR-style DINOv2 detector (multi-scale deformable decoder, Hungarian
-matching, COCO evaluation) and the single-object "simple" / "improved" detectors (one class and one
-box per image from the CLS token), behind one interface (``detectors.py``).
+matching, COCO evaluation), a Faster R-CNN head and the single-object "simple" / "improved"
+detectors (one class and one box per image from the CLS token), behind one interface
+(``detectors.py``); data in COCO JSON (``coco.py``), YOLO (``yolo.py``) or Pascal VOC XML
+(``voc.py``), all read into one ``DetectionSource``.
 
 Contracts shared by the files of this package:
 
@@ -11,7 +13,7 @@ original image resized so its longer side is ``S`` and zero-padded at the right 
 - ``boxes``: ``N x 4`` float, ``cxcywh`` normalised by ``S`` (so in [0, 1] on the padded canvas);
   crowd regions and degenerate boxes are NOT in here.
 - ``labels``: ``N`` int64, contiguous class indices ``0..K-1``.
-- ``image_id``: int, the original COCO image id (YOLO images get ids 1..M in file order).
+- ``image_id``: int, the original COCO image id (YOLO and VOC images get ids 1..M in file order).
 - ``orig_size``: ``(height, width)`` int64 tensor of the original image.
 - ``scale``: float, canvas pixels per original pixel (``S / max(h, w)`` without augmentation).
 

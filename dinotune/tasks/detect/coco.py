@@ -1,6 +1,6 @@
 """Detection data in memory (``DetectionSource``) and COCO instances JSON read into it.
 
-Every source (COCO JSON, YOLO folder) becomes one ``DetectionSource``: image records, boxes in
+Every source (COCO JSON, YOLO folder, Pascal VOC XML) becomes one ``DetectionSource``: image records, boxes in
 original-image pixels (``xyxy``) with contiguous labels and original category ids, the category
 list in label order, counters of what was clamped / dropped, and ``coco_gt()`` for pycocotools.
 The JSON itself is validated by the shared reader (``dinotune.data.coco``), which the
@@ -51,10 +51,13 @@ class DetectionReport:
     crowd: int = 0  # iscrowd regions: kept for evaluation, never training targets
     empty_images: int = 0  # images with no box to train on (kept: they are valid negatives)
     skipped: SkipReport = field(default_factory=SkipReport)
+    difficult: int = 0  # Pascal VOC "difficult" objects: kept for evaluation as crowd regions are, never trained
 
     def summary(self) -> str:
         parts = [f"{self.clamped} boxes clamped to the image", f"{self.dropped} degenerate boxes dropped",
                  f"{self.crowd} crowd regions (evaluation only)", f"{self.empty_images} images without objects"]
+        if self.difficult:
+            parts.insert(3, f"{self.difficult} of them VOC 'difficult' objects")
         if len(self.skipped):
             parts.append(f"{len(self.skipped)} images skipped")
         return ", ".join(parts)
@@ -97,6 +100,15 @@ class DetectionSource:
     def num_boxes(self) -> int:
         """Training boxes (crowd regions not counted)."""
         return sum(1 for im in self.images for a in self.annotations.get(im.id, ()) if not a.iscrowd)
+
+    def boxes_per_class(self) -> list[int]:
+        """Training boxes of each class, in label order (crowd regions not counted)."""
+        counts = [0] * len(self.categories)
+        for im in self.images:
+            for a in self.annotations.get(im.id, ()):
+                if not a.iscrowd:
+                    counts[a.label] += 1
+        return counts
 
     def targets(self, image_id: int) -> list[Annotation]:
         """The objects of one image a model is trained on (no crowd regions)."""
@@ -156,8 +168,15 @@ def read_coco(
 ) -> DetectionSource:
     """A COCO instances JSON (validated by ``read_coco_file``) as a detection source: boxes
     clamped into their image, degenerate ones (after clamping, below ``min_box_size``) dropped,
-    crowd regions kept for evaluation only, everything counted in the report."""
-    coco = read_coco_file(json_path, image_dir, categories, require_bbox=True)
+    crowd regions kept for evaluation only, everything counted in the report. Without
+    ``categories`` the file's unused parent categories (a Roboflow export's supercategory) are left
+    out, said in one line (see ``dinotune.data.coco.unused_parents``); with them (the training
+    split's when reading validation data, a checkpoint's at evaluation) labels follow that list."""
+    coco = read_coco_file(json_path, image_dir, categories, require_bbox=True, drop_unused_parents=True)
+    if coco.dropped:
+        info(f"{coco.path}: left out {len(coco.dropped)} categor{'y' if len(coco.dropped) == 1 else 'ies'} with no "
+             "boxes that other categories name as their supercategory (a grouping, not a class): "
+             + ", ".join(f"id {c['id']} {c['name']!r} (parent of {c['children']})" for c in coco.dropped))
     label_of = coco.label_of
     records = [ImageRecord(im.id, im.path, im.width, im.height, im.file_name) for im in coco.images]
     size_of = {r.id: (r.width, r.height) for r in records}

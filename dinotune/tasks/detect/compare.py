@@ -331,7 +331,7 @@ def run_compare(*, data: str, split: str, runs: Sequence[TrainedRun], run_names:
         raise ConfigError("--class-map maps YOLO classes to the dataset's categories; it needs --yolo")
     detectors: list[Detector] = [RunDetector(r, n, batch_size) for r, n in zip(runs, run_names)]
     categories = runs[0].bundle.categories if runs else None
-    source = find_detection_data(data, "val" if split == "val" else "train", images, categories=categories,
+    source = find_detection_data(data, split, images, categories=categories,
                                  min_box_size=min_box_size)
     source = scan_source(source, "fast", max_pixels)
     if subset:

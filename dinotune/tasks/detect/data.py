@@ -1,8 +1,9 @@
-"""Detection data: find a split (COCO folder / JSON, YOLO folder), subsets, the torch Dataset and
-its collate. Items and batches follow the contract in ``dinotune/tasks/detect/__init__.py``.
+"""Detection data: find a split (COCO folder / JSON, a Roboflow COCO split folder, YOLO folder,
+Pascal VOC XML folder), subsets, the torch Dataset and its collate. Items and batches follow the
+contract in ``dinotune/tasks/detect/__init__.py``.
 
-Readers live in ``coco.py`` (also the in-memory ``DetectionSource``) and ``yolo.py``; everything is
-re-exported here.
+Readers live in ``coco.py`` (also the in-memory ``DetectionSource``), ``yolo.py`` and ``voc.py``;
+everything is re-exported here.
 """
 
 from __future__ import annotations
@@ -31,32 +32,40 @@ from dinotune.tasks.detect.coco import (
     read_coco,
 )
 from dinotune.tasks.detect.transforms import resize_pad, to_input
+from dinotune.tasks.detect.voc import find_voc_root, read_voc
 from dinotune.tasks.detect.yolo import find_yaml, read_yolo
 from dinotune.utils import warn, write_json
 
 __all__ = [
-    "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo",
+    "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo", "read_voc",
     "find_detection_data", "scan_source", "size_mismatch", "choose_subset", "restrict", "write_subset_file",
-    "read_subset_file", "DetectionDataset", "detection_collate", "describe",
+    "read_subset_file", "DetectionDataset", "detection_collate", "describe", "class_table",
 ]
 
 _MAX_FACTOR = 8.0  # an annotation size at most this many times the file's (or 1/8 of it) is a rescale
+ROBOFLOW_JSON = "_annotations.coco.json"  # what a Roboflow COCO export writes into each split folder
 
 
 # ------------------------------------------------------------------------------------ finding data
 def find_detection_data(
     data: str | Path,
-    split: Literal["train", "val"],
+    split: Literal["train", "val", "test"],
     images: str | Path = "",
     *,
     categories: list[dict[str, Any]] | None = None,
     min_box_size: float,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> DetectionSource:
-    """One split of a COCO folder (``annotations/instances_<split>*.json``; val also matches valid /
-    validation), a COCO JSON file, or a YOLO folder / ``data.yaml``. ``images``: the image folder
-    of a COCO JSON (found next to it when empty). ``categories``: a checkpoint's list to map onto."""
+    """One split of: a COCO instances JSON; a YOLO folder or its ``data.yaml``; a folder holding
+    Roboflow's ``_annotations.coco.json`` (the folder is the split); a COCO folder
+    (``annotations/instances_<split>*.json``, or Roboflow's ``<split>/_annotations.coco.json``;
+    val also matches valid / validation); a Pascal VOC XML folder (``voc.py``; ``val_fraction`` and
+    ``seed`` hold out validation images when it has no split lists). ``images``: the image folder
+    of a COCO JSON (found next to it when empty). ``categories``: the training split's or a
+    checkpoint's list to map onto."""
     if split not in SPLIT_ALIASES:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(SPLIT_ALIASES)}, got {split!r}")
     path = Path(data).expanduser()
     if not str(data):
         raise DataError("no detection data given")
@@ -67,16 +76,59 @@ def find_detection_data(
             return read_coco(path, images or None, categories, min_box_size)
         if path.suffix.lower() in (".yaml", ".yml"):
             return read_yolo(path, split, categories, min_box_size)
-        raise DataError(f"{path}: expected a COCO instances .json, a YOLO data.yaml or a folder holding one")
+        raise DataError(f"{path}: expected a COCO instances .json, a YOLO data.yaml or a folder holding one "
+                        "(or a Pascal VOC folder with Annotations/*.xml)")
     if find_yaml(path) is not None:
         return read_yolo(path, split, categories, min_box_size)
+    if (path / ROBOFLOW_JSON).is_file():
+        _check_split_folder(path, split)
+        return read_coco(path / ROBOFLOW_JSON, images or None, categories, min_box_size)
     found, looked = find_coco_json(path, split)
     if found is not None:
         return read_coco(found, images or None, categories, min_box_size)
+    voc = find_voc_root(path)
+    if voc is not None:
+        return read_voc(voc, split, categories, min_box_size, val_fraction=val_fraction, seed=seed)
     raise DataError(
-        f"{path}: no {split} detection data found; looked for a YOLO data.yaml and COCO files "
-        f"{', '.join(looked)}"
+        f"{path}: no {split} detection data found; looked for a YOLO data.yaml, a {ROBOFLOW_JSON} in the folder, "
+        f"COCO files {', '.join(looked)} and Pascal VOC Annotations/*.xml" + _parent_hint(path)
     )
+
+
+def _split_of_folder(path: Path) -> str | None:
+    """The split a folder's name says it is (``train``, ``valid`` -> ``val``, ``test``), or None."""
+    return next((s for s, names in SPLIT_ALIASES.items() if path.name.lower() in names), None)
+
+
+def _check_split_folder(path: Path, split: str) -> None:
+    """A folder holding a Roboflow ``_annotations.coco.json`` is one split of an export. Read for
+    another split than its name says (``export/train`` for validation), it would score a model on
+    the images it was trained on, or call test images validation: refused, naming the ways out."""
+    own = _split_of_folder(path)
+    if own is None or own == split:
+        return
+    sibling = next((path.parent / a for a in SPLIT_ALIASES[split] if (path.parent / a / ROBOFLOW_JSON).is_file()),
+                   None)
+    ways = [f"eval --split {own} reads this folder itself" if own != "train" else
+            "training reads it, eval --split train too"]
+    if sibling is not None:
+        ways.insert(0, f"the export's {split} split is {sibling} (pass it, or the export folder {path.parent} "
+                       "as --data to read every split)")
+    raise DataError(f"{path}: this folder is the {own} split of an export (it holds {ROBOFLOW_JSON}), not its "
+                    f"{split} split; " + "; ".join(ways))
+
+
+def _parent_hint(path: Path) -> str:
+    """When ``path`` looks like one split folder of an export (``export/train``), where the export's
+    own description is: its ``data.yaml``, or the split folders beside ``path``."""
+    yaml = find_yaml(path.parent)
+    if yaml is not None:
+        return (f". {path} looks like one split of a YOLO export: its {yaml.name} is in the folder above; pass "
+                f"--data {path.parent} (the yaml names every split)")
+    if _split_of_folder(path) is not None and any((path.parent / d / ROBOFLOW_JSON).is_file()
+                                                  for names in SPLIT_ALIASES.values() for d in names):
+        return f". {path} looks like one split of a Roboflow COCO export; pass --data {path.parent}"
+    return ""
 
 
 def scan_source(source: DetectionSource, mode: Literal["full", "fast", "off"],
@@ -284,6 +336,25 @@ def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> dict[
 
 
 def describe(source: DetectionSource) -> str:
-    """One line for the log: images, boxes, classes."""
-    return (f"{source.name}: {len(source)} images, {source.num_boxes()} boxes, "
-            f"{len(source.categories)} classes")
+    """For the log: a line of images, boxes and classes, then each class with its box count
+    (``class_table``), so a class with no boxes or a surprise class is seen before training."""
+    return (f"{source.name}: {len(source)} images, {source.num_boxes()} boxes, {len(source.categories)} classes\n"
+            + class_table(source.class_names, source.boxes_per_class()))
+
+
+def class_table(names: list[str], counts: list[int], width: int = 100, longest: int = 24) -> str:
+    """``name  count`` cells in columns (down, then across) that fit ``width`` characters, two
+    spaces in; names cut to ``longest`` characters."""
+    if not names:
+        return "  (no classes)"
+    shown = [n if len(n) <= longest else n[: longest - 1] + "~" for n in names]
+    name_w, count_w = max(map(len, shown)), max(len(str(c)) for c in counts)
+    cells = [f"{n:<{name_w}} {c:>{count_w}}" for n, c in zip(shown, counts)]
+    cell_w, gap = name_w + 1 + count_w, 4
+    cols = max(1, min(len(cells), (width - 2 + gap) // (cell_w + gap)))
+    rows = -(-len(cells) // cols)
+    lines = []
+    for r in range(rows):
+        line = (" " * gap).join(cells[c * rows + r] for c in range(cols) if c * rows + r < len(cells))
+        lines.append("  " + line.rstrip())
+    return "\n".join(lines)

@@ -8,7 +8,8 @@ asking which detector it has (as DETR's ``build`` returns model, criterion and p
 - the post-processing: ``(outputs, scales, orig_sizes) -> [{"scores", "labels", "boxes"}]`` per
   image, boxes ``xyxy`` in original pixels, best first;
 
-and names the metric its runs are judged by.
+and names the metric its runs are judged by, and whether it is a single-object detector (one
+class and box per image, judged also by the single-object metrics; the others by COCO's alone).
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ __all__ = ["Detector", "DETECTORS", "build_detector"]
 
 @dataclass(frozen=True)
 class Detector:
-    """A detector kind: the metric that picks its best checkpoint, and its builder."""
+    """A detector kind: the metric that picks its best checkpoint, its builder, and whether it
+    predicts one object per image (then its evaluation adds the single-object metrics, which on a
+    detector of many objects would read as its accuracy)."""
 
     monitor: str
     build: Callable[[DinoBackbone, int, DetectConfig, list[str], list[dict]], ModelBundle]
+    single_object: bool = False
 
 
 def _build_detr(backbone: DinoBackbone, num_classes: int, cfg: DetectConfig, names: list[str],
@@ -82,8 +86,8 @@ def _build_fasterrcnn(backbone: DinoBackbone, num_classes: int, cfg: DetectConfi
 # single-object runs are judged by mAP@0.5 of each image's one detection against its largest object
 DETECTORS: dict[str, Detector] = {
     "detr": Detector("AP", _build_detr),
-    "simple": Detector("map50", _build_single),
-    "improved": Detector("map50", _build_single),
+    "simple": Detector("map50", _build_single, single_object=True),
+    "improved": Detector("map50", _build_single, single_object=True),
     "fasterrcnn": Detector("AP", _build_fasterrcnn),
 }
 

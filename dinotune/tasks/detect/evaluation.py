@@ -1,8 +1,9 @@
 """Detection metrics from COCO results, the same code for training-time evaluation, ``eval`` and
-``compare``: the COCO AP suite (pycocotools, against every ground-truth object) and the
-single-object metrics (each image's top-scoring detection against its largest object: accuracy,
-macro precision / recall / F1, mean IoU, mAP@0.5), so DETR-style runs, single-object runs and YOLO
-models are judged identically.
+``compare``: the COCO AP suite (pycocotools, against every ground-truth object) and, for
+single-object detectors and ``compare``'s table, the single-object metrics (each image's
+top-scoring detection against its largest object: accuracy, macro precision / recall / F1, mean
+IoU, mAP@0.5). A DETR or Faster R-CNN run is judged by COCO's alone: beside AP its single-object
+"accuracy" would read as the detector's.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from dinotune.tasks.detect.single_metrics import single_object_metrics
 __all__ = ["detection_metrics", "single_object_scores"]
 
 
-def detection_metrics(source: DetectionSource, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """COCO metrics (``coco_evaluate``'s keys, without the text summary) and the single-object
-    metrics of ``results`` (COCO result dicts: ``image_id``, original ``category_id``, ``bbox``
-    xywh in original pixels, ``score``) on the images of ``source``."""
+def detection_metrics(source: DetectionSource, results: Sequence[dict[str, Any]],
+                      single_object: bool = True) -> dict[str, Any]:
+    """COCO metrics (``coco_evaluate``'s keys, without the text summary) and, with
+    ``single_object``, the single-object metrics of ``results`` (COCO result dicts: ``image_id``,
+    original ``category_id``, ``bbox`` xywh in original pixels, ``score``) on the images of
+    ``source``."""
     metrics = coco_evaluate(source.coco_gt(), list(results), img_ids=source.image_ids)
     metrics.pop("summary", None)
-    metrics.update(single_object_scores(source, results))
+    if single_object:
+        metrics.update(single_object_scores(source, results))
     return metrics
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from dinotune.data.input_spec import InputSpec
-from dinotune.errors import DataError
+from dinotune.errors import ConfigError, DataError
 from dinotune.runtime.preprocess import normalize, resize
 from dinotune.runtime.task import Prediction, RuntimeTask
+from dinotune.tasks.detect.drawing import shown, shown_threshold
 
 
 def detect_input(image: np.ndarray, size: int, spec: InputSpec) -> tuple[np.ndarray, float]:
@@ -131,7 +132,8 @@ class DetectRuntime(RuntimeTask):
     name = "detect"
     graph_inputs = {"images": 4, "orig_sizes": 2}
     graph_outputs = {"scores": 2, "labels": 2, "boxes": 3}
-    extra_options = frozenset({"image_info"})  # predict --draw is the PyTorch path's alone
+    extra_options = frozenset({"image_info", "draw"})
+    formats = ("json", "csv", "coco")
 
     def check_postprocess(self, postprocess: dict[str, Any]) -> str | None:
         top_k, min_score = postprocess.get("top_k", 1), postprocess.get("min_score", 0.0)
@@ -148,8 +150,19 @@ class DetectRuntime(RuntimeTask):
 
     def predict_files(self, paths: list[Path], settings: dict[str, Any],
                       read: Callable[[Path], np.ndarray]) -> list[dict[str, Any]]:
+        if settings.get("draw") and self.spec.arrays:  # checked before any image is predicted
+            raise ConfigError("--draw with the ONNX backend draws pictures only; band arrays are drawn by the torch "
+                              "path (dinotune predict RUN --draw DIR)")
         ids = image_ids(paths, read_image_info(settings.get("image_info")))
-        return super().predict_files(paths, {**settings, "ids": ids}, read)
+        records = super().predict_files(paths, {**settings, "ids": ids}, read)
+        if settings.get("draw"):
+            from PIL import Image
+
+            from dinotune.tasks.detect.drawing import draw_predictions
+
+            draw_predictions(records, lambda path: Image.fromarray(read(path), mode="RGB"), Path(settings["draw"]),
+                             self.class_names, settings)
+        return records
 
     def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:
         ids = settings.get("ids") or image_ids([Path(n) for n in names], None)
@@ -164,7 +177,20 @@ class DetectRuntime(RuntimeTask):
                 for i, (name, a) in enumerate(zip(names, arrays))]
 
     @classmethod
-    def json_text(cls, results: list[dict[str, Any]]) -> str:
+    def format_predictions(cls, results: list[dict[str, Any]], fmt: str,
+                           settings: Mapping[str, Any] | None = None) -> str:
+        """``coco`` (and ``json`` with ``--image-info``, which says the file is for evaluation): COCO
+        results, every top-k detection, as COCO AP requires. ``json`` and ``csv`` are read by a
+        person: the detections scoring at least ``draw_threshold`` (``drawing.shown_threshold``)."""
+        s = settings or {}
+        if fmt == "coco" or (fmt == "json" and s.get("image_info")):
+            return cls.coco_text(results)
+        if fmt in cls.formats:
+            results = shown(results, shown_threshold(s)[0])
+        return super().format_predictions(results, fmt, s)
+
+    @staticmethod
+    def coco_text(results: list[dict[str, Any]]) -> str:
         """COCO results: a flat list, test-dev style; each result also carries ``file_name``, the image
         as predicted (image ids of a plain folder are 1..N), which pycocotools' ``loadRes`` ignores."""
         flat = [{"image_id": r["image_id"], "file_name": r["image"], "category_id": d["category_id"],

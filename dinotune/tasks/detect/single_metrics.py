@@ -25,7 +25,10 @@ from torch import Tensor
 
 from dinotune.ops import box_ops
 
-__all__ = ["single_object_metrics", "average_precision_coco"]
+__all__ = ["single_object_metrics", "average_precision_coco", "SINGLE_OBJECT_KEYS"]
+
+# the scores ``single_object_metrics`` returns (what a single-object run may be judged by)
+SINGLE_OBJECT_KEYS = ("accuracy", "precision", "recall", "f1", "mean_iou", "map50")
 
 REC_THRS = np.linspace(0.0, 1.0, 101)  # pycocotools' recThrs
 

@@ -3,6 +3,7 @@ inference that writes COCO results and drawn images."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,12 +25,14 @@ from dinotune.data.sampler import (
 from dinotune.engine import distributed
 from dinotune.engine.device import autocast, to_device
 from dinotune.engine.logging import progress
+from dinotune.engine.monitor import MonitorChoice
 from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.graph import ExportGraph
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
 from dinotune.tasks.detect import runtime as records
 from dinotune.tasks.detect.coco import DetectionSource
+from dinotune.tasks.detect.coco_eval import STAT_NAMES
 from dinotune.tasks.detect.data import (
     DetectionDataset,
     choose_subset,
@@ -45,6 +48,7 @@ from dinotune.tasks.detect.detectors import build_detector
 from dinotune.tasks.detect.evaluation import detection_metrics
 from dinotune.tasks.detect.export import build_graph
 from dinotune.tasks.detect.postprocess import to_coco_results
+from dinotune.tasks.detect.single_metrics import SINGLE_OBJECT_KEYS
 from dinotune.tasks.detect.transforms import eval_transforms, resize_pad, to_input, train_transforms
 from dinotune.utils import info, warn
 
@@ -80,10 +84,20 @@ class DetectTask(Task):
     def monitor(self) -> str:
         return build_detector(self.cfg).monitor
 
+    def monitor_for(self, meta: dict[str, Any], val: Dataset | None) -> MonitorChoice:
+        """The detector's metric (COCO AP; mAP@0.5 of the one detection for single-object heads),
+        whatever the data; ``--monitor`` may name the validation loss, any COCO number and, for a
+        single-object head, its single-object metrics."""
+        detector = build_detector(self.cfg)
+        keys = ("loss", *STAT_NAMES) + (SINGLE_OBJECT_KEYS if detector.single_object else ())
+        what = "mAP@0.5 of each image's one detection" if detector.single_object else "COCO AP over every object"
+        return MonitorChoice(detector.monitor, self.monitor_mode, f"--head {self.cfg.model.head}: {what}", keys)
+
     # ---------------------------------------------------------------------------------- data
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d, size = self.cfg.data, self.cfg.backbone.image_size
-        train = find_detection_data(d.data, "train", d.train_images, min_box_size=d.min_box_size)
+        train = find_detection_data(d.data, "train", d.train_images, min_box_size=d.min_box_size,
+                                    val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         train = self._subset(train, d.subset, d.subset_seed, d.subset_file, run_dir, "subset.json")
         if d.overfit:
             train = train.with_images(train.images[: d.overfit])
@@ -126,7 +140,8 @@ class DetectTask(Task):
         d = self.cfg.data
         try:
             return find_detection_data(d.val_data or d.data, "val", d.val_images, categories=train.categories,
-                                       min_box_size=d.min_box_size)
+                                       min_box_size=d.min_box_size, val_fraction=d.val_fraction,
+                                       seed=self.cfg.train.seed)
         except DataError as exc:
             if d.val_data:
                 raise
@@ -210,7 +225,9 @@ class DetectTask(Task):
     def compute_metrics(self, bundle: ModelBundle, parts: Sequence[dict[str, Any]], dataset: Dataset) -> dict[str, Any]:
         images = sum(p["images"] for p in parts)
         metrics: dict[str, Any] = {"loss": sum(p["loss_sum"] for p in parts) / max(1, images)}
-        metrics.update(detection_metrics(dataset.source, [r for p in parts for r in p["results"]]))
+        # single-object metrics only for single-object heads: beside AP they read as the detector's accuracy
+        metrics.update(detection_metrics(dataset.source, [r for p in parts for r in p["results"]],
+                                         single_object=build_detector(self.cfg).single_object))
         metrics["images"] = int(images)  # how many images these numbers rest on (a subset, skipped files)
         return metrics
 
@@ -257,7 +274,11 @@ class DetectTask(Task):
                                      threshold, settings.top_k, settings.category_ids)
                     for p, d, (h, w) in zip(chunk, dets, sizes)]
         if draw:
-            _draw(out, Path(draw), run.bundle.class_names, settings, spec)
+            from dinotune.data.bands import display_image  # band arrays through their RGB bands
+            from dinotune.tasks.detect.drawing import draw_predictions
+
+            draw_predictions(out, lambda path: display_image(path, spec, limit), Path(draw), run.bundle.class_names,
+                             dataclasses.asdict(settings))
         return out
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: DetectInferenceConfig, *,
@@ -266,8 +287,9 @@ class DetectTask(Task):
         """COCO metrics of ``run`` on a COCO / YOLO dataset (categories matched by id;
         ``subset``: a reproducible random subset of that many images; ``pre_transform``: PIL -> PIL
         applied to each image before preprocessing, e.g. a corruption)."""
-        source = find_detection_data(data, "val" if split == "val" else "train", images,
-                                     categories=run.bundle.categories, min_box_size=self.cfg.data.min_box_size)
+        d = self.cfg.data
+        source = find_detection_data(data, split, images, categories=run.bundle.categories,
+                                     min_box_size=d.min_box_size, val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         if subset:
             source = restrict(source, choose_subset(source, subset, subset_seed))
         limit = self.cfg.data.max_image_pixels
@@ -289,13 +311,15 @@ class DetectTask(Task):
         prediction (``out_dir/samples/<stem>.jpg``, as classification and segmentation samples show
         the truth too). Boxes are drawn from ``settings.draw_threshold`` (default: the run's
         inference section)."""
-        from dinotune.tasks.detect.analysis import blank_drawing_note, confidence_histogram, truth_figures
+        from dinotune.tasks.detect.analysis import truth_figures
+        from dinotune.tasks.detect.drawing import blank_drawing_note, confidence_histogram, shown_threshold
 
         d, settings = self.cfg.data, settings or run.cfg.inference
         try:
-            source = find_detection_data(data, "val" if split == "val" else "train",
-                                         d.val_images if split == "val" else d.train_images,
-                                         categories=run.bundle.categories, min_box_size=d.min_box_size)
+            images = {"train": d.train_images, "val": d.val_images}.get(split, "")
+            source = find_detection_data(data, split, images, categories=run.bundle.categories,
+                                         min_box_size=d.min_box_size,
+                                         val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         except DataError as exc:
             warn(f"no sample pictures: {exc}")
             return []
@@ -304,12 +328,12 @@ class DetectTask(Task):
         truth = {str(im.path): ([a.bbox for a in source.annotations.get(im.id, ())],
                                 [a.label for a in source.annotations.get(im.id, ())], (im.width, im.height))
                  for im in picked}
-        threshold, _ = _draw_threshold(settings)
+        threshold, _ = shown_threshold(dataclasses.asdict(settings))
         shown = preds[:samples]
         files = [confidence_histogram(preds, Path(out_dir))]
         files += truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold,
                                InputSpec.from_meta(run.meta))
-        note = blank_drawing_note(shown, threshold, "inference.draw_threshold", settings.score_threshold)
+        note = blank_drawing_note(shown, threshold, "--draw-threshold", settings.score_threshold)
         if note:
             warn(f"analyze: {note}")
         return files
@@ -344,37 +368,6 @@ def _as_image(image: Any) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     return tv_tensors.Image(F.pil_to_tensor(image))
-
-
-def _draw_threshold(settings: DetectInferenceConfig) -> tuple[float, str]:
-    """The score a box needs to be drawn, and the flag that sets it (the higher threshold wins)."""
-    if settings.score_threshold > settings.draw_threshold:
-        return settings.score_threshold, "--score-threshold"
-    return settings.draw_threshold, "--draw-threshold"
-
-
-def _draw(results: list[dict[str, Any]], folder: Path, names: list[str], settings: DetectInferenceConfig,
-          spec: InputSpec | None = None) -> None:
-    """``predict --draw``: each image with its boxes and the confidence histogram, straight into
-    ``folder`` (as segmentation's overlays), and a warning when no box reached the threshold, so an
-    empty drawing is not taken for a broken model."""
-    from dinotune.tasks.detect.analysis import (
-        blank_drawing_note,
-        confidence_histogram,
-        draw_predictions,
-        images_without_boxes,
-    )
-
-    threshold, flag = _draw_threshold(settings)
-    files = draw_predictions(results, folder, names, threshold, spec)
-    confidence_histogram(results, folder)
-    note = blank_drawing_note(results, threshold, flag, settings.score_threshold)
-    if note:
-        warn(f"drew {len(files)} images into {folder}, but {note}")
-        return
-    blank = images_without_boxes(results, threshold)
-    info(f"drew {len(files)} images into {folder}"
-         + (f" ({blank} without a box scoring {threshold:g} or more)" if blank else ""))
 
 
 def _warn_if_crowded(source: DetectionSource, num_queries: int, lightweight: bool) -> None:

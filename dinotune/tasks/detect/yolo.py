@@ -1,4 +1,4 @@
-"""YOLO folders: ``data.yaml`` (``names``, optional ``path`` / ``train`` / ``val``), images in
+"""YOLO folders: ``data.yaml`` (``names``, optional ``path`` / ``train`` / ``val`` / ``test``), images in
 ``images/<split>/`` (or ``<split>/images/``, Roboflow's layout) and one ``labels/<split>/<stem>.txt``
 per image with lines ``class cx cy w h`` normalised to [0, 1] (or ``class x1 y1 x2 y2 ...``
 polygons, read as their box). An image without a label file has no objects. Split entries of the
@@ -179,7 +179,7 @@ def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, f
 
 def read_yolo(
     root: str | Path,
-    split: Literal["train", "val"],
+    split: Literal["train", "val", "test"],
     categories: list[dict[str, Any]] | None,
     min_box_size: float,
 ) -> DetectionSource:

@@ -6,7 +6,9 @@ Contracts shared by the files of this package:
 Source: ``SegmentationSource`` (``data.py``) lists ``(image path, mask path or None)`` pairs plus
 ``class_names`` (``K`` names, label order), ``ignore_index`` (255), and how a mask file's values
 map to labels (``mask_kind``: ``"index"`` = values are labels (VOC palette PNGs, generic folders),
-``"ade20k"`` = value 0 is ignore and ``v`` -> ``v - 1``, ``"coco"`` = rasterised from polygons).
+``"ade20k"`` = value 0 is ignore and ``v`` -> ``v - 1``, ``"coco"`` = rasterised from polygons,
+``"colour"`` = a colour per class, looked up in the source's ``colours`` table (``colours.py``);
+a colour the table lacks is ``ignore_index``).
 
 Training item: ``{"image": 3 x S x S float (normalised), "mask": S x S int64 (labels 0..K-1 or
 ignore_index), "index": int}`` after random scale, crop (padding: image 0, mask ignore) and flip.

@@ -1,6 +1,9 @@
 """Dataset layouts read into a ``SegmentationSource``: Pascal VOC (palette PNGs, 255 = boundary =
 ignore), ADE20K (0 = "other" = ignore, ``v`` -> ``v - 1``), folders of images + masks with matching
-stems; ``find_segmentation_data`` tells them (and COCO JSONs, see ``coco_masks.py``) apart.
+stems; ``find_segmentation_data`` tells them (and COCO JSONs, see ``coco_masks.py``) apart. VOC and
+folder masks may be colour-coded instead (a colour table, see ``colours.py``); colour masks without
+a table are refused with the colours they hold. Splits: train, val and test (VOC's ``test.txt``,
+``test/`` folders, a COCO ``instances_test*.json``); ADE20K has no annotated test split.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import numpy as np
 
 from dinotune.data.coco import find_coco_json
 from dinotune.data.images import SkipReport, list_image_files
-from dinotune.data.paths import escape_problem
+from dinotune.data.paths import read_list_ids
 from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 from dinotune.tasks.segment.coco_masks import read_coco_semantic
+from dinotune.tasks.segment.colours import ColourTable, colour_masks_refusal
 from dinotune.tasks.segment.sources import (
     _SHOW,
     MaskReadError,
@@ -29,6 +33,14 @@ from dinotune.utils import info
 __all__ = ["VOC_CLASSES", "ADE20K_CLASSES", "read_voc", "read_ade20k", "read_folders", "find_segmentation_data"]
 
 _VAL_ALIASES = SPLIT_ALIASES["val"]
+_TEST_ALIASES = SPLIT_ALIASES.get("test", ("test",))
+SPLITS = ("train", "val", "test")
+
+
+def _aliases(split: str) -> tuple[str, ...]:
+    """The names a split's list file or folder may go by (val: also valid / validation)."""
+    return _VAL_ALIASES if split in _VAL_ALIASES else _TEST_ALIASES if split in _TEST_ALIASES else (split,)
+
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -95,13 +107,14 @@ def _voc_root(root: Path) -> Path:
 
 
 def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255, num_classes: int = 0,
-             class_names: Sequence[str] = ()) -> SegmentationSource:
-    """Pascal VOC layout: ``ImageSets/Segmentation/<split>.txt`` lists ids; ``JPEGImages/<id>.jpg``
-    and ``SegmentationClass/<id>.png`` (palette PNGs read as indices, 255 = object boundaries =
-    ignore). ``root`` may also be ``VOCdevkit/``. Many tools export custom data in this layout, so
-    the classes are not assumed to be Pascal's: see ``_voc_classes``."""
+             class_names: Sequence[str] = (), colours: ColourTable | None = None) -> SegmentationSource:
+    """Pascal VOC layout: ``ImageSets/Segmentation/<split>.txt`` lists ids (train, val, test);
+    ``JPEGImages/<id>.jpg`` and ``SegmentationClass/<id>.png`` (palette PNGs read as indices, 255 =
+    object boundaries = ignore; with ``colours`` read as colours). ``root`` may also be
+    ``VOCdevkit/``. Many tools export custom data in this layout, so the classes are not assumed
+    to be Pascal's: see ``_voc_classes``."""
     root = _voc_root(Path(root).expanduser())
-    names = (split,) if split != "val" else _VAL_ALIASES
+    names = _aliases(split)
     lists = [root / "ImageSets" / "Segmentation" / f"{n}.txt" for n in names]
     list_file = next((p for p in lists if p.is_file()), None)
     if list_file is None:
@@ -113,8 +126,33 @@ def read_voc(root: str | Path, split: str = "train", ignore_index: int = 255, nu
         if missing:
             raise DataError(f"{list_file}: {len(missing)} of {len(pairs)} listed {what} are missing: "
                             + ", ".join(str(p) for p in missing[:_SHOW]) + (" ..." if len(missing) > _SHOW else ""))
+    if colours is not None:
+        return SegmentationSource(str(root), pairs, _table_classes(root, colours, num_classes, class_names),
+                                  ignore_index, "colour", colours=colours)
+    _refuse_colour_masks(pairs, root)
     classes = _voc_classes(root, pairs, num_classes, class_names, ignore_index)
     return SegmentationSource(str(root), pairs, classes, ignore_index, "index")
+
+
+def _refuse_colour_masks(pairs: Sequence[tuple[Path, Path]], where: Path) -> None:
+    """Colour (RGB) masks without a colour table: refused with the colours they hold (a sample)."""
+    refusal = colour_masks_refusal([m for _, m in pairs], str(where))
+    if refusal is not None:
+        raise refusal
+
+
+def _table_classes(where: Path, colours: ColourTable, num_classes: int, class_names: Sequence[str]) -> list[str]:
+    """The classes of colour masks: the table's, in its order. ``--class-names`` / ``--num-classes``
+    (or the classes fixed by training) must agree with it, never silently lose."""
+    names = [str(n) for n in class_names]
+    if names and names != list(colours.names):
+        raise DataError(f"{where}: the classes {names[:8]} differ from those of the colour table {colours.source} "
+                        f"{list(colours.names)[:8]}; the table names the classes (leave --class-names out, or rename "
+                        "them in the table)")
+    if num_classes and num_classes != len(colours):
+        raise DataError(f"{where}: --num-classes {num_classes} but the colour table {colours.source} has "
+                        f"{len(colours)} classes; the table names the classes (leave --num-classes out)")
+    return list(colours.names)
 
 
 def _voc_classes(root: Path, pairs: list[tuple[Path, Path]], num_classes: int, class_names: Sequence[str],
@@ -152,26 +190,9 @@ def _given_classes(where: Path, num_classes: int, class_names: Sequence[str],
 
 
 def _voc_ids(list_file: Path) -> list[str]:
-    """The image ids of a VOC split list (first word of each line). An id is a file stem inside
-    ``JPEGImages/`` and ``SegmentationClass/``: one that would lead outside them (``../x``, an
-    absolute path) is refused naming the list, the line and the id."""
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{list_file}: cannot read the list ({exc})") from None
-    ids = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        ident = line.split()[0]
-        problem = escape_problem(f"{ident}.jpg")  # the file names the id becomes
-        if problem:
-            raise DataError(f"{list_file}, line {n}: image id {ident!r} leads outside JPEGImages/ and "
-                            f"SegmentationClass/ ({ident}.jpg {problem}); a VOC id is a file stem inside them")
-        ids.append(ident)
-    if not ids:
-        raise DataError(f"{list_file}: the list is empty")
-    return ids
+    """The image ids of a VOC split list (``read_list_ids``: stems of files in ``JPEGImages/`` and
+    ``SegmentationClass/``)."""
+    return read_list_ids(list_file, ".jpg", "JPEGImages/ and SegmentationClass/")
 
 
 def _ade_root(root: Path) -> Path:
@@ -188,6 +209,9 @@ def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255,
     The 150 SceneParsing classes unless ``--class-names`` / ``--num-classes`` say otherwise (a
     custom set in this layout: values ``1..K``)."""
     root = _ade_root(Path(root).expanduser())
+    if split in _TEST_ALIASES:
+        raise DataError(f"{root}: ADE20K has no annotated test split (its test images come without masks); "
+                        "evaluate on the validation split (--split val)")
     sub = {"train": "training", "training": "training"}.get(split, "validation")
     image_dir, mask_dir = root / "images" / sub, root / "annotations" / sub
     for d in (image_dir, mask_dir):
@@ -200,15 +224,17 @@ def read_ade20k(root: str | Path, split: str = "train", ignore_index: int = 255,
 
 
 def _folder_layouts(root: Path, split: str) -> list[tuple[Path, Path]]:
-    names = _VAL_ALIASES if split in _VAL_ALIASES else (split,)
+    names = _aliases(split)
     return [(root / n / "images", root / n / "masks") for n in names] + [(root / "images", root / "masks")]
 
 
 def read_folders(root: str | Path, split: str = "train", num_classes: int = 0,
-                 class_names: Sequence[str] = (), ignore_index: int = 255) -> SegmentationSource:
-    """``root/<split>/images`` + ``root/<split>/masks`` (val also valid / validation), else
+                 class_names: Sequence[str] = (), ignore_index: int = 255,
+                 colours: ColourTable | None = None) -> SegmentationSource:
+    """``root/<split>/images`` + ``root/<split>/masks`` (val also valid / validation; test), else
     ``root/images`` + ``root/masks`` (the whole folder is the split); masks match images by stem and
-    hold class indices (``ignore_index`` = ignore). ``num_classes`` 0: ``len(class_names)`` if given,
+    hold class indices (``ignore_index`` = ignore), or with ``colours`` a colour per class (the
+    table's classes; other colours are ignored). ``num_classes`` 0: ``len(class_names)`` if given,
     else the largest label in the masks + 1 (every mask is read). Names default to ``class_<i>``."""
     root = Path(root).expanduser()
     layout = next(((i, m) for i, m in _folder_layouts(root, split) if i.is_dir() and m.is_dir()), None)
@@ -217,6 +243,10 @@ def read_folders(root: str | Path, split: str = "train", num_classes: int = 0,
         raise DataError(f"{root}: no image / mask folders for split {split!r} (looked for {looked})")
     report = SkipReport()
     pairs = _pair_by_stem(layout[0], layout[1], report)
+    if colours is not None:
+        return SegmentationSource(str(layout[0].parent), pairs, _table_classes(root, colours, num_classes, class_names),
+                                  ignore_index, "colour", report=report, colours=colours)
+    _refuse_colour_masks(pairs, layout[1])
     names = _given_classes(root, num_classes, class_names)
     if names is None:
         names = [f"class_{i}" for i in range(_max_label(pairs, ignore_index) + 1)]
@@ -244,7 +274,7 @@ def _max_label(pairs: list[tuple[Path, Path]], ignore_index: int) -> int:
 
 def find_segmentation_data(
     data: str | Path,
-    split: Literal["train", "val"],
+    split: Literal["train", "val", "test"],
     images: str | Path = "",
     num_classes: int = 0,
     class_names: Sequence[str] = (),
@@ -252,6 +282,7 @@ def find_segmentation_data(
     *,
     categories: list[dict[str, Any]] | None = None,
     known_classes: Sequence[str] | None = None,
+    colours: ColourTable | None = None,
 ) -> SegmentationSource:
     """One split of: Pascal VOC (``JPEGImages/`` + ``SegmentationClass/``), ADE20K
     (``images/training`` or ``annotations/training``), COCO (a ``.json`` file, or a folder with
@@ -263,9 +294,10 @@ def find_segmentation_data(
     error, never silently ignored. ``known_classes``: classes fixed already (the training split's
     when reading validation data, a checkpoint's when evaluating): a mask layout takes them instead
     of reading the flags or the masks, so both splits index the same classes (COCO keeps its
-    ``categories`` rule)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    ``categories`` rule). ``colours``: the colour table of colour-coded masks (``--mask-colors``,
+    or a run's), for VOC and folder layouts only."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if not str(data):
         raise DataError("no segmentation data given")
     path = Path(data).expanduser()
@@ -275,25 +307,37 @@ def find_segmentation_data(
         num_classes, class_names = 0, list(known_classes)
     if path.is_file():
         if path.suffix.lower() == ".json":
+            _no_colours(path, "COCO polygons", colours)
             return _read_coco(path, images, categories, ignore_index, num_classes, class_names, known_classes)
         raise DataError(f"{path}: expected a COCO instances .json or a folder (VOC, ADE20K, images/ + masks/)")
     voc = _voc_root(path)
     if (voc / "JPEGImages").is_dir() and (voc / "SegmentationClass").is_dir():
-        return read_voc(voc, split, ignore_index, num_classes, class_names)
+        return read_voc(voc, split, ignore_index, num_classes, class_names, colours)
     ade = _ade_root(path)
     if (ade / "images" / "training").is_dir() or (ade / "annotations" / "training").is_dir():
+        _no_colours(ade, "ADE20K index masks", colours)
         return read_ade20k(ade, split, ignore_index, num_classes, class_names)
-    json_file, looked = find_coco_json(path, split)
+    if split in SPLIT_ALIASES:
+        json_file, looked = find_coco_json(path, split)
+    else:  # a split data/splits.py does not name: no COCO file patterns for it
+        json_file, looked = None, [f"annotations/instances_{split}*.json"]
     if json_file is not None:
+        _no_colours(json_file, "COCO polygons", colours)
         return _read_coco(json_file, images, categories, ignore_index, num_classes, class_names, known_classes)
     if any(i.is_dir() and m.is_dir() for i, m in _folder_layouts(path, split)):
-        return read_folders(path, split, num_classes, class_names, ignore_index)
+        return read_folders(path, split, num_classes, class_names, ignore_index, colours)
     folders = ", ".join(f"{i.relative_to(path)}/ + {m.relative_to(path)}/" for i, m in _folder_layouts(path, split))
     raise DataError(
         f"{path}: no {split} segmentation data found; looked for Pascal VOC (JPEGImages/ and SegmentationClass/), "
         f"ADE20K (images/training/ or annotations/training/), COCO ({', '.join(looked)}) and image / mask "
         f"folders ({folders})"
     )
+
+
+def _no_colours(where: Path, what: str, colours: ColourTable | None) -> None:
+    if colours is not None:
+        raise DataError(f"{where}: --mask-colors ({colours.source}) applies to colour-coded masks in VOC or "
+                        f"images/ + masks/ folders, not to {what}; leave it out")
 
 
 def _read_coco(json_file: Path, images: str | Path, categories: list[dict[str, Any]] | None, ignore_index: int,

@@ -7,7 +7,8 @@ does; a ``whole`` run feeds the image at its evaluation size (short side ``S``, 
 patch size), which is ``S x S`` for a square image and then equal to PyTorch's; other shapes are
 covered by overlapping ``S x S`` windows (PyTorch runs them whole, which a fixed-size graph cannot),
 said once. Logits are resized to the image, arg-maxed, and a record lists each class's share of
-the pixels; ``masks`` writes the label maps as palette PNGs, ``draw`` colour overlays.
+the pixels; ``masks`` writes the label maps as palette PNGs, ``draw`` colour overlays with a legend,
+both in the run's colour table (``postprocess.mask_colors``) when it was trained on colour masks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dinotune.runtime.postprocess import dense_logits
 from dinotune.runtime.preprocess import check_work, normalize, pad_to_multiple, resize
 from dinotune.runtime.task import Prediction, RuntimeTask
 from dinotune.runtime.windows import default_stride
-from dinotune.utils import warn
+from dinotune.utils import info, warn
 
 
 def _round_to(x: float, patch: int) -> int:
@@ -61,7 +62,8 @@ def class_shares(mask: np.ndarray, names: Sequence[str]) -> dict[str, float]:
 
 class SegmentRuntime(RuntimeTask):
     """Label maps per image (see the module docstring). ``info.postprocess`` holds ``inference``
-    (whole / slide), ``slide_stride``, ``output_stride`` and ``ignore_index``."""
+    (whole / slide), ``slide_stride``, ``output_stride``, ``ignore_index`` and, for a run trained on
+    colour masks, ``mask_colors`` (``[r, g, b]`` per class)."""
 
     name = "segment"
     extra_options = frozenset(f.name for f in dataclasses.fields(SegmentPredictOptions))  # all of them
@@ -83,6 +85,14 @@ class SegmentRuntime(RuntimeTask):
                     f"{self.info.patch_size} up to {self.info.image_size} is expected")
         if not (isinstance(ignore, int) and not isinstance(ignore, bool) and 0 <= ignore <= 255):
             return f"postprocess.ignore_index is {ignore!r}; a label from 0 to 255 is expected"
+        colours = postprocess.get("mask_colors")
+        if colours is not None and not (
+                isinstance(colours, list) and len(colours) == len(self.class_names)
+                and all(isinstance(c, list) and len(c) == 3
+                        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+                        for c in colours)):
+            return (f"postprocess.mask_colors is {str(colours)[:60]}; one [r, g, b] (0..255) per class "
+                    f"({len(self.class_names)}) is expected")
         return None
 
     def predict_files(self, paths: list[Path], settings: dict[str, Any],
@@ -90,16 +100,22 @@ class SegmentRuntime(RuntimeTask):
         if settings.get("draw") and self.spec.arrays:
             raise ConfigError("--draw with the ONNX backend draws pictures only; band arrays are drawn by the torch "
                               "path (dinotune predict RUN --draw DIR)")
-        return [self._predict_file(p, settings, read) for p in paths]
+        records = [self._predict_file(p, settings, read) for p in paths]
+        if settings.get("masks"):
+            info(f"wrote {len(records)} label map(s) (palette PNGs, values = class indices) to {settings['masks']}")
+        if settings.get("draw"):
+            info(f"wrote {len(records)} overlay(s) with a legend to {settings['draw']}")
+        return records
 
     def _predict_file(self, path: Path, settings: dict[str, Any], read: Callable[[Path], np.ndarray]) -> dict[str, Any]:
         array = read(path)
         (record, extras), = self.predict_arrays([str(path)], [array], settings)
         mask = extras["mask"]
         if settings.get("masks") or settings.get("draw"):
-            from dinotune.viz.segmentation import overlay, palette, save_mask_png
+            from dinotune.viz.segmentation import overlay, palette, save_mask_png, with_legend
 
-            pal = palette(len(self.class_names), self.info.postprocess.get("ignore_index", 255))
+            ignore = self.info.postprocess.get("ignore_index", 255)
+            pal = palette(len(self.class_names), ignore, self.info.postprocess.get("mask_colors"))
             if settings.get("masks"):
                 record["mask"] = str(save_mask_png(mask, Path(settings["masks"]) / f"{path.stem}.png", pal))
             if settings.get("draw"):
@@ -107,7 +123,9 @@ class SegmentRuntime(RuntimeTask):
 
                 from dinotune.viz.draw import save_image
 
-                save_image(overlay(Image.fromarray(array, mode="RGB"), mask, pal), Path(settings["draw"]) / f"{path.stem}.jpg")
+                drawn = with_legend(overlay(Image.fromarray(array, mode="RGB"), mask, pal), mask, pal, self.class_names,
+                                    ignore)
+                save_image(drawn, Path(settings["draw"]) / f"{path.stem}.jpg")
         return record
 
     def predict_arrays(self, names: list[str], arrays: list[np.ndarray], settings: dict[str, Any]) -> list[Prediction]:

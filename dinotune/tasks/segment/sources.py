@@ -30,13 +30,15 @@ from dinotune.data.images import (
     open_image,
 )
 from dinotune.errors import DataError, ImageReadError, MaskReadError
+from dinotune.tasks.segment.colours import COLOUR_MODES, ColourTable, colour_text, pack_rgb, shares_text
+from dinotune.utils import warn
 
 __all__ = [
     "DataError", "MaskReadError", "CocoShapes", "SegmentationSource", "MaskSummary", "load_mask", "mask_summary",
-    "read_mask_labels", "rasterize_coco", "scan_source", "describe",
+    "read_mask_labels", "rasterize_coco", "scan_source", "colour_report", "describe",
 ]
 
-MaskKind = Literal["index", "ade20k", "coco"]
+MaskKind = Literal["index", "ade20k", "coco", "colour"]
 _SHOW = 5  # offending entries listed in a message
 
 
@@ -66,6 +68,7 @@ class SegmentationSource:
     # COCO: [{"id", "name"}] of labels 1..K-1 (pass it as ``categories`` when reading other splits or
     # data for a checkpoint, so labels keep their meaning); None for the other layouts
     categories: list[dict[str, Any]] | None = None
+    colours: ColourTable | None = None  # mask_kind "colour": the class of each mask colour
 
     def __post_init__(self) -> None:
         if 0 <= self.ignore_index < len(self.class_names):
@@ -73,6 +76,8 @@ class SegmentationSource:
                             f"(0..{self.num_classes - 1}); choose a value outside the labels (255 by default)")
         if self.mask_kind == "coco" and (self.coco is None or len(self.coco) != len(self.pairs)):
             raise ValueError("a COCO source needs one CocoShapes entry per pair")
+        if self.mask_kind == "colour" and (self.colours is None or len(self.colours) != self.num_classes):
+            raise ValueError("a colour-mask source needs a colour table with one colour per class")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -109,22 +114,30 @@ def _size_error(mask_path: Path, mask_size: tuple[int, int], image_path: Path,
 def _decode_mask(mask_path: Path, image_path: Path, kind: MaskKind,
                  image_size: tuple[int, int] | None = None,
                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """The raw values of a label PNG (palette indices, not colours; never EXIF-turned), or an error
-    naming it. Mode and size (``image_size``: its image's, when known) are checked from the header,
-    before anything is decoded; so is the pixel limit."""
+    """The raw values of a label PNG (palette indices, not colours; never EXIF-turned), or for
+    ``kind`` "colour" its colours packed into int32 codes (``colours.pack_rgb``; palette PNGs of any
+    bit depth as their colours), or an error naming it. Mode and size (``image_size``: its image's,
+    when known) are checked from the header, before anything is decoded; so is the pixel limit."""
     if not mask_path.is_file():
         raise DataError(f"{mask_path}: mask file not found (the mask of {image_path})")
     try:
         with open_image(mask_path, max_pixels) as im:
             mode = im.mode
-            if mode not in _MASK_MODES:
-                hint = " (VOC masks are palette PNGs: keep them as they are, do not convert them to RGB)" \
+            if kind == "colour" and mode not in COLOUR_MODES:
+                raise DataError(f"{mask_path}: mask has image mode {mode!r}, which holds class indices, not "
+                                "colours; --mask-colors reads colour masks (RGB or palette PNGs): leave it out "
+                                "for index masks")
+            if kind != "colour" and mode not in _MASK_MODES:
+                hint = (" (VOC masks are palette PNGs: keep them as they are, do not convert them to RGB; "
+                        "masks coloured one colour per class need a colour table: --mask-colors FILE)") \
                     if kind == "index" and mode in ("RGB", "RGBA") else ""
                 raise DataError(f"{mask_path}: mask has image mode {mode!r}; expected a single-channel label "
                                 f"image (palette or grayscale PNG whose values are class indices){hint}")
             if image_size is not None and im.size != tuple(image_size):
                 raise _size_error(mask_path, im.size, image_path, image_size)
             im.load()
+            if kind == "colour":
+                return pack_rgb(np.asarray(im if mode == "RGB" else im.convert("RGB")))
             raw = np.array(im if mode != "1" else im.convert("L"))
             return (raw > 0).astype(np.uint8) if mode == "1" else raw
     except DataError:
@@ -141,11 +154,13 @@ class MaskSummary:
 
     width: int
     height: int
-    values: np.ndarray  # sorted distinct raw values
+    values: np.ndarray  # sorted distinct raw values (colour masks: packed colours)
+    counts: np.ndarray | None = None  # colour masks: the pixels of each value
 
 
-# (path, bytes, mtime_ns) -> summary: each mask file is decoded once per process while unchanged.
-_MASK_CACHE: dict[tuple[str, int, int], MaskSummary] = {}
+# (path, bytes, mtime_ns, read as colours) -> summary: each mask file is decoded once per process
+# while unchanged (and read the same way).
+_MASK_CACHE: dict[tuple[str, int, int, bool], MaskSummary] = {}
 
 
 def _distinct(raw: np.ndarray) -> np.ndarray:
@@ -157,18 +172,26 @@ def _distinct(raw: np.ndarray) -> np.ndarray:
 
 def mask_summary(mask_path: Path, image_path: Path, kind: MaskKind,
                  image_size: tuple[int, int] | None = None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> MaskSummary:
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, colours: ColourTable | None = None) -> MaskSummary:
     """Size and distinct values of a mask file, from the per-process cache or decoded once (see
-    ``_decode_mask``; its errors). ``image_size``: the size the mask must have."""
+    ``_decode_mask``; its errors). ``image_size``: the size the mask must have. Colour masks
+    (``kind`` "colour", ``colours`` the table: it only speeds the count up) also get each colour's
+    pixel count."""
     try:
         st = mask_path.stat()
     except OSError:
         raise DataError(f"{mask_path}: mask file not found (the mask of {image_path})") from None
-    key = (str(mask_path), st.st_size, st.st_mtime_ns)
+    key = (str(mask_path), st.st_size, st.st_mtime_ns, kind == "colour")
     summary = _MASK_CACHE.get(key)
     if summary is None:
         raw = _decode_mask(mask_path, image_path, kind, image_size, max_pixels)
-        summary = _MASK_CACHE[key] = MaskSummary(raw.shape[1], raw.shape[0], _distinct(raw))
+        if kind == "colour":
+            values, counts = (colours.counts(raw) if colours is not None
+                              else np.unique(raw.astype(np.int64), return_counts=True))
+            summary = MaskSummary(raw.shape[1], raw.shape[0], values, counts.astype(np.int64))
+        else:
+            summary = MaskSummary(raw.shape[1], raw.shape[0], _distinct(raw))
+        _MASK_CACHE[key] = summary
     if image_size is not None and (summary.width, summary.height) != tuple(image_size):
         raise _size_error(mask_path, (summary.width, summary.height), image_path, image_size)
     return summary
@@ -181,8 +204,11 @@ def _bad_values(values: np.ndarray, limit: int = _SHOW) -> str:
 
 def _invalid(raw: np.ndarray, kind: MaskKind, k: int, ignore: int) -> np.ndarray:
     """The distinct raw values of ``raw`` (a mask, or its distinct values) that are neither a
-    class nor ignored: ADE20K ``v`` is class ``v - 1`` and 0 is ignore; index masks hold classes."""
+    class nor ignored: ADE20K ``v`` is class ``v - 1`` and 0 is ignore; index masks hold classes;
+    colour masks have none (a colour the table lacks is ignored, see ``colour_report``)."""
     raw = raw.astype(np.int64, copy=False)
+    if kind == "colour":
+        return raw[:0]
     if kind == "ade20k":
         label = raw - 1
         bad = (raw != 0) & (label != ignore) & ((label < 0) | (label >= k))
@@ -237,6 +263,8 @@ def read_mask_labels(source: SegmentationSource, index: int,
     if mask_path is None:
         raise DataError(f"{image_path}: no mask file for this image in {source.name}")
     raw = _decode_mask(mask_path, image_path, source.mask_kind, image_size)
+    if source.mask_kind == "colour":
+        return source.colours.labels(raw, ignore, dtype)
     bad = _invalid(_distinct(raw), source.mask_kind, k, ignore)
     if len(bad):
         raise _label_error(mask_path, bad, source.mask_kind, k, ignore)
@@ -274,7 +302,7 @@ def _check_pair(source: SegmentationSource, index: int, mode: Literal["full", "f
             return None, None, None
         if mask_path is None:
             read_mask_labels(source, index, size)  # raises: no mask
-        values = mask_summary(mask_path, image_path, source.mask_kind, size, max_pixels).values
+        values = mask_summary(mask_path, image_path, source.mask_kind, size, max_pixels, source.colours).values
         bad = _invalid(values, source.mask_kind, source.num_classes, source.ignore_index)
         if len(bad):
             raise _label_error(mask_path, bad, source.mask_kind, source.num_classes, source.ignore_index)
@@ -294,6 +322,14 @@ def scan_source(source: SegmentationSource, mode: Literal["full", "fast", "off"]
     index) is refused: a DataError listing them, before any training."""
     if mode == "off" or not len(source):
         return source
+    checked = _scan(source, mode, workers, max_pixels)
+    if checked.mask_kind == "colour":
+        colour_report(checked, max_pixels)
+    return checked
+
+
+def _scan(source: SegmentationSource, mode: Literal["full", "fast"], workers: int, max_pixels: int
+          ) -> SegmentationSource:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda i: _check_pair(source, i, mode, max_pixels), range(len(source))))
     errors = [e for _, _, e in results if e]
@@ -315,7 +351,53 @@ def scan_source(source: SegmentationSource, mode: Literal["full", "fast", "off"]
     return source.subset(keep)
 
 
+def colour_report(source: SegmentationSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """What the colour masks of ``source`` hold against its table, from the scan's cached counts:
+    colours the table lacks (ignored in loss and metrics) in one warning line with their pixel
+    shares and files; table colours that occur in no mask in another, with the colours that do.
+    None of the table's colours anywhere is a DataError: nothing would be learned or measured."""
+    table = source.colours
+    totals: dict[int, int] = {}
+    files: dict[int, list[Path]] = {}
+    for image_path, mask_path in source.pairs:
+        summary = mask_summary(mask_path, image_path, "colour", None, max_pixels, table)
+        for code, count in zip(summary.values.tolist(), summary.counts.tolist()):
+            totals[code] = totals.get(code, 0) + count
+            files.setdefault(code, []).append(mask_path)
+    total = sum(totals.values())
+    by_share = sorted(totals, key=lambda c: -totals[c])
+    known = set(table.codes.tolist())
+    seen = [c for c in by_share if c in known]
+    held = shares_text(by_share, [totals[c] for c in by_share], total)
+    if not seen:
+        raise DataError(f"{source.name}: none of the {len(table)} colours of {table.source} occurs in the masks, "
+                        f"which hold {held}{_bgr_hint(table, totals)}")
+    absent = [(n, c) for n, c in zip(table.names, table.codes.tolist()) if c not in totals]
+    if absent:
+        warn(f"{source.name}: {len(absent)} colour(s) of {table.source} occur in no mask: "
+             + ", ".join(f"{n} {colour_text(c)}" for n, c in absent[:8]) + (" ..." if len(absent) > 8 else "")
+             + f"; the masks hold {held}{_bgr_hint(table, totals)}")
+    stray = [c for c in by_share if c not in known]
+    if stray:
+        shown = [f"{colour_text(c)} {100 * totals[c] / total:.2f} % in {len(files[c])} file(s) ("
+                 + ", ".join(p.name for p in files[c][:3]) + (" ..." if len(files[c]) > 3 else "") + ")"
+                 for c in stray[:5]]
+        share = 100 * sum(totals[c] for c in stray) / total
+        warn(f"{source.name}: {len(stray)} mask colour(s) not in {table.source}, {share:.2f} % of the pixels, are "
+             f"ignored in loss and metrics: " + "; ".join(shown) + (f"; and {len(stray) - 5} more" if len(stray) > 5
+                                                                     else ""))
+
+
+def _bgr_hint(table: ColourTable, totals: dict[int, int]) -> str:
+    """A hint when table colours are missing but their channel-reversed twins are in the masks."""
+    flipped = [n for n, (r, g, b), c in zip(table.names, table.rgb, table.codes.tolist())
+               if c not in totals and r != b and ((b << 16) | (g << 8) | r) in totals]
+    return (f" (the colours of {', '.join(flipped[:3])} occur with red and blue swapped: is the table in BGR order?)"
+            if flipped else "")
+
+
 def describe(source: SegmentationSource) -> str:
     """One line for the log: pairs, classes, layout."""
-    kind = {"index": "masks", "ade20k": "ADE20K masks", "coco": "COCO polygons"}[source.mask_kind]
+    kind = {"index": "masks", "ade20k": "ADE20K masks", "coco": "COCO polygons",
+            "colour": "colour masks"}[source.mask_kind]
     return f"{source.name}: {len(source)} images with {kind}, {source.num_classes} classes"

@@ -27,6 +27,7 @@ from dinotune.errors import ConfigError, DataError
 from dinotune.models.bundle import ModelBundle
 from dinotune.models.graph import ExportGraph
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
+from dinotune.tasks.segment.colours import ColourTable, read_colour_table
 from dinotune.tasks.segment.criterion import SegmentationLoss
 from dinotune.tasks.segment.data import (
     SegmentationDataset,
@@ -60,14 +61,26 @@ class SegmentTask(Task):
 
     # ---------------------------------------------------------------------------------- data
     def _find(self, data: str, split: str, images: str = "", categories=None,
-              known_classes: Sequence[str] | None = None) -> SegmentationSource:
+              known_classes: Sequence[str] | None = None, colours: ColourTable | None = None) -> SegmentationSource:
         """One split, its classes from ``--num-classes`` / ``--class-names`` or the data, or
         ``known_classes`` (the training split's, a checkpoint's): a validation split whose masks
-        happen to lack the top labels must still index the same classes as training."""
+        happen to lack the top labels must still index the same classes as training. ``colours``:
+        the colour table of colour-coded masks (``--mask-colors``, or the run's)."""
         d = self.cfg.data
         return find_segmentation_data(data, split, images, num_classes=d.num_classes, class_names=d.class_names,
                                       ignore_index=d.ignore_index, categories=categories,
-                                      known_classes=known_classes)
+                                      known_classes=known_classes, colours=colours)
+
+    @staticmethod
+    def _run_colours(run: TrainedRun) -> ColourTable | None:
+        """The colour table a run was trained with (its ``meta.json``), None for index masks."""
+        colours = run.meta.get("mask_colors")
+        return None if colours is None else ColourTable.from_meta(run.bundle.class_names, colours)
+
+    @staticmethod
+    def _split(split: str) -> str:
+        """The layouts' name of an evaluation split (train, val or test; anything else reads train)."""
+        return split if split in ("train", "val", "test") else "train"
 
     def _dataset(self, source: SegmentationSource, train: bool, patch_size: int, augment: bool = True,
                  pre_transform: Callable | None = None, spec: InputSpec | None = None) -> SegmentationDataset:
@@ -81,7 +94,9 @@ class SegmentTask(Task):
 
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d = self.cfg.data
-        train = self._subset(self._find(d.data, "train", d.train_images), d.subset, run_dir, "subset.json")
+        colours = read_colour_table(d.mask_colors) if d.mask_colors else None
+        train = self._subset(self._find(d.data, "train", d.train_images, colours=colours), d.subset, run_dir,
+                             "subset.json")
         if d.overfit:
             train = train.subset(list(range(min(d.overfit, len(train)))))
             val = train
@@ -89,7 +104,7 @@ class SegmentTask(Task):
         else:
             try:
                 val = self._find(d.val_data or d.data, "val", d.val_images, categories=train.categories,
-                                 known_classes=train.class_names)
+                                 known_classes=train.class_names, colours=colours)
             except DataError as exc:
                 if d.val_data:
                     raise
@@ -121,9 +136,12 @@ class SegmentTask(Task):
         train_ds = self._dataset(train, True, patch_size, augment=d.augment and not d.overfit, spec=spec)
         val_ds = self._dataset(val, False, patch_size, spec=spec) if val is not None else None
         files = [p for pair in train.pairs for p in pair if p is not None] + [train.name]
+        extra = [colours.json_text()] if colours is not None else []  # a changed table changes the labels
         meta = {"task": self.name, "class_names": train.class_names, "num_classes": len(train.class_names),
                 "ignore_index": d.ignore_index, "categories": train.categories,
-                "data_fingerprint": files_fingerprint(files), "input": spec.to_meta()}
+                "data_fingerprint": files_fingerprint(files, extra), "input": spec.to_meta()}
+        if colours is not None:  # eval / predict / export read and draw masks in these colours
+            meta["mask_colors"] = colours.to_meta()
         return TaskData(train_ds, val_ds, meta)
 
     def _subset(self, source: SegmentationSource, n: int, run_dir: Path | None, name: str) -> SegmentationSource:
@@ -243,17 +261,20 @@ class SegmentTask(Task):
     def predict(self, run: TrainedRun, images: Any, settings: SegmentInferenceConfig, *,
                 masks: str | Path = SegmentPredictOptions.masks,
                 draw: str | Path = SegmentPredictOptions.draw) -> list[dict[str, Any]]:
-        """Label maps per image, written as palette PNGs into ``masks`` (pixel values = labels) and,
-        with ``draw``, as overlays. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``."""
+        """Label maps per image, written as palette PNGs into ``masks`` (pixel values = labels,
+        coloured as the run's colour table when it has one) and, with ``draw``, as overlays with a
+        legend. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``."""
         from dinotune.viz.draw import save_image
-        from dinotune.viz.segmentation import overlay, palette, save_mask_png
+        from dinotune.viz.segmentation import overlay, palette, save_mask_png, with_legend
 
         limit = self.cfg.data.max_image_pixels
         spec = InputSpec.from_meta(run.meta)
         paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
         check_inputs(paths, spec, "prediction")
         names = run.bundle.class_names
-        pal = palette(len(names), run.meta.get("ignore_index", self.cfg.data.ignore_index))
+        colours = self._run_colours(run)
+        ignore = run.meta.get("ignore_index", self.cfg.data.ignore_index)
+        pal = palette(len(names), ignore, colours=colours.rgb if colours else None)
         run.bundle.model.eval()
         results = []
         for p in progress(paths, len(paths) > 1, desc="predicting"):
@@ -262,8 +283,13 @@ class SegmentTask(Task):
             classes = class_shares(mask, names)  # the runtime's record
             mask_path = save_mask_png(mask, Path(masks) / f"{p.stem}.png", pal) if masks else None
             if draw:
-                save_image(overlay(stretch_to_rgb(image, spec.rgb_bands), mask, pal), Path(draw) / f"{p.stem}.jpg")
+                drawn = overlay(stretch_to_rgb(image, spec.rgb_bands), mask, pal)
+                save_image(with_legend(drawn, mask, pal, names, ignore), Path(draw) / f"{p.stem}.jpg")
             results.append({"image": str(p), "mask": str(mask_path) if mask_path else None, "classes": classes})
+        if masks:
+            info(f"wrote {len(results)} label map(s) (palette PNGs, values = class indices) to {masks}")
+        if draw:
+            info(f"wrote {len(results)} overlay(s) with a legend to {draw}")
         return results
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,
@@ -272,7 +298,7 @@ class SegmentTask(Task):
         """mIoU and friends of ``run`` on a dataset whose classes must match the checkpoint's
         (``subset``: a reproducible random subset of that many images)."""
         names = run.bundle.class_names
-        source = self._find(data, "val" if split == "val" else "train", images, run.bundle.categories, names)
+        source = self._find(data, self._split(split), images, run.bundle.categories, names, self._run_colours(run))
         if subset and subset < len(source):
             source = source.subset(subset_indices(len(source), subset, subset_seed))
         if len(source.class_names) != len(names):
@@ -300,13 +326,14 @@ class SegmentTask(Task):
         from dinotune.viz.segmentation import comparison_figure
 
         try:
-            source = self._find(data, "val" if split == "val" else "train", "", run.bundle.categories,
-                                run.bundle.class_names)
+            source = self._find(data, self._split(split), "", run.bundle.categories, run.bundle.class_names,
+                                self._run_colours(run))
         except DataError as exc:
             warn(f"no sample pictures: {exc}")
             return []
         step = max(1, len(source) // max(1, samples))
         spec = InputSpec.from_meta(run.meta)
+        colours = self._run_colours(run)
         files = []
         for index in list(range(0, len(source), step))[:samples]:
             image_path = source.pairs[index][0]
@@ -315,11 +342,16 @@ class SegmentTask(Task):
             pred = self.predict_mask(run, image)
             files.append(comparison_figure(stretch_to_rgb(image, spec.rgb_bands), gt, pred, run.bundle.class_names,
                                            Path(out_dir) / "samples" / f"{Path(image_path).stem}.png",
-                                           ignore_index=run.meta.get("ignore_index", self.cfg.data.ignore_index)))
+                                           ignore_index=run.meta.get("ignore_index", self.cfg.data.ignore_index),
+                                           colours=colours.rgb if colours else None))
         return files
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         return format_iou_table(metrics) if "per_class_IoU" in metrics else None
 
     def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> ExportGraph:
-        return build_graph(model, run.cfg, run.meta.get("ignore_index", run.cfg.data.ignore_index))
+        graph = build_graph(model, run.cfg, run.meta.get("ignore_index", run.cfg.data.ignore_index))
+        colours = self._run_colours(run)
+        if colours is not None:  # the runtime colours label PNGs and overlays as the torch path does
+            graph.postprocess["mask_colors"] = colours.to_meta()
+        return graph
