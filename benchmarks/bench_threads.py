@@ -91,7 +91,8 @@ def main() -> int:
 
     source = shared_dataset("hymenoptera", args.data)
     cores = os.cpu_count() or 1
-    rows = []
+    rows: list[dict] = []
+    auto: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         commands = prepare(Path(tmp), photos(source, Path(tmp) / "data", 20))
         for load in ("idle", "busy"):
@@ -100,7 +101,12 @@ def main() -> int:
             for b in burners:
                 b.start()
             try:
-                time.sleep(3 if burners else 0)  # the load average sees the burners (auto reads it)
+                time.sleep(3 if burners else 0)
+                picked = subprocess.run([sys.executable, "-c", "from dinotune.threads import choose_threads; "
+                                         "print(choose_threads(0))"], cwd=ROOT, capture_output=True, text=True,
+                                        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+                auto[load] = int(picked.stdout.strip() or 0)
+                print(f"{load}: auto picks {auto[load]} thread(s)", flush=True)
                 for name, argv in commands.items():
                     default = timed(argv, None, args.repeats)
                     for label, threads in (("PyTorch default", None), ("1", "1"), ("auto (0)", "0")):
@@ -115,11 +121,13 @@ def main() -> int:
                     b.join()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"machine": machine_info("cpu"), "cores": cores, "repeats": args.repeats, "rows": rows}
+    summary = {"machine": machine_info("cpu"), "cores": cores, "repeats": args.repeats, "auto_picks": auto,
+               "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# CPU threads: PyTorch's default, one, and auto", "",
              f"`python benchmarks/bench_threads.py`; {cores} cores ({summary['machine'].get('cpu_model', '?')}); "
-             f"median of {args.repeats} runs, each a fresh process; busy = {cores} CPU-bound processes beside it.", "",
+             f"median of {args.repeats} runs, each a fresh process; busy = {cores} CPU-bound processes beside it; "
+             f"auto picked {auto.get('idle')} thread(s) idle and {auto.get('busy')} busy.", "",
              "| load | command | threads | seconds | vs default |", "|---|---|---|---|---|"]
     lines += [f"| {r['load']} | {r['command']} | {r['threads']} | {r['seconds']} | {r['vs_default']} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

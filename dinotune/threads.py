@@ -4,8 +4,8 @@ not oversubscribe the machine.
 PyTorch's and onnxruntime's defaults take every core whatever else runs: on a busy 2-core machine
 that made ``predict`` 4.7x and training 6x slower than one thread, because the threads wait for each
 other behind the other processes. Auto takes ``$OMP_NUM_THREADS`` when the user set it, else the
-cores this process may run on (CPU affinity and a cgroup quota) minus those already busy (the
-1-minute load average), at least one. ``benchmarks/bench_threads.py`` measures the choice on an
+cores this process may run on (CPU affinity and a cgroup quota) minus those other processes keep
+busy right now (the kernel's count of runnable threads), at least one. ``benchmarks/bench_threads.py`` measures the choice on an
 idle and on a loaded machine.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -34,19 +35,48 @@ def usable_cores() -> int:
 
 def choose_threads(requested: int = 0) -> int:
     """``requested`` when above 0; else ``$OMP_NUM_THREADS`` when set to a number; else the usable
-    cores not already busy (the 1-minute load average, which counts the other processes' runnable
-    threads), at least 1."""
+    cores not already busy (``busy_cores``), at least 1."""
     if requested > 0:
         return int(requested)
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = usable_cores()
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> float:
+    """How many cores other processes keep busy right now: the runnable threads the kernel counts
+    (``/proc/loadavg``'s ``running/total``) less this process's own (its numerical libraries' thread
+    pools may be spinning right after import), the least of a few samples ``interval`` apart so a
+    passing spike does not count. The 1-minute load average lags a minute behind (a process that
+    just ended still counts), so it is only the fallback where there is no ``/proc``."""
     try:
-        busy = os.getloadavg()[0]
+        others = []
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            others.append(running - _own_running())
+        return float(max(0, min(others)))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
     except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        return 0.0
+
+
+def _own_running() -> int:
+    """This process's threads the kernel counts as runnable (state ``R``; at least this one)."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        count += stat[stat.rindex(")") + 2:].startswith("R")
+    return max(1, count)
 
 
 def apply_threads(requested: int = 0) -> int:

@@ -153,7 +153,7 @@ def test_eval_prints_metrics_json(hymenoptera_run, capsys):
     for key in ("top1", "loss", "f1_macro", "accuracy_balanced"):
         assert key in metrics
     assert 0.0 <= metrics["top1"] <= 1.0
-    full = hymenoptera_run["run"] / "eval" / "hymenoptera-val.json"
+    full = hymenoptera_run["run"] / "eval" / "hymenoptera-val" / "metrics.json"
     assert str(full) in captured.err
     assert json.loads(full.read_text())["confusion"]
 

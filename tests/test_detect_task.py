@@ -70,7 +70,7 @@ def test_eval_prints_coco_metrics(coco_run, capsys):
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"} <= metrics.keys()
     assert not {"accuracy", "precision", "recall", "f1", "mean_iou", "map50"} & metrics.keys()  # single-object only
     assert 0.0 <= metrics["AP"] <= 1.0
-    assert (run / "eval" / "coco_tiny-val.json").is_file()
+    assert (run / "eval" / "coco_tiny-val" / "metrics.json").is_file()
 
 
 def test_predict_writes_coco_results_with_original_ids(coco_run, tmp_path):

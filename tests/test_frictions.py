@@ -261,3 +261,34 @@ def test_segmentation_predict_draws_overlays_into_the_given_folder(tmp_path):
     images = sorted((root / "JPEGImages").glob("val_*.jpg"))
     dinotune.load(result["run_dir"], device="cpu").predict(images, draw=str(tmp_path / "drawn"))
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f"{p.stem}.jpg" for p in images]
+
+
+def test_classification_subsets_and_class_names(tmp_path, capsys):
+    """``--class-names`` trains on those classes, in that order (the others' images left out);
+    ``--subset`` / ``--val-subset`` draw reproducible subsets (recorded in RUN/subset.json); a
+    class the data lacks is refused naming the ones it has; ``eval --subset`` works for classification."""
+    from dinotune.cli import main as cli_main
+    from tests.conftest import make_class_folders
+
+    data = tmp_path / "data"
+    make_class_folders(data / "train", ["red", "blue", "green"], 6, seed=1)
+    make_class_folders(data / "val", ["red", "blue", "green"], 3, seed=2)
+    run = dinotune.train(task="classify", data=str(data), class_names=["green", "red"], subset=8, val_subset=4,
+                         subset_seed=3, **tiny_options(tmp_path / "run", epochs=1))
+    meta = json.loads((Path(run["run_dir"]) / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["class_names"] == ["green", "red"]
+    picked = json.loads((Path(run["run_dir"]) / "subset.json").read_text())["images"]
+    assert len(picked) == 8 and all(Path(p).parent.name in ("green", "red") for p in picked)
+    assert run["metrics"]["images"] == 4
+    again = dinotune.train(task="classify", data=str(data), class_names=["green", "red"], subset=8, val_subset=4,
+                           subset_seed=3, **tiny_options(tmp_path / "again", epochs=1))
+    assert json.loads((Path(again["run_dir"]) / "subset.json").read_text())["images"] == picked
+    with pytest.raises(DataError, match=r"no class 'purple' \(--class-names\); it has blue, green, red"):
+        dinotune.train(task="classify", data=str(data), class_names=["purple"], **tiny_options(tmp_path / "bad"))
+    capsys.readouterr()
+    assert cli_main(["eval", run["run_dir"], "--data", str(data), "--subset", "2", "--device", "cpu"]) == 2
+    # the run knows only green and red: blue's folder is refused by name, as another class count is
+    assert "blue" in capsys.readouterr().err
+    make_class_folders(tmp_path / "two" / "val", ["green", "red"], 3, seed=4)
+    assert cli_main(["eval", run["run_dir"], "--data", str(tmp_path / "two"), "--subset", "2", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2

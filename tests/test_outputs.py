@@ -94,6 +94,33 @@ def test_evaluation_files_are_named_after_the_dataset_folder(tmp_path):
     assert _data_name(str(coco_json)) == "coco"
     assert _data_name(str(tmp_path / "coco")) == "coco"
     assert _data_name("hf:user/set").endswith("set")
+    for name in ("a.csv", "b.csv"):  # two CSVs of one folder: two names
+        (tmp_path / name).write_text("path,label\n")
+    assert _data_name(str(tmp_path / "a.csv")) == "a" and _data_name(str(tmp_path / "b.csv")) == "b"
+
+
+def test_evaluations_never_overwrite_each_other(tiny_folder, tmp_path, capsys):
+    """The same data twice, and two CSVs of one folder: four evaluations, four folders of metrics and
+    charts, each said where it went."""
+    run = str(dinotune.train(task="classify", data=str(tiny_folder), **tiny_options(tmp_path / "run", epochs=1))
+              ["run_dir"])
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted((tiny_folder / "val").rglob("*.png"))]
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    written = []
+    for data in (str(tiny_folder), str(tiny_folder), str(tmp_path / "a.csv"), str(tmp_path / "b.csv")):
+        capsys.readouterr()
+        assert main(["eval", run, "--data", data, "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        written.append(next(line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("full metrics:")))
+    names = [Path(w).parent.name for w in written]
+    assert names == [f"{tiny_folder.name}-val", f"{tiny_folder.name}-val-2", "a-val", "b-val"]
+    assert all(Path(w).is_file() and (Path(w).parent / "confusion_matrix.png").is_file() for w in written)
+    out = tmp_path / "mine.json"  # --out: numbered too, and said
+    for _ in range(2):
+        assert main(["eval", run, "--data", str(tiny_folder), "--device", "cpu", "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "mine-2.json").is_file()
+    assert f"{out} exists; this evaluation goes to {tmp_path / 'mine-2.json'}" in capsys.readouterr().err
 
 
 def test_offline_hint_names_every_random_size(monkeypatch, tmp_path):

@@ -4,7 +4,6 @@ applied to PyTorch and onnxruntime, and outputs that do not depend on it."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ def machine(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
 
     def load(value: float) -> None:
-        monkeypatch.setattr(os, "getloadavg", lambda: (value, value, value))
+        monkeypatch.setattr(threads, "busy_cores", lambda: value)
     return load
 
 
@@ -73,3 +72,10 @@ def test_every_command_takes_threads(capsys):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert "--threads" in capsys.readouterr().out, command
+
+
+def test_busy_cores_counts_the_other_runnable_threads():
+    """On this machine right now: a number of cores, at least 0, below what the machine has plus
+    what is queued (the test process itself is not counted)."""
+    busy = threads.busy_cores(samples=2, interval=0.0)
+    assert 0 <= busy < 10_000

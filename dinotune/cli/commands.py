@@ -107,14 +107,33 @@ def _refuse_inapplicable(given: dict[str, str], accepted: set[str], what: str) -
         raise ConfigError(f"{', '.join(wrong)} does not apply to {what}")
 
 
+# File names that say nothing of the data they hold: the folder around them names it instead.
+_GENERIC_STEMS = ("data", "_annotations.coco", "annotations", "labels", "train", "val", "valid", "test")
+
+
 def _data_name(data: str) -> str:
-    """A short name for evaluation outputs: the dataset's folder (for a file such as a data.yaml
-    or ``annotations/instances_val.json``, the folder that holds the dataset), never the file."""
+    """A short name for an evaluation's outputs: the data file's stem (``a.csv`` and ``b.csv`` in one
+    folder stay apart), the folder's name for a folder, and the dataset's folder for a file whose
+    name says nothing (``data.yaml``, ``annotations/instances_val.json``, ``_annotations.coco.json``)."""
     path = Path(data).expanduser()
-    if path.is_file():
-        path = path.parent.parent if path.parent.name == "annotations" else path.parent
-    name = path.resolve().name if str(data) not in ("", ".") else Path.cwd().name
+    if path.is_file() and path.stem not in _GENERIC_STEMS and not path.stem.startswith("instances_"):
+        name = path.stem
+    else:
+        if path.is_file():
+            path = path.parent.parent if path.parent.name == "annotations" else path.parent
+        name = path.resolve().name if str(data) not in ("", ".") else Path.cwd().name
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or str(data))) or "data"
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... (before a file's suffix): the first that does not
+    exist, so an evaluation never overwrites another."""
+    if not path.exists():
+        return path
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -126,19 +145,25 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     options: dict[str, Any] = {"batch_size": cfg.batch_size, "images": cfg.images}
     if cfg.subset:
         options.update(subset=cfg.subset, subset_seed=cfg.subset_seed)
+    name = f"{_data_name(cfg.data)}-{cfg.split}"
     if cfg.corruptions:
         from dinotune.robustness import evaluate_corruptions
 
-        out_dir = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"corruptions-{_data_name(cfg.data)}"
+        out_dir = _unused(Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"corruptions-{name}")
         evaluate_corruptions(loaded, cfg.data, split=cfg.split, names=cfg.corruption_names or None,
                              severities=cfg.severities, seed=cfg.corruption_seed, out_dir=out_dir, **options)
         print((out_dir / "corruptions.md").read_text())
         print(f"wrote {out_dir / 'corruptions.json'} and {out_dir / 'corruptions.png'}", file=sys.stderr)
         return 0
     metrics = loaded.evaluate(cfg.data, split=cfg.split, **options)
-    out = Path(cfg.out) if cfg.out else loaded.layout.eval_dir / f"{_data_name(cfg.data)}-{cfg.split}.json"
+    # each evaluation its own files: RUN/eval/<data>-<split>/metrics.json and its charts (or --out and
+    # the charts beside it), numbered rather than written over an earlier one
+    given = Path(cfg.out) if cfg.out else None
+    out = _unused(given) if given else _unused(loaded.layout.eval_dir / name) / "metrics.json"
+    if given and out != given:
+        print(f"{given} exists; this evaluation goes to {out}", file=sys.stderr)
     write_json(out, metrics)
-    files = loaded.task.report(out.parent, metrics, loaded.meta)
+    files = loaded.task.report(out.parent if not given else out.parent / out.stem, metrics, loaded.meta)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
     table = loaded.task.summary_table(metrics)  # per-class numbers for the reader (stdout stays JSON)
     if table:

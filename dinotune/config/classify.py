@@ -42,6 +42,12 @@ class ClassifyDataConfig:
     sampler: Sampler = opt("shuffle", "order of training images: shuffle = each once per epoch; balanced = "
                            "every class drawn equally often (weights 1 / class count, with replacement)")
     max_image_pixels: int = max_image_pixels_option()
+    class_names: list[str] = opt([], "train on these classes only, in this label order (the other classes' images are "
+                                 "left out; default: every class of the data)")
+    subset: int = opt(0, "train on a reproducible random subset of N images (0 = all); their paths go to "
+                      "RUN/subset.json", ge=0)
+    val_subset: int = opt(0, "evaluate on a reproducible random subset of N validation images (0 = all)", ge=0)
+    subset_seed: int = opt(0, "seed that picks the subsets", ge=0)
 
 
 @dataclass

@@ -80,7 +80,7 @@ ADDED_KEYS = frozenset({
     # the training options (checkpointing, compile, EMA, early stopping, trackers, layer decay, sampler) and
     # N-band input: runs without them trained plainly on RGB pictures, which these defaults keep
     "train.grad_checkpointing", "train.compile", "train.ema", "train.patience", "train.min_delta",
-    "train.report_to", "train.threads", "optim.layer_decay", "data.sampler",
+    "train.report_to", "train.threads", "data.class_names", "data.subset", "data.val_subset", "data.subset_seed", "optim.layer_decay", "data.sampler",
     # the monitored metric: runs without it picked their best epoch by the task's metric, which auto picks
     "train.monitor", "train.monitor_mode",
     "bands.in_channels", "bands.rgb_bands", "bands.layout", "bands.stats", "bands.mean", "bands.std",

@@ -14,7 +14,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -34,7 +34,7 @@ from dinotune.data.images import (
     upright_image,
 )
 from dinotune.data.paths import join_inside
-from dinotune.data.splits import SPLIT_ALIASES
+from dinotune.data.splits import SPLIT_ALIASES, subset_indices
 from dinotune.errors import DataError
 from dinotune.utils import info, warn
 
@@ -364,6 +364,10 @@ def build_classification_data(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     bands: BandsConfig | None = None,
     make_transforms: Callable[[InputSpec], tuple[Callable, Callable]] | None = None,
+    class_names: Sequence[str] = (),
+    subset: int = 0,
+    val_subset: int = 0,
+    subset_seed: int = 0,
 ) -> ClassificationData:
     """Read training (and validation) data from any supported source, check every image, and
     report what was skipped. Raises DataError on empty, one-class or inconsistent data.
@@ -372,7 +376,11 @@ def build_classification_data(
     The input (``ClassificationData.spec``: band count, RGB bands, per-band statistics) is decided
     from the checked training files under ``bands`` (defaults: pictures as RGB with ImageNet
     statistics, band arrays with their own); ``make_transforms(spec)`` then gives the training and
-    evaluation transforms (else ``train_transform`` / ``eval_transform`` are used as given)."""
+    evaluation transforms (else ``train_transform`` / ``eval_transform`` are used as given).
+
+    ``class_names``: train on these classes only, in this order (the others' images are left out);
+    ``subset`` / ``val_subset``: a reproducible random subset of that many training / validation
+    images (``subset_seed``), drawn before the images are checked."""
     if not data:
         raise DataError("no training data given (--data DIR, CSV or dataset)")
     bands = bands or BandsConfig()
@@ -381,6 +389,9 @@ def build_classification_data(
         spec = _hf_spec(bands)
         if make_transforms is not None:
             train_transform, eval_transform = make_transforms(spec)
+        if class_names or subset or val_subset:
+            raise DataError(f"{data}: --class-names, --subset and --val-subset apply to class folders and CSVs; "
+                            "select a Hugging Face dataset's classes or rows with datasets' own filter / select")
         return _build_hf(data, val_data, train_split, val_split, image_column, label_column,
                          train_transform, eval_transform)
     train_dir, val_dir = _split_dirs(root) if root.is_dir() else (None, None)
@@ -394,6 +405,10 @@ def build_classification_data(
         val = read_class_folders(val_dir, train.class_names)
     else:
         val = None
+    if class_names:
+        train, val = _only_classes(train, class_names), _only_classes(val, class_names) if val else None
+    train = _subset(train, subset, subset_seed, "--subset")
+    val = _subset(val, val_subset, subset_seed, "--val-subset") if val else None
     report = SkipReport(train.report.skipped + (val.report.skipped if val else []))
     train.report = report  # before the scan, so bad training images land in the printed report
     train = _scan(train, check_images, max_image_pixels, bands.layout)
@@ -427,6 +442,34 @@ def build_classification_data(
         report,
         spec,
     )
+
+
+def _only_classes(samples: Samples, names: Sequence[str]) -> Samples:
+    """``samples`` of the classes ``names`` only, relabelled in that order; a name the data does not
+    have is refused naming the ones it has."""
+    missing = [n for n in names if n not in samples.class_names]
+    if missing:
+        raise DataError(f"{samples.source}: no class {', '.join(map(repr, missing))} (--class-names); it has "
+                        f"{', '.join(samples.class_names[:30])}")
+    if len(set(names)) != len(names):
+        raise DataError(f"--class-names names a class twice: {', '.join(names)}")
+    index = {samples.class_names.index(n): i for i, n in enumerate(names)}
+    items = [(p, index[c]) for p, c in samples.items if c in index]
+    left_out = len(samples.items) - len(items)
+    if left_out:
+        info(f"{samples.source}: {left_out} image(s) of the other {len(samples.class_names) - len(names)} classes "
+             "left out (--class-names)")
+    return Samples(items, list(names), samples.source, samples.report)
+
+
+def _subset(samples: Samples, n: int, seed: int, flag: str) -> Samples:
+    """A reproducible random subset of ``n`` of ``samples``' items (``subset_indices``: the subset
+    of a seed holds that of any smaller ``n``); all of them for ``n`` 0 or above their count."""
+    if not n or n >= len(samples.items):
+        return samples
+    picked = subset_indices(len(samples.items), n, seed)
+    info(f"{samples.source}: {flag} {n} of {len(samples.items)} images (seed {seed})")
+    return Samples([samples.items[i] for i in picked], samples.class_names, samples.source, samples.report)
 
 
 def _holdout(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:

@@ -14,6 +14,7 @@ from dinotune.config import ClassifyConfig, ClassifyInferenceConfig
 from dinotune.data.bands import InputSpec, check_inputs
 from dinotune.data.images import readable_images
 from dinotune.data.loader import make_loader
+from dinotune.data.splits import subset_indices
 from dinotune.data.sampler import class_balanced_weights, class_counts, describe_class_balance
 from dinotune.data.transforms import classify_eval_transform, classify_train_transform
 from dinotune.engine import distributed
@@ -38,7 +39,7 @@ from dinotune.tasks.classify.metrics import ClassificationMetrics, collapse_warn
 from dinotune.tasks.classify.model import Classifier
 from dinotune.tasks.classify.probe import FeatureDataset, cached_features
 from dinotune.tasks.classify.runtime import top_k_record
-from dinotune.utils import info, warn
+from dinotune.utils import info, warn, write_json
 
 # The validation classes count as imbalanced when the largest holds more than this many times the
 # images of the smallest: from 60 / 40 between two classes on, answering the majority everywhere
@@ -49,6 +50,7 @@ IMBALANCE_RATIO = 1.5
 class ClassifyTask(Task):
     name = "classify"
     monitor_mode = "max"
+    supports_subset = True
 
     cfg: ClassifyConfig
 
@@ -100,7 +102,11 @@ class ClassifyTask(Task):
             check_images=d.check_images, seed=self.cfg.train.seed, max_image_pixels=d.max_image_pixels,
             bands=self.cfg.bands,
             make_transforms=lambda spec: (classify_train_transform(size, augment, spec), self.eval_transform(spec)),
+            class_names=d.class_names, subset=d.subset, val_subset=d.val_subset, subset_seed=d.subset_seed,
         )
+        if d.subset and run_dir is not None and getattr(data.train, "items", None) is not None:
+            write_json(Path(run_dir) / "subset.json", {"images": [str(p) for p, _ in data.train.items],
+                                                       "n": d.subset, "seed": d.subset_seed, "source": d.data})
         items = getattr(data.train, "items", None)  # files; a Hugging Face dataset has its own fingerprint
         fingerprint = (files_fingerprint([p for p, _ in items]) if items is not None
                        else files_fingerprint([], [getattr(getattr(data.train, "ds", None), "_fingerprint", None)]))
@@ -231,8 +237,13 @@ class ClassifyTask(Task):
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: ClassifyInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
                       pre_transform: Callable | None = None) -> dict[str, Any]:
-        """Metrics of ``run`` on a dataset, classes matched to the checkpoint's by name."""
+        """Metrics of ``run`` on a dataset, classes matched to the checkpoint's by name (``subset``: a
+        reproducible random subset of that many images, of a dataset of files)."""
         ds = self._eval_dataset(data, run.bundle.class_names, split, InputSpec.from_meta(run.meta), pre_transform)
+        if subset:
+            if not isinstance(ds, ImageListDataset):
+                raise ConfigError(f"{data}: --subset applies to class folders and CSVs")
+            ds.items = [ds.items[i] for i in subset_indices(len(ds.items), subset, subset_seed)]
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers)
         return self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
 
