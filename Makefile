@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Real datasets for integration tests and benchmarks (read-only, never copied into the repo).
 export DINOTUNE_SHARED ?= $(abspath ../shared)
 
-.PHONY: demo test test-slow examples hostile bench install install-dev clean
+.PHONY: demo test test-slow examples hostile docs bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-slow: $(VENV)/.installed-dev
 # The tutorials in examples/, converted to notebooks and executed (nothing written into the repo).
 examples: $(VENV)/.installed-dev
 	$(BIN)/python examples/run_all.py
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any warning: a broken link,
+# a docstring the API page cannot read, a flags marker naming no command (docs/hooks.py).
+docs: $(VENV)/.installed-dev
+	$(BIN)/mkdocs build --strict --quiet -d site
 
 # The hostile-input replay (benchmarks/bench_hostile.py): every case of the hardening reviews, end to
 # end; fails when one is not handled. A few minutes on 2 cores, so it runs beside the suite, not in it.

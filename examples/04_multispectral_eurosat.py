@@ -125,6 +125,6 @@ show(dinotune.api.pca(RUN, [str(t) for t in tiles], OUT / "eurosat-pca.png", dev
 # - `MODEL = "facebook/dinov2-small"`, `adapter="lora"`, `IMAGE_SIZE = 224`, 10+ epochs, the full
 #   EuroSAT-MS (27,000 tiles).
 # - How much do the 10 extra bands help? `benchmarks/bench_multispectral.py` trains the same tiles
-#   with all 13 bands and with bands 3, 2, 1 only (README, "Multispectral and N-band input").
+#   with all 13 bands and with bands 3, 2, 1 only (docs/tasks/multispectral.md).
 # - A common satellite recipe (ViT-L/14, last-4-layers head, LoRA rank 4):
 #   `dinotune train classify --config configs/satellite-lora-vitl.yaml --data tiles/`.
