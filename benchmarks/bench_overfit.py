@@ -8,6 +8,10 @@ AP / mIoU were computed wrongly.
 
     DINOTUNE_SHARED=../shared python benchmarks/bench_overfit.py --task detect    # AP50 on 4 images
     DINOTUNE_SHARED=../shared python benchmarks/bench_overfit.py --task segment   # mIoU on 2 images
+    DINOTUNE_SHARED=../shared python benchmarks/bench_overfit.py --task instance  # mask AP50 on 4 images
+
+For instance segmentation the run's own evaluation is then held against pycocotools' ``segm``
+evaluation of ``dinotune predict``'s COCO results on the same images.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ TASKS = {
         "settings": dict(hidden_dim=128, num_heads=4, ffn_dim=256, decoder_layers=3, num_queries=50,
                          sampling_points=4, lr=5e-4, backbone_lr=2e-4, warmup_epochs=10),
         "title": "DETR-style detector",
+    },
+    "instance": {
+        "metrics": ("segm/AP50", "segm/AP"), "images": 4, "epochs": 200, "image_size": 224,
+        "settings": dict(hidden_dim=128, num_heads=4, ffn_dim=256, decoder_layers=3, num_queries=50,
+                         sampling_points=4, mask_dim=64, lr=5e-4, backbone_lr=2e-4, warmup_epochs=10),
+        "title": "DETR-style instance segmenter",
     },
     "segment": {
         "metrics": ("mIoU", "pixel_accuracy"), "images": 2, "epochs": 300, "image_size": 308,
@@ -66,6 +76,8 @@ def main() -> None:
         result = dinotune.train(task=args.task, data=str(data), out=str(Path(tmp) / "run"), **settings)
         seconds = time.perf_counter() - t0
         history = read_metrics(Path(result["run_dir"]))
+        check = (pycocotools_check(Path(result["run_dir"]), data, images, args.device) if args.task == "instance"
+                 else None)
     first, second = spec["metrics"]
     curve = [{"step": r["epoch"], "train_loss": round(r["train/loss"], 4), first: r.get(f"val/{first}"),
               second: r.get(f"val/{second}")} for r in history if f"val/{first}" in r]
@@ -74,14 +86,47 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"task": args.task, "settings": settings, "machine": machine, "seconds": round(seconds, 1),
                "steps": epochs, "final": {k: result["metrics"].get(k) for k in spec["metrics"]}, "curve": curve}
+    if check:
+        summary["pycocotools"] = check
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# {spec['title']} overfit on {images} coco_tiny images ({args.model})", "",
              f"{epochs} steps (batch = all {images} images), {size} px, full fine-tuning, "
              f"{seconds:.0f} s on {machine['device']} ({machine['cpu_threads']} threads).", "",
              f"| step | train loss | {first} | {second} |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['train_loss']} | {c[first]:.3f} | {c[second]:.3f} |" for c in curve]
+    if check:
+        lines += ["", f"pycocotools' segm evaluation of `dinotune predict`'s COCO results on the same {images} images: "
+                  f"AP50 {check['AP50']:.3f}, AP {check['AP']:.3f} (dinotune eval: AP50 {check['eval_AP50']:.3f}, "
+                  f"AP {check['eval_AP']:.3f})."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def pycocotools_check(run: Path, data: Path, images: int, device: str) -> dict[str, float]:
+    """The run's own evaluation of its (overfit) images beside pycocotools' segm evaluation of
+    ``dinotune predict``'s COCO results for the same images."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from dinotune.cli import main as cli
+    from dinotune.tasks.instance.sources import find_instance_data
+
+    source = find_instance_data(str(data), "train", min_box_size=1.0)
+    picked = source.images[:images]
+    metrics = json.loads((run / "best_metrics.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        gt_file, info, preds = Path(tmp) / "gt.json", Path(tmp) / "info.json", Path(tmp) / "preds.json"
+        gt_file.write_text(json.dumps(source.with_images(picked).coco_gt()))
+        info.write_text(json.dumps({"images": [{"id": im.id, "file_name": im.path.name} for im in picked]}))
+        assert cli(["predict", str(run), *[str(im.path) for im in picked], "--format", "coco", "--image-info",
+                    str(info), "--out", str(preds), "--device", device]) == 0
+        coco = COCO(str(gt_file))
+        evaluator = COCOeval(coco, coco.loadRes(str(preds)), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1]),
+            "eval_AP": float(metrics["segm"]["AP"]), "eval_AP50": float(metrics["segm"]["AP50"])}
 
 
 if __name__ == "__main__":

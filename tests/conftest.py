@@ -214,3 +214,62 @@ def run_capped(argv: list[str], cap_mb: int = MEMORY_CAP_MB, timeout: float = 30
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:g} s"
     return done.returncode, done.stderr
+
+
+def make_instance_dataset(root: Path, counts: dict[str, list[int]], size: tuple[int, int] = (56, 42),
+                          seed: int = 0, layout: str = "coco") -> Path:
+    """A small instance-segmentation set: ``counts[split][i]`` objects in image ``i``, each a filled
+    triangle (category 3 "red") or a filled ellipse-like octagon (7 "blue") on noise, with its
+    polygon. ``layout``: ``coco`` (``root/annotations/instances_<split>.json`` + ``root/<split>/``)
+    or ``yolo`` (``root/data.yaml``, ``root/images/<split>/``, ``root/labels/<split>/`` with
+    normalised polygons)."""
+    import json
+    import math
+
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    cats = [{"id": 3, "name": "red"}, {"id": 7, "name": "blue"}]
+    colour = {3: (220, 40, 40), 7: (40, 60, 220)}
+    for split, per_image in counts.items():
+        images, anns, labels = [], [], {}
+        folder = root / split if layout == "coco" else root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, n in enumerate(per_image):
+            picture = Image.fromarray(rng.integers(90, 160, (h, w, 3)).astype(np.uint8))
+            draw = ImageDraw.Draw(picture)
+            name = f"{split}_{i:03d}.png"
+            lines = []
+            for _ in range(n):
+                cat = int(rng.choice([3, 7]))
+                r = float(rng.uniform(6, min(w, h) / 3))
+                cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+                corners = 3 if cat == 3 else 8
+                turn = float(rng.uniform(0, 2 * math.pi))
+                poly = [(cx + r * math.cos(turn + 2 * math.pi * k / corners),
+                         cy + r * math.sin(turn + 2 * math.pi * k / corners)) for k in range(corners)]
+                draw.polygon(poly, fill=colour[cat])
+                flat = [round(v, 2) for p in poly for v in p]
+                xs, ys = flat[0::2], flat[1::2]
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "segmentation": [flat],
+                             "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                             "area": 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs)))),
+                             "iscrowd": 0})
+                lines.append(" ".join([str([3, 7].index(cat))] + [f"{v / (w if k % 2 == 0 else h):.5f}"
+                                                                   for k, v in enumerate(flat)]))
+            picture.save(folder / name)
+            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+            labels[name] = lines
+        if layout == "coco":
+            (root / "annotations").mkdir(parents=True, exist_ok=True)
+            (root / "annotations" / f"instances_{split}.json").write_text(
+                json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        else:
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            for name, lines in labels.items():
+                (root / "labels" / split / (Path(name).stem + ".txt")).write_text("\n".join(lines) + "\n")
+    if layout == "yolo":
+        (root / "data.yaml").write_text("path: .\n" + "".join(f"{s}: images/{s}\n" for s in counts)
+                                        + "names:\n  0: red\n  1: blue\n")
+    return root

@@ -7,7 +7,7 @@ Layers, lowest first; a module may import its own layer or lower ones, never hig
     backbone, data, viz, runtime                DINOv2 / DINOv3 features, readers, pictures; torch-free inference
     adapters, models                            PEFT on the backbone; wrapper, pyramid, export graph, losses
     engine                                      training loop, checkpoints, devices, processes, the run layout
-    tasks                                       classify / detect / segment (siblings) over tasks.base
+    tasks                                       classify / detect / segment / instance (siblings) over tasks.base
     runs                                        a trained run loaded (LoadedRun, load, checkpoint resolution)
     robustness, export, sweep                   corruptions; export of a run (ONNX, TorchScript, HF); sweeps
     api, demo                                   the Python API
@@ -15,7 +15,7 @@ Layers, lowest first; a module may import its own layer or lower ones, never hig
     cli, __main__, dinotune/__init__            the command line and the package face
 
 Besides: no unit-level import cycle; inside ``tasks`` no task imports another (each may import
-``tasks.base`` and the registry); the shared layers name no task (no task-name string, no import of
+``tasks.base`` and the registry) except the one it is built on (``BUILDS_ON``: instance on detect); the shared layers name no task (no task-name string, no import of
 a task's folder); the run folder's names live in one module; the registry imports no torch.
 """
 
@@ -42,7 +42,10 @@ LAYERS = [
     ("cli", "__main__", "__init__"),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TASKS = ("classify", "detect", "segment")
+TASKS = ("classify", "detect", "segment", "instance")
+# The sibling a task is built on and may import (instance segmentation extends detection, as Mask
+# R-CNN extends Faster R-CNN); the rest stay apart, and a task built on stays unaware of its users.
+BUILDS_ON = {"instance": ("detect",)}
 # Generic layers: they ask a task (or the registry) what it does, never which one it is.
 SHARED = ("api.py", "cli", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine")
 
@@ -213,12 +216,17 @@ def test_the_shared_layer_checks_see_violations(tmp_path):
 
 
 def test_tasks_are_siblings():
+    assert all(base in TASKS and task not in BUILDS_ON.get(base, ()) for task, bases in BUILDS_ON.items()
+               for base in bases), "a task may build on another, never on one built on it"
+    assert set(TASKS) == {p.name for p in (ROOT / "tasks").iterdir() if (p / "__init__.py").is_file()}, \
+        "every task folder is listed in TASKS"
     wrong = []
     for task in TASKS:
         for path in sorted((ROOT / "tasks" / task).rglob("*.py")):
             for target in _imports(path):
                 parts = target.split(".")
-                if len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS and parts[2] != task:
+                if (len(parts) > 2 and parts[1] == "tasks" and parts[2] in TASKS and parts[2] != task
+                        and parts[2] not in BUILDS_ON.get(task, ())):
                     wrong.append(f"{path.relative_to(ROOT.parent)} imports {target}")
     for path in (ROOT / "tasks" / "base.py", ROOT / "tasks" / "__init__.py", ROOT / "tasks" / "registry.py"):
         for target in _imports(path):

@@ -222,7 +222,7 @@ def test_box_refinement(backbone):
     images = torch.randn(2, 3, 56, 56)
     head = model.head
     patch_map = model.backbone_features(images).patch_map
-    memory, shapes = head.memory(patch_map)
+    memory, shapes = head.memory(head.pyramid(patch_map))
     query_pos, tgt = head.query_embed.weight.split(head.hidden_dim, dim=1)
     query_pos, tgt = query_pos[None].expand(2, -1, -1), tgt[None].expand(2, -1, -1)
     init = head.reference_points(query_pos).sigmoid()

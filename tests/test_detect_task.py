@@ -66,8 +66,14 @@ def test_train_writes_run_folder(coco_run):
 def test_eval_prints_coco_metrics(coco_run, capsys):
     coco, run = coco_run
     assert main(["eval", str(run), "--data", str(coco), "--device", "cpu"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"} <= metrics.keys()
+    # the per-class table on the terminal: one row per category with its AP, then the overall row
+    full = json.loads((run / "eval" / "coco_tiny-val" / "metrics.json").read_text())
+    table = [line.split() for line in captured.err.splitlines() if line.split()[:1] in (["all"], *[[n] for n in full["per_class_AP"]])]
+    assert table[-1][0] == "all" and len(table) == 1 + sum(" " not in n for n in full["per_class_AP"])
+    assert float(table[-1][1]) == pytest.approx(100 * metrics["AP"], abs=0.006)
     assert not {"accuracy", "precision", "recall", "f1", "mean_iou", "map50"} & metrics.keys()  # single-object only
     assert 0.0 <= metrics["AP"] <= 1.0
     assert (run / "eval" / "coco_tiny-val" / "metrics.json").is_file()

@@ -54,13 +54,9 @@ class DetectDataConfig:
 
 
 @dataclass
-class DetectModelConfig:
-    head: Literal["detr", "simple", "improved", "fasterrcnn"] = opt(
-        "detr",
-        "detr = multi-scale deformable DETR decoder; simple / improved = single-object detectors, one "
-        "class and one box per image from the CLS token (improved turns on --two-stage unless told otherwise); "
-        "fasterrcnn = torchvision's Faster R-CNN (RPN + RoI heads) on the simple feature pyramid (ViTDet)",
-    )
+class DetrDecoderFields:
+    """The DETR-style decoder's sizes (detection's and instance segmentation's model sections)."""
+
     lightweight: bool = opt(
         False,
         "preset: dinov2-small, 2 decoder layers, 25 queries, width 128, 2 sampling points, LoRA on the "
@@ -78,16 +74,32 @@ class DetectModelConfig:
         "0.5 = stride 28)", gt=0,
     )
     decoder_dropout: float = opt(0.0, "dropout in the decoder", ge=0, lt=1)
+
+
+@dataclass
+class RcnnFields:
+    """The R-CNN heads' settings (Faster R-CNN for detection, Mask R-CNN for instance segmentation)."""
+
+    rcnn_anchor_scales: list[float] = opt(
+        [2.0, 4.0, 8.0], "fasterrcnn / maskrcnn: anchor sides in strides of each pyramid level (with 14-pixel patches and "
+        "--pyramid-scales 2 1 0.5: 14..224 pixels; COCO's many small objects want the small ones)", gt=0)
+    rcnn_aspect_ratios: list[float] = opt([0.5, 1.0, 2.0], "fasterrcnn / maskrcnn: anchor aspect ratios (height / width)", gt=0)
+    rcnn_rpn_batch: int = opt(256, "fasterrcnn / maskrcnn (and --baseline): anchors sampled per image for the proposal-network loss", ge=1)
+    rcnn_roi_batch: int = opt(512, "fasterrcnn / maskrcnn (and --baseline): proposals sampled per image for the box-head loss", ge=1)
+    rcnn_score_threshold: float = opt(
+        0.05, "fasterrcnn / maskrcnn (and --baseline): drop class scores below this before NMS (torchvision's default)", ge=0, lt=1)
+
+
+@dataclass
+class DetectModelConfig(RcnnFields, DetrDecoderFields):  # fields: the decoder's, the R-CNN's, then these
+    head: Literal["detr", "simple", "improved", "fasterrcnn"] = opt(
+        "detr",
+        "detr = multi-scale deformable DETR decoder; simple / improved = single-object detectors, one "
+        "class and one box per image from the CLS token (improved turns on --two-stage unless told otherwise); "
+        "fasterrcnn = torchvision's Faster R-CNN (RPN + RoI heads) on the simple feature pyramid (ViTDet)",
+    )
     single_hidden: int = opt(256, "improved single-object head: hidden width of its MLPs", ge=2)
     single_dropout: float = opt(0.3, "improved single-object head: dropout inside its MLPs", ge=0, lt=1)
-    rcnn_anchor_scales: list[float] = opt(
-        [2.0, 4.0, 8.0], "fasterrcnn: anchor sides in strides of each pyramid level (with 14-pixel patches and "
-        "--pyramid-scales 2 1 0.5: 14..224 pixels; COCO's many small objects want the small ones)", gt=0)
-    rcnn_aspect_ratios: list[float] = opt([0.5, 1.0, 2.0], "fasterrcnn: anchor aspect ratios (height / width)", gt=0)
-    rcnn_rpn_batch: int = opt(256, "fasterrcnn (and --baseline): anchors sampled per image for the proposal-network loss", ge=1)
-    rcnn_roi_batch: int = opt(512, "fasterrcnn (and --baseline): proposals sampled per image for the box-head loss", ge=1)
-    rcnn_score_threshold: float = opt(
-        0.05, "fasterrcnn (and --baseline): drop class scores below this before NMS (torchvision's default)", ge=0, lt=1)
     baseline: Literal["none", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"] = opt(
         "none",
         "train a plain torchvision Faster R-CNN instead of a DINOv2 detector, to compare against (implies "
@@ -100,13 +112,19 @@ class DetectModelConfig:
 
 
 @dataclass
-class DetectLossConfig:
+class SetLossFields:
+    """The DETR set loss's weights (and its matcher's costs)."""
+
     class_weight: float = opt(2.0, "weight of the sigmoid focal classification loss (and its matching cost)", ge=0)
     bbox_weight: float = opt(5.0, "weight of the L1 box loss (and its matching cost)", ge=0)
     giou_weight: float = opt(2.0, "weight of the GIoU box loss (and its matching cost)", ge=0)
     focal_alpha: float = opt(0.25, "focal-loss alpha", ge=0, le=1)
     focal_gamma: float = opt(2.0, "focal-loss gamma", ge=0)
     aux_loss: bool = opt(True, "losses at every decoder layer, not only the last")
+
+
+@dataclass
+class DetectLossConfig(SetLossFields):
     box_loss_weight: float = opt(
         2.0, "improved head: weight of the smooth-L1 box loss against the focal class loss (simple uses 1)", ge=0,
     )
@@ -201,20 +219,26 @@ class DetectConfig:
     def validate(self) -> None:
         validate_common(self)
         m = self.model
-        if m.hidden_dim % m.num_heads:
-            raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.num_heads={m.num_heads}")
-        if not m.pyramid_scales or any(s not in PYRAMID_SCALES for s in m.pyramid_scales):
-            raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from {', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
-        if m.hidden_dim % 4:
-            raise ConfigError(f"--hidden-dim {m.hidden_dim}: must be a multiple of 4 (sine position encoding)")
+        validate_detr(m, self.loss)
         if m.baseline != "none":
             _validate_baseline(self)
         elif m.baseline_weights:
             raise ConfigError(f"--baseline-weights {m.baseline_weights}: only used with --baseline; add --baseline "
                               "fasterrcnn_resnet50_fpn_v2 (or the MobileNet one) or drop it")
-        if self.loss.class_weight == self.loss.bbox_weight == self.loss.giou_weight == 0:
-            raise ConfigError("--class-weight, --bbox-weight and --giou-weight are all 0: nothing would be learned "
-                              "(and the matcher needs at least one cost)")
+
+
+def validate_detr(m: DetrDecoderFields, loss: SetLossFields) -> None:
+    """The checks of a DETR-style decoder's sizes and its set loss (detection, instance segmentation)."""
+    if m.hidden_dim % m.num_heads:
+        raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.num_heads={m.num_heads}")
+    if not m.pyramid_scales or any(s not in PYRAMID_SCALES for s in m.pyramid_scales):
+        raise ConfigError(f"model.pyramid_scales={m.pyramid_scales}: use values from "
+                          f"{', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
+    if m.hidden_dim % 4:
+        raise ConfigError(f"--hidden-dim {m.hidden_dim}: must be a multiple of 4 (sine position encoding)")
+    if loss.class_weight == loss.bbox_weight == loss.giou_weight == 0:
+        raise ConfigError("--class-weight, --bbox-weight and --giou-weight are all 0: nothing would be learned "
+                          "(and the matcher needs at least one cost)")
 
 
 def _preset(cfg: DetectConfig, preset: dict[str, Any], explicit: dict[str, Any]) -> None:

@@ -120,7 +120,9 @@ class RuntimeTask:
     def view(cls, record: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
         """What the page draws of one record, any of: ``bars`` ``[{"name", "score"}]`` (a bar
         chart, best first), ``boxes`` ``[{"name", "score", "bbox"}]`` (``xywh`` in the image's
-        pixels, filtered on the page by its threshold), ``summary`` (one line under the picture);
+        pixels, filtered on the page by its threshold; a box may carry ``"mask": {"image": PNG data
+        URL opaque on its object, "bbox": xywh where that image lies}``, tinted in the box's colour
+        and shown with the box), ``summary`` (one line under the picture);
         a label map in ``extras["mask"]`` is drawn over the picture by the server."""
         raise NotImplementedError
 

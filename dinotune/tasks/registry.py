@@ -113,3 +113,8 @@ register(TaskEntry(
     "segment", "Train a semantic segmenter (VOC, ADE20K, image/mask folders, COCO masks): linear or FPN decoder",
     config="dinotune.config.segment:SegmentConfig", task="dinotune.tasks.segment.task:SegmentTask",
     runtime="dinotune.tasks.segment.runtime:SegmentRuntime"))
+register(TaskEntry(
+    "instance", "Train an instance segmenter (COCO polygons / RLE, YOLO-seg): DETR-style with a mask per query, "
+                "or Mask R-CNN",
+    config="dinotune.config.instance:InstanceConfig", task="dinotune.tasks.instance.task:InstanceTask",
+    runtime="dinotune.tasks.instance.runtime:InstanceRuntime"))

@@ -1,8 +1,9 @@
 "use strict";
 // The page of `dinotune serve`: one image is uploaded to POST /predict?overlay=1 and its result is
 // drawn on a canvas from the answer's overlay.view, which the task's runtime describes: bars (a
-// score per name), boxes with labels (filtered by the threshold slider), a label map over the
-// picture, a summary line. The page knows these drawings, never the tasks. No dependencies. When a
+// score per name), boxes with labels (filtered by the threshold slider), each box optionally with
+// its object's mask (tinted in the box's colour, shown with its box), a label map over the picture,
+// a summary line. The page knows these drawings, never the tasks. No dependencies. When a
 // result (or an error) is shown, <body data-state> becomes "done" (or "error"), which tests wait for.
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,7 @@ let health = null;   // GET /health: task, classes, model, view (the page's cont
 let last = null;     // the last prediction record, with its overlay
 let picture = null;  // its picture and mask, decoded
 let mask = null;
+let shapes = [];     // the decoded mask of each of overlay.view.boxes (null for a box without one)
 
 function percent(score) { return (100 * score).toFixed(1) + " %"; }
 
@@ -78,6 +80,8 @@ async function upload(file) {
   last = body;
   picture = await loadImage(body.overlay.image);
   mask = body.overlay.mask ? await loadImage(body.overlay.mask) : null;
+  const boxes = (body.overlay.view && body.overlay.view.boxes) || [];
+  shapes = await Promise.all(boxes.map((d) => (d.mask ? loadImage(d.mask.image) : null)));
   render();
   $("result").hidden = false;
   setState("done", `${file.name}: done`);
@@ -144,6 +148,13 @@ function renderBoxes(boxes, o) {
   const threshold = parseFloat($("threshold").value) || 0;
   const kept = boxes.filter((d) => d.score >= threshold);
   const sx = canvas.width / o.source_width, sy = canvas.height / o.source_height;
+  let masks = 0;
+  boxes.forEach((d, i) => {  // masks first: no mask covers another object's box or caption
+    if (d.score >= threshold && shapes[i]) {
+      renderShape(shapes[i], d.mask.bbox, o.colors[d.name] || "#ff0000", sx, sy);
+      masks += 1;
+    }
+  });
   ctx.lineWidth = Math.max(2, Math.round(canvas.width / 300));
   ctx.font = `${Math.max(12, Math.round(canvas.width / 45))}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
@@ -170,6 +181,25 @@ function renderBoxes(boxes, o) {
     : `no box scores at least ${threshold}` + (boxes.length ? ` (highest ${best.toFixed(3)})` : "");
   canvas.dataset.drawn = "boxes";
   canvas.dataset.boxes = String(kept.length);
+  canvas.dataset.masks = String(masks);
+}
+
+// A box's mask: an image opaque on the object, placed at bbox (x, y, w, h in the input's pixels),
+// tinted in the box's colour and blended over the picture.
+function renderShape(shape, bbox, colour, sx, sy) {
+  const [x, y, w, h] = [bbox[0] * sx, bbox[1] * sy, bbox[2] * sx, bbox[3] * sy];
+  const tint = document.createElement("canvas");
+  tint.width = Math.max(1, Math.round(w));
+  tint.height = Math.max(1, Math.round(h));
+  const t = tint.getContext("2d");
+  t.imageSmoothingEnabled = false;
+  t.drawImage(shape, 0, 0, tint.width, tint.height);
+  t.globalCompositeOperation = "source-in";  // the colour where the object is, nothing elsewhere
+  t.fillStyle = colour;
+  t.fillRect(0, 0, tint.width, tint.height);
+  ctx.globalAlpha = 0.45;
+  ctx.drawImage(tint, x, y, w, h);
+  ctx.globalAlpha = 1;
 }
 
 function renderMask() {

@@ -51,3 +51,27 @@ def truth_figures(predictions: Sequence[dict[str, Any]], truth: dict[str, tuple[
         ])
         files.append(save_image(figure, Path(out_dir) / f"{Path(p['image']).stem}.jpg"))
     return files
+
+
+def ap_table(metrics: dict[str, Any]) -> str | None:
+    """Aligned ``class  AP  AP50`` table (COCO AP in percent, ``-`` where a class has no ground truth
+    in the evaluated split) plus the overall row, from ``coco_evaluate``'s result; None without
+    per-class numbers."""
+    ap = metrics.get("per_class_AP") or {}
+    if not ap:
+        return None
+    ap50 = metrics.get("per_class_AP50") or {}
+
+    def num(v: float | None) -> str:
+        return "-" if v is None or v < 0 else f"{100 * v:.2f}"
+
+    rows = [(name, num(v), num(ap50.get(name))) for name, v in ap.items()]
+    total = ("all", num(metrics.get("AP")), num(metrics.get("AP50")))
+    header = ("class", "AP", "AP50")
+    widths = [max(len(r[i]) for r in [header, total, *rows]) for i in range(3)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(r) for r in rows), rule, fmt(total)])

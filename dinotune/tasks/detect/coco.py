@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-from dinotune.data.coco import read_coco_file
+from dinotune.data.coco import CocoFile, read_coco_file
 from dinotune.data.images import SkipReport
 from dinotune.utils import info
 
-__all__ = ["ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "clamp_box"]
+__all__ = ["ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "coco_source", "clamp_box"]
 
 
 @dataclass
@@ -76,8 +76,9 @@ class DetectionSource:
     annotations: dict[int, list[Annotation]]  # image id -> objects (crowd regions flagged, not removed)
     categories: list[dict[str, Any]]  # {"id", "name"} in label order
     report: DetectionReport = field(default_factory=DetectionReport)
-    # COCO sources: the original image entries and annotations (segmentation dropped to save memory)
-    # for evaluation; None for sources whose ground truth is synthesised from ``annotations``.
+    # COCO sources: the original image entries and annotations (segmentation dropped to save memory
+    # unless kept, see ``coco_source``) for evaluation; None for sources whose ground truth is
+    # synthesised from ``annotations``.
     gt_images: dict[int, dict[str, Any]] | None = None
     gt_annotations: dict[int, list[dict[str, Any]]] | None = None
 
@@ -173,6 +174,14 @@ def read_coco(
     out, said in one line (see ``dinotune.data.coco.unused_parents``); with them (the training
     split's when reading validation data, a checkpoint's at evaluation) labels follow that list."""
     coco = read_coco_file(json_path, image_dir, categories, require_bbox=True, drop_unused_parents=True)
+    return coco_source(coco, min_box_size)
+
+
+def coco_source(coco: CocoFile, min_box_size: float, *, keep_segmentation: bool = False) -> DetectionSource:
+    """The detection source of a validated COCO file (``read_coco`` after ``read_coco_file``; a task
+    that checks more, such as masks, edits ``coco.annotations`` in between). Every annotation needs
+    a ``bbox`` here. ``keep_segmentation``: the evaluation ground truth keeps each annotation's
+    ``segmentation`` (mask AP needs it); off, it is dropped to save memory (box AP does not)."""
     if coco.dropped:
         info(f"{coco.path}: left out {len(coco.dropped)} categor{'y' if len(coco.dropped) == 1 else 'ies'} with no "
              "boxes that other categories name as their supercategory (a grouping, not a class): "
@@ -184,11 +193,15 @@ def read_coco(
     annotations: dict[int, list[Annotation]] = {r.id: [] for r in records}
     gt_annotations: dict[int, list[dict[str, Any]]] = {r.id: [] for r in records}
     for i, a in enumerate(coco.annotations):
+        if a.bbox is None:
+            raise ValueError(f"{coco.path}: {a.where} has no bbox (read with require_bbox, or fill it in first)")
         x, y, w, h = a.bbox
-        gt = {k: v for k, v in a.entry.items() if k != "segmentation"}  # masks are not needed for box AP
+        # masks are not needed for box AP: dropped unless asked for
+        gt = {k: v for k, v in a.entry.items() if keep_segmentation or k != "segmentation"}
         gt.setdefault("id", i + 1)
         gt.setdefault("iscrowd", 0)
         gt.setdefault("area", max(w, 0.0) * max(h, 0.0))
+        gt.setdefault("bbox", [x, y, w, h])
         gt_annotations[a.image_id].append(gt)
         width, height = size_of[a.image_id]
         box, clamped = clamp_box(x, y, x + w, y + h, width, height, min_box_size)

@@ -37,13 +37,15 @@ class SetCriterion(nn.Module):
         aux_loss: also compute the losses of every entry of ``outputs["aux_outputs"]``.
     """
 
+    loss_names: tuple[str, ...] = LOSSES  # a subclass adding losses (masks) extends it
+
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  focal_alpha: float, focal_gamma: float, aux_loss: bool):
         super().__init__()
-        unknown = sorted(set(weight_dict) - set(LOSSES))
+        unknown = sorted(set(weight_dict) - set(self.loss_names))
         if unknown:
-            raise ValueError(f"unknown loss name(s) {unknown} in weight_dict: known losses are {list(LOSSES)}")
-        missing = [name for name in LOSSES if name not in weight_dict]
+            raise ValueError(f"unknown loss name(s) {unknown} in weight_dict: known losses are {list(self.loss_names)}")
+        missing = [name for name in self.loss_names if name not in weight_dict]
         if missing:
             raise ValueError(f"weight_dict lacks {missing}: give every loss a weight (0 switches it off)")
         self.num_classes, self.matcher = num_classes, matcher
@@ -88,8 +90,12 @@ class SetCriterion(nn.Module):
 
     def _layer_losses(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]],
                       num_boxes: Tensor) -> dict[str, Tensor]:
-        """The three losses of one decoder layer, matched on that layer's own predictions."""
-        indices = self.matcher(outputs, targets)
+        """The losses of one decoder layer, matched on that layer's own predictions."""
+        return self._losses(outputs, targets, self.matcher(outputs, targets), num_boxes)
+
+    def _losses(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]],
+                indices: list[tuple[Tensor, Tensor]], num_boxes: Tensor) -> dict[str, Tensor]:
+        """The class and box losses of one layer's predictions under the matching ``indices``."""
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         device = logits.device
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
@@ -113,11 +119,11 @@ class SetCriterion(nn.Module):
 
     def training_losses(self, outputs: dict, targets: list[dict[str, Tensor]],
                         count_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-        """``{"loss": the weighted total, "loss_ce", "loss_bbox", "loss_giou"}``: the total to
+        """``{"loss": the weighted total, "loss_ce", "loss_bbox", "loss_giou", ...}``: the total to
         back-propagate and the last layer's unweighted parts (detached) for the logs; the
         auxiliary layers only add to the total."""
         losses = self(outputs, targets, count_reduce)
-        return {"loss": self.total(losses), **{k: losses[k].detach() for k in LOSSES}}
+        return {"loss": self.total(losses), **{k: losses[k].detach() for k in self.loss_names}}
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """``sum(weight_dict[base_name(name)] * loss)``; a name without a weight raises ``KeyError``."""

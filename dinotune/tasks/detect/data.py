@@ -38,8 +38,8 @@ from dinotune.utils import warn, write_json
 
 __all__ = [
     "ImageRecord", "Annotation", "DetectionReport", "DetectionSource", "read_coco", "read_yolo", "read_voc",
-    "find_detection_data", "scan_source", "size_mismatch", "choose_subset", "restrict", "write_subset_file",
-    "read_subset_file", "DetectionDataset", "detection_collate", "describe", "class_table",
+    "find_detection_data", "locate_detection_data", "scan_source", "size_mismatch", "choose_subset", "restrict",
+    "write_subset_file", "read_subset_file", "DetectionDataset", "detection_collate", "describe", "class_table",
 ]
 
 _MAX_FACTOR = 8.0  # an annotation size at most this many times the file's (or 1/8 of it) is a rescale
@@ -64,33 +64,47 @@ def find_detection_data(
     ``seed`` hold out validation images when it has no split lists). ``images``: the image folder
     of a COCO JSON (found next to it when empty). ``categories``: the training split's or a
     checkpoint's list to map onto."""
+    kind, path = locate_detection_data(data, split)
+    if kind == "coco":
+        return read_coco(path, images or None, categories, min_box_size)
+    if kind == "yolo":
+        return read_yolo(path, split, categories, min_box_size)
+    return read_voc(path, split, categories, min_box_size, val_fraction=val_fraction, seed=seed)
+
+
+def locate_detection_data(data: str | Path, split: Literal["train", "val", "test"], what: str = "detection"
+                          ) -> tuple[Literal["coco", "yolo", "voc"], Path]:
+    """Which format ``data`` is in and the path its reader takes, by ``find_detection_data``'s
+    rules: ``("coco", the JSON file)``, ``("yolo", the data.yaml or its folder)`` or ``("voc", the
+    VOC root)``. DataError when nothing is found (``what`` names the data in the message), or when a
+    Roboflow split folder is read as another split."""
     if split not in SPLIT_ALIASES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_ALIASES)}, got {split!r}")
     path = Path(data).expanduser()
     if not str(data):
-        raise DataError("no detection data given")
+        raise DataError(f"no {what} data given")
     if not path.exists():
-        raise DataError(f"detection data not found: {path}")
+        raise DataError(f"{what} data not found: {path}")
     if path.is_file():
         if path.suffix.lower() == ".json":
-            return read_coco(path, images or None, categories, min_box_size)
+            return "coco", path
         if path.suffix.lower() in (".yaml", ".yml"):
-            return read_yolo(path, split, categories, min_box_size)
+            return "yolo", path
         raise DataError(f"{path}: expected a COCO instances .json, a YOLO data.yaml or a folder holding one "
                         "(or a Pascal VOC folder with Annotations/*.xml)")
     if find_yaml(path) is not None:
-        return read_yolo(path, split, categories, min_box_size)
+        return "yolo", path
     if (path / ROBOFLOW_JSON).is_file():
         _check_split_folder(path, split)
-        return read_coco(path / ROBOFLOW_JSON, images or None, categories, min_box_size)
+        return "coco", path / ROBOFLOW_JSON
     found, looked = find_coco_json(path, split)
     if found is not None:
-        return read_coco(found, images or None, categories, min_box_size)
+        return "coco", found
     voc = find_voc_root(path)
     if voc is not None:
-        return read_voc(voc, split, categories, min_box_size, val_fraction=val_fraction, seed=seed)
+        return "voc", voc
     raise DataError(
-        f"{path}: no {split} detection data found; looked for a YOLO data.yaml, a {ROBOFLOW_JSON} in the folder, "
+        f"{path}: no {split} {what} data found; looked for a YOLO data.yaml, a {ROBOFLOW_JSON} in the folder, "
         f"COCO files {', '.join(looked)} and Pascal VOC Annotations/*.xml" + _parent_hint(path)
     )
 
@@ -297,17 +311,31 @@ class DetectionDataset(Dataset):
                      f"{rec.width}x{rec.height}; boxes rescaled to the image")
         return pil
 
-    def _item(self, i: int, pil: Image.Image | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        rec, size = self.records[i], self.image_size
+    def _target(self, i: int, pil: Image.Image | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The image of record ``i`` as a tensor and the target the transform sees: ``boxes``
+        (``BoundingBoxes`` ``N x 4`` xyxy in the file's pixels), ``labels`` (``N`` int64). A subclass
+        adds its own per-object ``tv_tensors`` here (rows aligned with ``boxes``), so they go through
+        the augmentation with the image."""
+        rec = self.records[i]
         boxes = self.boxes[i].clone()
         w, h = _size(pil)
         if (w, h) != (rec.width, rec.height):  # annotation frame -> the file's pixels (see _load)
             boxes *= torch.tensor([w / rec.width, h / rec.height] * 2)
         image = pil if isinstance(pil, torch.Tensor) else tv_tensors.Image(F.pil_to_tensor(pil))
-        target = {
+        return image, {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
             "labels": self.labels[i].clone(),
         }
+
+    def _on_canvas(self, target: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """Extra keys of the item's target, made from the transformed ``target`` (``_target``'s
+        keys after augmentation); ``keep`` (``N`` bool) marks the boxes still valid on the canvas.
+        None here; a subclass resizes / pads its per-object tensors as the image was."""
+        return {}
+
+    def _item(self, i: int, pil: Image.Image | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec, size = self.records[i], self.image_size
+        image, target = self._target(i, pil)
         if self.transform is not None:
             image, target = self.transform(image, target)
         canvas, boxes, _ = resize_pad(image, target["boxes"], size)
@@ -322,6 +350,7 @@ class DetectionDataset(Dataset):
             # canvas pixels per annotation pixel: the same as S / max(h, w) of the annotation when
             # the file is a rescale of it (same aspect), so predictions map back to its frame
             "scale": size / max(rec.height, rec.width),
+            **self._on_canvas(target, keep),
         }
 
 

@@ -95,6 +95,7 @@ class DecoderOutput(NamedTuple):
     logits: list[Tensor]  # per layer, B x Q x K
     boxes: list[Tensor]  # per layer, B x Q x 4 sigmoid cxcywh (float32)
     references: list[Tensor]  # per layer, the detached B x Q x 4 boxes it attended around
+    hidden: list[Tensor]  # per layer, the B x Q x C query states its heads read (a mask head reads them too)
 
 
 class DeformableDecoder(nn.Module):
@@ -131,7 +132,7 @@ class DeformableDecoder(nn.Module):
             memory: ``B x sum(H_l W_l) x C`` flattened pyramid.
         """
         n_levels = len(spatial_shapes)
-        logits, boxes, references = [], [], []
+        logits, boxes, references, hidden = [], [], [], []
         reference = reference_boxes.float()
         for layer, cls, box in zip(self.layers, self.class_embed, self.bbox_embed):
             # the same box on every level: without padding masks all levels span the whole canvas
@@ -142,5 +143,6 @@ class DeformableDecoder(nn.Module):
             logits.append(cls(tgt))
             boxes.append(pred)
             references.append(reference)
+            hidden.append(tgt)
             reference = pred.detach()  # Deformable DETR: no gradient through the next reference
-        return DecoderOutput(logits, boxes, references)
+        return DecoderOutput(logits, boxes, references, hidden)

@@ -23,7 +23,7 @@ from dinotune.backbone.model import DinoBackbone
 from dinotune.config import DetectModelConfig
 from dinotune.models.pyramid import SimpleFeaturePyramid
 from dinotune.models.wrapper import BackboneHead
-from dinotune.tasks.detect.decoder import DeformableDecoder, inverse_sigmoid, position_encoding
+from dinotune.tasks.detect.decoder import DecoderOutput, DeformableDecoder, inverse_sigmoid, position_encoding
 from dinotune.tasks.detect.deformable import level_start_index
 
 INIT_BOX_SIZE = 0.1  # initial reference boxes' width / height, as a fraction of the canvas
@@ -71,25 +71,28 @@ class DetrHead(nn.Module):
         """Learned embeddings AdamW must not shrink (as Deformable DETR's recipe)."""
         return {"query_embed.weight", "level_embed"}
 
-    def memory(self, patch_map: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
-        """``B x C x h x w`` -> (``B x sum(H_l W_l) x hidden`` memory, ``[(H_l, W_l)]``)."""
-        levels = self.pyramid(patch_map)
+    def memory(self, levels: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """The pyramid's ``B x hidden x H_l x W_l`` maps -> (``B x sum(H_l W_l) x hidden`` memory,
+        ``[(H_l, W_l)]``)."""
         flat = []
         for lvl, feat in enumerate(levels):
             feat = feat + position_encoding(feat) + self.level_embed[lvl].view(1, -1, 1, 1)
             flat.append(feat.flatten(2).transpose(1, 2))
         return torch.cat(flat, dim=1), [tuple(f.shape[-2:]) for f in levels]
 
-    def forward(self, patch_map: Tensor) -> dict:
-        """``B x C x h x w`` patch map -> ``{"pred_logits", "pred_boxes", "aux_outputs"}``."""
-        memory, shapes = self.memory(patch_map)
-        b = patch_map.shape[0]
+    def decode(self, levels: Sequence[Tensor]) -> DecoderOutput:
+        """The decoder's per-layer outputs on the pyramid's maps."""
+        memory, shapes = self.memory(levels)
+        b = memory.shape[0]
         query_pos, tgt = self.query_embed.weight.split(self.hidden_dim, dim=1)
         query_pos = query_pos[None].expand(b, -1, -1)
         tgt = tgt[None].expand(b, -1, -1)
         reference = self.reference_points(query_pos).sigmoid()
-        out = self.decoder(tgt, query_pos, reference, memory, shapes,
-                           level_start_index(shapes).to(memory.device))
+        return self.decoder(tgt, query_pos, reference, memory, shapes, level_start_index(shapes).to(memory.device))
+
+    def forward(self, patch_map: Tensor) -> dict:
+        """``B x C x h x w`` patch map -> ``{"pred_logits", "pred_boxes", "aux_outputs"}``."""
+        out = self.decode(self.pyramid(patch_map))
         per_layer = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(out.logits, out.boxes)]
         return {**per_layer[-1], "aux_outputs": per_layer[:-1]}
 

@@ -80,15 +80,18 @@ def blank_drawing_note(records: Sequence[dict[str, Any]], threshold: float, flag
 
 
 def draw_predictions(records: Sequence[dict[str, Any]], picture: Callable[[Path], Image.Image], folder: Path,
-                     names: Sequence[str], settings: Mapping[str, Any]) -> list[Path]:
+                     names: Sequence[str], settings: Mapping[str, Any], *, draw: Callable[..., list[Path]] | None = None,
+                     what: str = "box") -> list[Path]:
     """``predict --draw``: each image with its boxes and the confidence histogram, straight into
     ``folder`` (as segmentation's overlays), and a line saying what was drawn where (a warning
-    when no box reached the threshold, so an empty drawing is not taken for a broken model)."""
+    when no box reached the threshold, so an empty drawing is not taken for a broken model).
+    ``draw``: ``(records, picture, folder, names, threshold) -> files``, ``draw_records`` unless a
+    task built on detection draws more (masks); ``what``: the noun of its objects in the messages."""
     threshold, flag = shown_threshold(settings)
-    files = draw_records(records, picture, folder, names, threshold)
+    files = (draw or draw_records)(records, picture, folder, names, threshold)
     try:
         confidence_histogram(records, folder)
-    except ImportError as exc:  # a torch-free deployment may lack matplotlib: the boxes are what matters
+    except ImportError as exc:  # a torch-free deployment may lack matplotlib: the drawings are what matters
         warn(f"no confidence_histogram.png in {folder}: {exc} (pip install matplotlib)")
     note = blank_drawing_note(records, threshold, flag, float(settings.get("score_threshold", 0.0)))
     if note:
@@ -96,5 +99,5 @@ def draw_predictions(records: Sequence[dict[str, Any]], picture: Callable[[Path]
         return files
     blank = images_without_boxes(records, threshold)
     info(f"drew {len(files)} images into {folder}"
-         + (f" ({blank} without a box scoring {threshold:g} or more)" if blank else ""))
+         + (f" ({blank} without a {what} scoring {threshold:g} or more)" if blank else ""))
     return files

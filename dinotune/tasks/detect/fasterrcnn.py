@@ -42,7 +42,7 @@ from dinotune.models.wrapper import BackboneHead
 from dinotune.ops import box_ops
 
 __all__ = ["DinoFasterRCNN", "FasterRCNNHead", "FasterRCNNLoss", "FasterRCNNPostProcess", "rcnn_targets",
-           "rcnn_outputs", "anchor_sizes", "build_fasterrcnn"]
+           "rcnn_outputs", "anchor_sizes", "build_fasterrcnn", "detect_pass", "sampling"]
 
 
 def anchor_sizes(strides: Sequence[float], scales: Sequence[float]) -> tuple[tuple[float, ...], ...]:
@@ -62,7 +62,7 @@ def rcnn_targets(targets: Sequence[dict[str, Any]], size: int) -> list[dict[str,
 
 
 @contextlib.contextmanager
-def _sampling(modules: Sequence[nn.Module]) -> Iterator[None]:
+def sampling(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Train-mode behaviour of ``modules`` themselves (their losses and proposal sampling), for an
     evaluation loss: only their own ``training`` flag is set, so layers inside them (batch norm
     in torchvision's v2 box head) stay in eval mode. A fixed seed makes the loss reproducible
@@ -126,8 +126,9 @@ class FasterRCNNHead(nn.Module):
         return rcnn_outputs(self.rpn, self.roi_heads, features, canvas, targets, self.training)
 
 
-def _detect(rpn: RegionProposalNetwork, roi_heads: RoIHeads, images: ImageList, features: dict[str, Tensor],
+def detect_pass(rpn: RegionProposalNetwork, roi_heads: RoIHeads, images: ImageList, features: dict[str, Tensor],
             targets: list[dict[str, Tensor]] | None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    """The proposal network then the RoI heads: (per-image detections, losses)."""
     proposals, rpn_losses = rpn(images, features, targets)
     detections, roi_losses = roi_heads(features, proposals, images.image_sizes, targets)
     return detections, {**rpn_losses, **roi_losses}
@@ -142,13 +143,13 @@ def rcnn_outputs(rpn: RegionProposalNetwork, roi_heads: RoIHeads, features: dict
     if training:
         if targets is None:
             raise ValueError("Faster R-CNN computes its losses in forward: pass the targets in train mode")
-        return {"losses": _detect(rpn, roi_heads, images, features, targets)[1]}
+        return {"losses": detect_pass(rpn, roi_heads, images, features, targets)[1]}
     out: dict[str, Any] = {}
     if targets is not None:
-        with _sampling([rpn, roi_heads]):
-            losses = _detect(rpn, roi_heads, images, features, targets)[1]
+        with sampling([rpn, roi_heads]):
+            losses = detect_pass(rpn, roi_heads, images, features, targets)[1]
         out["losses"] = {k: v.detach().reshape(1).expand(b) for k, v in losses.items()}
-    detections = _detect(rpn, roi_heads, images, features, None)[0]
+    detections = detect_pass(rpn, roi_heads, images, features, None)[0]
     n = max(1, max(len(d["scores"]) for d in detections))
     boxes = canvas.new_zeros(b, n, 4, dtype=torch.float32)
     scores = canvas.new_full((b, n), -1.0, dtype=torch.float32)

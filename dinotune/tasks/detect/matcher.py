@@ -51,6 +51,12 @@ class HungarianMatcher(nn.Module):
         giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(tgt_boxes))
         return cost - self.cost_giou * giou
 
+    def cost_blocks(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Each image's ``Q x N_i`` cost (a subclass adding costs, e.g. masks, extends this)."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        return [self.cost_matrix(logits[b], boxes[b], t["labels"].to(logits.device), t["boxes"].to(logits.device))
+                for b, t in enumerate(targets)]
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Match every image of the batch.
@@ -65,11 +71,10 @@ class HungarianMatcher(nn.Module):
             as ``linear_sum_assignment`` returns them: ``pred_idx`` ascending, ``tgt_idx[j]`` the
             target matched to query ``pred_idx[j]``. Images without targets give two empty tensors.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits = outputs["pred_logits"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"{len(targets)} target dicts for a batch of {logits.shape[0]} predictions")
-        blocks = [self.cost_matrix(logits[b], boxes[b], t["labels"].to(logits.device), t["boxes"].to(logits.device))
-                  for b, t in enumerate(targets)]
+        blocks = self.cost_blocks(outputs, targets)
         # one device -> host copy for the whole batch instead of one sync per image
         flat = torch.cat([c.flatten() for c in blocks]).cpu() if blocks else torch.empty(0)
         if not torch.isfinite(flat).all():

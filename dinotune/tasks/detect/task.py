@@ -80,6 +80,10 @@ class DetectTask(Task):
 
     cfg: DetectConfig
 
+    # What a task built on detection replaces (instance segmentation: sources and items with masks)
+    find_data = staticmethod(find_detection_data)
+    dataset_class: type[DetectionDataset] = DetectionDataset
+
     @property
     def monitor(self) -> str:
         return build_detector(self.cfg).monitor
@@ -96,7 +100,7 @@ class DetectTask(Task):
     # ---------------------------------------------------------------------------------- data
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d, size = self.cfg.data, self.cfg.backbone.image_size
-        train = find_detection_data(d.data, "train", d.train_images, min_box_size=d.min_box_size,
+        train = self.find_data(d.data, "train", d.train_images, min_box_size=d.min_box_size,
                                     val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         train = self._subset(train, d.subset, d.subset_seed, d.subset_file, run_dir, "subset.json")
         if d.overfit:
@@ -126,9 +130,9 @@ class DetectTask(Task):
         if val is not None and val is not train:
             check_inputs([im.path for im in val.images], spec, "validation")
         augment = d.augment and not d.overfit
-        train_ds = DetectionDataset(train, train_transforms(size, spec) if augment else eval_transforms(), size,
+        train_ds = self.dataset_class(train, train_transforms(size, spec) if augment else eval_transforms(), size,
                                     max_image_pixels=d.max_image_pixels, spec=spec)
-        val_ds = (DetectionDataset(val, eval_transforms(), size, max_image_pixels=d.max_image_pixels, spec=spec)
+        val_ds = (self.dataset_class(val, eval_transforms(), size, max_image_pixels=d.max_image_pixels, spec=spec)
                   if val is not None else None)
         meta = {"task": self.name, "categories": train.categories, "class_names": train.class_names,
                 "num_classes": len(train.categories), "head": self.cfg.model.head,
@@ -139,7 +143,7 @@ class DetectTask(Task):
     def _val_source(self, train: DetectionSource) -> DetectionSource | None:
         d = self.cfg.data
         try:
-            return find_detection_data(d.val_data or d.data, "val", d.val_images, categories=train.categories,
+            return self.find_data(d.val_data or d.data, "val", d.val_images, categories=train.categories,
                                        min_box_size=d.min_box_size, val_fraction=d.val_fraction,
                                        seed=self.cfg.train.seed)
         except DataError as exc:
@@ -218,9 +222,13 @@ class DetectTask(Task):
             images += len(targets)
             dets = bundle.postprocess(outputs, [t["scale"] for t in targets],
                                       torch.stack([t["orig_size"] for t in targets]))
-            results += to_coco_results([{k: v.cpu() for k, v in d.items()} for d in dets],
-                                       [t["image_id"] for t in targets], bundle.categories)
+            results += self.coco_results([{k: v.cpu() for k, v in d.items()} for d in dets], targets, bundle)
         return {"results": results, "loss_sum": loss_sum, "images": images}
+
+    def coco_results(self, dets: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]],
+                     bundle: ModelBundle) -> list[dict[str, Any]]:
+        """COCO result dicts of a batch's post-processed detections (``to_coco_results``)."""
+        return to_coco_results(dets, [t["image_id"] for t in targets], bundle.categories)
 
     def compute_metrics(self, bundle: ModelBundle, parts: Sequence[dict[str, Any]], dataset: Dataset) -> dict[str, Any]:
         images = sum(p["images"] for p in parts)
@@ -268,18 +276,30 @@ class DetectTask(Task):
             with torch.no_grad(), autocast(run.device, run.precision):
                 outputs = model(torch.stack(canvases).to(run.device))
             dets = post(outputs, scales, torch.tensor(sizes))
-            # the runtime's record: both backends threshold, cap, round and name alike
-            out += [records.detection_record(str(p), ids[str(p)], (h, w), d["scores"].cpu().numpy(),
-                                     d["labels"].cpu().numpy(), d["boxes"].float().cpu().numpy(), categories,
-                                     threshold, settings.top_k, settings.category_ids)
+            out += [self.record(str(p), ids[str(p)], (h, w), d, categories, threshold, settings)
                     for p, d, (h, w) in zip(chunk, dets, sizes)]
         if draw:
             from dinotune.data.bands import display_image  # band arrays through their RGB bands
-            from dinotune.tasks.detect.drawing import draw_predictions
 
-            draw_predictions(out, lambda path: display_image(path, spec, limit), Path(draw), run.bundle.class_names,
-                             dataclasses.asdict(settings))
+            self.draw(out, lambda path: display_image(path, spec, limit), Path(draw), run.bundle.class_names,
+                      dataclasses.asdict(settings))
         return out
+
+    def record(self, image: str, image_id: int, size: tuple[int, int], det: dict[str, torch.Tensor],
+               categories: list[dict[str, Any]], threshold: float, settings: DetectInferenceConfig) -> dict[str, Any]:
+        """One image's predict record from its post-processed detections (the runtime's record, so
+        both backends threshold, cap, round and name alike)."""
+        return records.detection_record(image, image_id, size, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(),
+                                        det["boxes"].float().cpu().numpy(), categories, threshold, settings.top_k,
+                                        settings.category_ids)
+
+    @staticmethod
+    def draw(out: list[dict[str, Any]], picture: Callable, folder: Path, names: list[str],
+             settings: dict[str, Any]) -> None:
+        """``predict --draw``: each image with what was found, into ``folder``."""
+        from dinotune.tasks.detect.drawing import draw_predictions
+
+        draw_predictions(out, picture, folder, names, settings)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: DetectInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
@@ -288,7 +308,7 @@ class DetectTask(Task):
         ``subset``: a reproducible random subset of that many images; ``pre_transform``: PIL -> PIL
         applied to each image before preprocessing, e.g. a corruption)."""
         d = self.cfg.data
-        source = find_detection_data(data, split, images, categories=run.bundle.categories,
+        source = self.find_data(data, split, images, categories=run.bundle.categories,
                                      min_box_size=d.min_box_size, val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         if subset:
             source = restrict(source, choose_subset(source, subset, subset_seed))
@@ -299,7 +319,7 @@ class DetectTask(Task):
         source = scan_source(source, self.cfg.data.check_images, limit)
         source.report.print(split)
         check_inputs([im.path for im in source.images], spec, "evaluation")
-        ds = DetectionDataset(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform,
+        ds = self.dataset_class(source, eval_transforms(), self.cfg.backbone.image_size, pre_transform=pre_transform,
                               max_image_pixels=limit, spec=spec)
         loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers,
                              collate_fn=detection_collate)
@@ -311,13 +331,12 @@ class DetectTask(Task):
         prediction (``out_dir/samples/<stem>.jpg``, as classification and segmentation samples show
         the truth too). Boxes are drawn from ``settings.draw_threshold`` (default: the run's
         inference section)."""
-        from dinotune.tasks.detect.analysis import truth_figures
         from dinotune.tasks.detect.drawing import blank_drawing_note, confidence_histogram, shown_threshold
 
         d, settings = self.cfg.data, settings or run.cfg.inference
         try:
             images = {"train": d.train_images, "val": d.val_images}.get(split, "")
-            source = find_detection_data(data, split, images, categories=run.bundle.categories,
+            source = self.find_data(data, split, images, categories=run.bundle.categories,
                                          min_box_size=d.min_box_size,
                                          val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         except DataError as exc:
@@ -325,23 +344,40 @@ class DetectTask(Task):
             return []
         picked = source.images[: max(samples, 64)]
         preds = self.predict(run, [im.path for im in picked], settings)
-        truth = {str(im.path): ([a.bbox for a in source.annotations.get(im.id, ())],
-                                [a.label for a in source.annotations.get(im.id, ())], (im.width, im.height))
-                 for im in picked}
+        truth = {str(im.path): self.truth(source, im) for im in picked}
         threshold, _ = shown_threshold(dataclasses.asdict(settings))
         shown = preds[:samples]
         files = [confidence_histogram(preds, Path(out_dir))]
-        files += truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold,
-                               InputSpec.from_meta(run.meta))
+        files += self.truth_figures(shown, truth, Path(out_dir) / "samples", run.bundle.class_names, threshold,
+                                    InputSpec.from_meta(run.meta))
         note = blank_drawing_note(shown, threshold, "--draw-threshold", settings.score_threshold)
         if note:
             warn(f"analyze: {note}")
         return files
 
+    @staticmethod
+    def truth(source: DetectionSource, image: Any) -> tuple:
+        """What ``truth_figures`` draws of one image's ground truth: ``(xyxy boxes, labels,
+        (width, height) annotated)``."""
+        objects = source.annotations.get(image.id, ())
+        return [a.bbox for a in objects], [a.label for a in objects], (image.width, image.height)
+
+    @staticmethod
+    def truth_figures(*args: Any) -> list[Path]:
+        """Ground truth | prediction figures (``analysis.truth_figures``)."""
+        from dinotune.tasks.detect.analysis import truth_figures
+
+        return truth_figures(*args)
+
     def report(self, out_dir: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
         from dinotune.tasks.detect.analysis import metric_charts
 
         return metric_charts(metrics, out_dir)
+
+    def summary_table(self, metrics: dict[str, Any]) -> str | None:
+        from dinotune.tasks.detect.analysis import ap_table
+
+        return ap_table(metrics)
 
     @classmethod
     def compare(cls, *, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],

@@ -1,7 +1,8 @@
 """YOLO folders: ``data.yaml`` (``names``, optional ``path`` / ``train`` / ``val`` / ``test``), images in
 ``images/<split>/`` (or ``<split>/images/``, Roboflow's layout) and one ``labels/<split>/<stem>.txt``
 per image with lines ``class cx cy w h`` normalised to [0, 1] (or ``class x1 y1 x2 y2 ...``
-polygons, read as their box). An image without a label file has no objects. Split entries of the
+polygons, read as their box; ``read_yolo_polygons`` keeps the polygons themselves, for instance
+masks). An image without a label file has no objects. Split entries of the
 yaml are resolved as ultralytics does (see ``_split_entry``), Roboflow's ``../train/images`` included.
 
 Category ids are class index + 1 (YOLO class 0 is ``category_id`` 1): COCO evaluation and results
@@ -16,7 +17,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from dinotune.config.yaml_files import read_yaml
 from dinotune.data.coco import check_categories
@@ -26,7 +27,7 @@ from dinotune.data.splits import SPLIT_ALIASES
 from dinotune.errors import DataError
 from dinotune.tasks.detect.coco import Annotation, DetectionReport, DetectionSource, ImageRecord, clamp_box
 
-__all__ = ["read_yolo", "find_yaml"]
+__all__ = ["read_yolo", "read_yolo_polygons", "YoloPolygons", "find_yaml"]
 
 YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
 _TOL = 0.01  # normalised coordinates may overshoot [0, 1] by this much (rounding in exporters)
@@ -138,8 +139,10 @@ def _listed_images(list_file: Path, base: Path, report: SkipReport) -> list[Path
     return files
 
 
-def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, float, float, int]]:
-    """``(class, cx, cy, w, h, line)`` per object; polygon lines (YOLO-seg) become their box."""
+def _parse_labels(path: Path, n_classes: int
+                  ) -> list[tuple[int, float, float, float, float, int, list[float] | None]]:
+    """``(class, cx, cy, w, h, line, polygon)`` per object; polygon lines (YOLO-seg) become their
+    box and keep the normalised ``[x1, y1, ..., xn, yn]`` as ``polygon`` (None for box lines)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -150,8 +153,8 @@ def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, f
         if not parts:
             continue
         if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
-            raise DataError(f"{path}, line {n}: expected 'class cx cy w h' (5 numbers), got "
-                            f"{len(parts)} values: {line.strip()!r}")
+            raise DataError(f"{path}, line {n}: expected 'class cx cy w h' (5 numbers) or a polygon 'class x1 y1 "
+                            f"... xn yn' (n >= 3), got {len(parts)} values: {line.strip()!r}")
         try:
             values = [float(v) for v in parts]
         except ValueError:
@@ -165,6 +168,7 @@ def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, f
         coords = values[1:]
         if any(v < -_TOL or v > 1 + _TOL for v in coords):
             raise DataError(f"{path}, line {n}: coordinates must be normalised to [0, 1]: {line.strip()!r}")
+        polygon = None
         if len(coords) == 4:
             cx, cy, w, h = coords
             if w < 0 or h < 0:
@@ -173,8 +177,20 @@ def _parse_labels(path: Path, n_classes: int) -> list[tuple[int, float, float, f
             xs, ys = coords[0::2], coords[1::2]
             cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
             w, h = max(xs) - min(xs), max(ys) - min(ys)
-        out.append((int(cls), cx, cy, w, h, n))
+            polygon = coords
+        out.append((int(cls), cx, cy, w, h, n, polygon))
     return out
+
+
+class YoloPolygons(NamedTuple):
+    """``read_yolo_polygons``: the source, each object's polygon in original pixels
+    (``annotation id -> [[x1, y1, ..., xn, yn]]``, a COCO polygon list), and the box-only lines
+    left out (``box_only`` in all, the first few named as ``"<label file>, line <n>"``)."""
+
+    source: DetectionSource
+    polygons: dict[int, list[list[float]]]
+    box_only: int
+    box_only_lines: list[str]
 
 
 def read_yolo(
@@ -185,6 +201,25 @@ def read_yolo(
 ) -> DetectionSource:
     """Read one split of a YOLO folder (or its ``data.yaml``). With ``categories`` (a checkpoint's
     list), labels follow that list by id (class index + 1) and ids it lacks are refused."""
+    return _read(root, split, categories, min_box_size, polygons=False).source
+
+
+def read_yolo_polygons(
+    root: str | Path,
+    split: Literal["train", "val", "test"],
+    categories: list[dict[str, Any]] | None,
+    min_box_size: float,
+    show: int = 5,
+) -> YoloPolygons:
+    """``read_yolo`` for YOLO-seg labels (``class x1 y1 ... xn yn``, n >= 3): each object's box is
+    its polygon's extent (clamped as ever) and the polygon is kept in pixels. A plain box line
+    (``class cx cy w h``) has no outline to make a mask from: it is left out and counted, the
+    first ``show`` named."""
+    return _read(root, split, categories, min_box_size, polygons=True, show=show)
+
+
+def _read(root: str | Path, split: str, categories: list[dict[str, Any]] | None, min_box_size: float,
+          polygons: bool, show: int = 5) -> YoloPolygons:
     root = Path(root).expanduser()
     yaml_path = find_yaml(root)
     if yaml_path is None:
@@ -210,6 +245,8 @@ def read_yolo(
     images: list[ImageRecord] = []
     annotations: dict[int, list[Annotation]] = {}
     n_objects = 0
+    outlines: dict[int, list[list[float]]] = {}  # polygons in pixels, when asked for
+    box_only, box_only_lines = 0, []
     for path, size in zip(files, sizes):
         if size is None:
             report.skipped.add(path, "cannot be opened as an image")
@@ -220,11 +257,17 @@ def read_yolo(
         images.append(ImageRecord(image_id, path, width, height, str(rel)))
         objects: list[Annotation] = []
         label_file = _label_path(path)
-        for cls, cx, cy, w, h, line in (_parse_labels(label_file, len(names)) if label_file.is_file() else []):
+        for cls, cx, cy, w, h, line, polygon in (_parse_labels(label_file, len(names)) if label_file.is_file()
+                                                 else []):
             cid = cls + 1
             if cid not in label_of:
                 raise DataError(f"{label_file}, line {line}: class {cls} ({names[cls]!r}, category id {cid}) "
                                 "is not among the checkpoint's categories")
+            if polygons and polygon is None:  # a box has no outline: nothing to train a mask on
+                box_only += 1
+                if len(box_only_lines) < show:
+                    box_only_lines.append(f"{label_file}, line {line}")
+                continue
             box, clamped = clamp_box((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
                                      (cy + h / 2) * height, width, height, min_box_size)
             if box is None:
@@ -234,8 +277,11 @@ def read_yolo(
             n_objects += 1
             objects.append(Annotation(box, label_of[cid], cid, False, (box[2] - box[0]) * (box[3] - box[1]),
                                       n_objects))
+            if polygons:
+                outlines[n_objects] = [[v * (width if k % 2 == 0 else height) for k, v in enumerate(polygon)]]
         annotations[image_id] = objects
         report.empty_images += int(not objects)
     if not images:
         raise DataError(f"{origin}: none of the {len(files)} image files could be opened")
-    return DetectionSource(f"{yaml_path} ({split})", images, annotations, cats, report)
+    source = DetectionSource(f"{yaml_path} ({split})", images, annotations, cats, report)
+    return YoloPolygons(source, outlines, box_only, box_only_lines)
