@@ -71,7 +71,7 @@ def test_masks_get_gradients_through_the_loss(backbone):
 def test_perfect_mask_costs_nothing_and_a_wrong_one_does():
     target = _square(S, 10, 20, 30, 44)
     logits = (target.float() * 2 - 1) * 60  # certain, on the target's own grid
-    points = uncertain_points(logits[None], 10 ** 6, 3.0, 0.75)  # a grid this small: every cell centre
+    points = uncertain_points(logits[None], 10 ** 6, 3.0, 0.75, (S, S))  # a grid this small: every pixel
     assert points.shape == (1, S * S, 2)
     p, t = point_sample(logits[None], points), point_sample(target[None].float(), points)
     assert torch.equal(t, target.float().reshape(1, -1))  # cell centres read each pixel exactly
@@ -123,10 +123,12 @@ def test_uncertain_points_favour_the_boundary():
     torch.manual_seed(0)
     logits = torch.full((1, 200, 200), 20.0)
     logits[:, :, 80:120] = 0.0  # the uncertain band: 20 % of the map
-    points = uncertain_points(logits, 1000, 3.0, 0.75)
+    points = uncertain_points(logits, 1000, 3.0, 0.75, (200, 200))
     assert points.shape == (1, 1000, 2)
     in_band = ((points[0, :, 0] * 200 >= 80) & (points[0, :, 0] * 200 < 120)).float().mean()
     assert in_band > 0.5  # the band's ~600 of 3000 candidates all taken, then 250 uniform: ~0.65, not 0.2
+    # pixel centres of the target grid, so targets are read exactly
+    assert torch.allclose((points * 200 - 0.5).round(), points * 200 - 0.5, atol=1e-3)
     torch.testing.assert_close(grid_points(2, 3, torch.device("cpu")),
                                torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25],
                                              [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]]))
@@ -172,3 +174,21 @@ def test_mask_rcnn_trains_and_predicts_masks():
     for d in dets:
         assert d["masks"].shape == (len(d["scores"]), grid, grid)
         assert torch.all(d["scores"][:-1] >= d["scores"][1:])
+
+
+def test_a_mask_starts_as_its_box(backbone):
+    """With the embeddings' dot product at zero, each query's mask is its box (the prior), cell for cell."""
+    torch.manual_seed(0)
+    head = build_mask_detr(backbone, 3, InstanceModelConfig(**SMALL)).head
+    pixels = torch.zeros(1, 16, 20, 20)  # no embedding signal
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.2, 0.3, 0.3, 0.5]]])  # cxcywh on the canvas
+    logits = head.masks(torch.randn(1, 2, 32), pixels, boxes)
+    centres = (torch.arange(20) + 0.5) / 20
+    for q, (cx, cy, w, h) in enumerate(boxes[0].tolist()):
+        inside_x = (centres > cx - w / 2) & (centres < cx + w / 2)
+        inside_y = (centres > cy - h / 2) & (centres < cy + h / 2)
+        assert torch.equal(logits[0, q] > 0, inside_y[:, None] & inside_x[None, :])
+    # the prior does not pull on the boxes: they are learned by the box losses alone
+    boxes.requires_grad_(True)
+    head.masks(torch.randn(1, 2, 32), pixels, boxes).sum().backward()
+    assert boxes.grad is None or not boxes.grad.any()

@@ -28,7 +28,13 @@ from dinotune.cli import main  # noqa: E402
 from dinotune.data.bands import InputSpec  # noqa: E402
 from dinotune.errors import ConfigError  # noqa: E402
 from dinotune.serve import RunPredictor, create_app, open_predictor  # noqa: E402
-from tests.conftest import make_class_folders, make_coco_dataset, make_segmentation_folders, tiny_options  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    make_class_folders,
+    make_coco_dataset,
+    make_instance_dataset,
+    make_segmentation_folders,
+    tiny_options,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,6 +71,12 @@ def tiny_run(task: str, root: Path) -> tuple[Path, Path]:
             base / "run", epochs=1, hidden_dim=16, num_heads=2, ffn_dim=32, decoder_layers=1, num_queries=5,
             sampling_points=1, check_images="fast"))
         sample = coco / "val2017" / "val2017_000.png"
+    elif task == "instance":
+        data = make_instance_dataset(base / "inst", {"train": [1, 2, 1, 2], "val": [2, 1]}, size=(40, 32))
+        result = dinotune.train(task="instance", data=str(data), **tiny_options(
+            base / "run", epochs=1, hidden_dim=16, num_heads=2, ffn_dim=32, decoder_layers=1, num_queries=5,
+            sampling_points=1, mask_dim=8, mask_scale=2.0, mask_points=256, check_images="fast"))
+        sample = data / "val" / "val_000.png"
     else:
         data = make_segmentation_folders(base / "seg", {"train": 4, "val": 2}, size=28)
         result = dinotune.train(task="segment", data=str(data), **tiny_options(base / "run", epochs=1,

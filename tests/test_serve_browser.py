@@ -197,3 +197,30 @@ def test_segmentation_page_blends_the_mask(browser, servers):
                   ".then((r) => r.json()).then((r) => { window.__overlay_image = r.overlay.image; })")
     assert page.evaluate(_CHANGED_PIXELS) > 0.5 * 480 * 480  # the label map covers the (enlarged) picture
     page.close()
+
+
+def test_instance_page_draws_each_mask_with_its_box(browser, tmp_path_factory):
+    run, sample = tiny_run("instance", tmp_path_factory.mktemp("serve-instance"))
+    server = Server(create_app(RunPredictor.load(run, device="cpu")))
+    try:
+        record = _api_record(server.url, sample)
+        assert record["detections"] and all("segmentation" in d for d in record["detections"])
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_function("document.getElementById('threshold-row').hidden === false")
+        page.fill("#threshold", "0")  # a random-weight model scores low: draw every instance
+        _upload(page, sample)
+        assert page.get_attribute("#view", "data-drawn") == "boxes"
+        with_mask = sum(1 for d in record["detections"] if d["area"] > 0)
+        assert int(page.get_attribute("#view", "data-masks")) == with_mask > 0
+        page.evaluate("fetch('/predict?overlay=1', {method: 'POST', body: (() => { const f = new FormData(); "
+                      "f.append('file', document.getElementById('file').files[0]); return f; })()})"
+                      ".then((r) => r.json()).then((r) => { window.__overlay_image = r.overlay.image; })")
+        tinted = page.evaluate(_CHANGED_PIXELS)
+        page.fill("#threshold", "1.01")  # above every score: no box, no mask
+        page.dispatch_event("#threshold", "input")
+        assert page.get_attribute("#view", "data-masks") == "0"
+        assert page.evaluate(_CHANGED_PIXELS) < tinted  # the masks' tint went with them
+        page.close()
+    finally:
+        server.stop()

@@ -5,8 +5,12 @@ cross-entropy and the dice loss of its mask against the target's, both on the sa
 drawn uniformly over the canvas (one draw per image, shared by every pair, so costs compare).
 The matched pairs' mask losses are taken on ``P`` points per mask chosen by uncertainty: of
 ``oversample_ratio * P`` uniform candidates, the ``importance_ratio`` share where the predicted
-logit is closest to 0, the rest uniform (PointRend / Mask2Former). A grid of no more than ``P``
-cells uses every cell centre instead, which is exact and costs no more.
+logit is closest to 0, the rest uniform (PointRend / Mask2Former).
+
+Points are the centres of the TARGET's pixels (the ``S x S`` canvas), drawn with replacement, or
+every pixel when there are no more than ``P``: the target is read exactly (0 or 1, no blurred
+edges), and the prediction bilinearly between its coarser cells, which is how evaluation brings
+masks to the image, so the loss trains what is scored, and a perfect mask costs exactly 0.
 
 Targets carry ``masks`` ``N x S x S`` {0, 1} on the canvas; predictions ``pred_masks``
 ``B x Q x Hm x Wm`` logits on a grid covering the same canvas, so one normalised point is the same
@@ -38,20 +42,30 @@ def grid_points(height: int, width: int, device: torch.device) -> Tensor:
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
 
 
-def uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
-    """``N x Hm x Wm`` logits -> ``N x P`` points, ``importance_ratio`` of them where ``|logit|`` is
-    smallest among ``oversample_ratio * P`` uniform candidates, the rest uniform; every cell centre
-    when the grid has no more than ``P`` cells."""
-    n, h, w = logits.shape
+def pixel_points(count: int, height: int, width: int, device: torch.device, batch: int = 1) -> Tensor:
+    """``batch x count`` random pixel centres of an ``H x W`` grid as ``(x, y)`` in [0, 1], or all
+    ``H * W`` of them (in order) when ``count`` covers them."""
+    if height * width <= count:
+        return grid_points(height, width, device).expand(batch, -1, -1)
+    index = torch.randint(height * width, (batch, count), device=device)
+    return torch.stack([((index % width).float() + 0.5) / width, ((index // width).float() + 0.5) / height], -1)
+
+
+def uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float,
+                     size: tuple[int, int]) -> Tensor:
+    """``N x Hm x Wm`` logits -> ``N x P`` pixel centres of the ``size`` target grid, the
+    ``importance_ratio`` share where ``|logit|`` is smallest among ``oversample_ratio * P``
+    candidates, the rest uniform; every pixel when the grid has no more than ``P``."""
+    n = logits.shape[0]
+    h, w = size
     if h * w <= num_points:
         return grid_points(h, w, logits.device).expand(n, -1, -1)
-    candidates = torch.rand(n, int(num_points * oversample_ratio), 2, device=logits.device)
+    candidates = pixel_points(int(num_points * oversample_ratio), h, w, logits.device, n)
     uncertainty = -point_sample(logits.detach(), candidates).abs()
     important = int(importance_ratio * num_points)
     picked = uncertainty.topk(important, dim=1).indices
     chosen = candidates.gather(1, picked.unsqueeze(-1).expand(-1, -1, 2))
-    rest = torch.rand(n, num_points - important, 2, device=logits.device)
-    return torch.cat([chosen, rest], dim=1)
+    return torch.cat([chosen, pixel_points(num_points - important, h, w, logits.device, n)], dim=1)
 
 
 def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -87,9 +101,7 @@ class MaskHungarianMatcher(HungarianMatcher):
     def mask_cost(self, pred: Tensor, target: Tensor) -> Tensor:
         """``Q x Hm x Wm`` logits, ``N x S x S`` target masks -> ``Q x N`` weighted mask cost."""
         pred = pred.float()
-        h, w = pred.shape[-2:]
-        points = (grid_points(h, w, pred.device) if h * w <= self.num_points
-                  else torch.rand(self.num_points, 2, device=pred.device))
+        points = pixel_points(self.num_points, *target.shape[-2:], pred.device)[0]
         p = point_sample(pred, points.expand(len(pred), -1, -1))
         t = point_sample(target.to(pred.device).float(), points.expand(len(target), -1, -1))
         bce, dice = pairwise_mask_costs(p, t)
@@ -125,7 +137,8 @@ class MaskSetCriterion(SetCriterion):
             zero = masks.sum() * 0.0
             return {**losses, "loss_mask": zero, "loss_dice": zero}
         target = torch.cat([t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)])
-        points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio)
+        points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio,
+                                  tuple(target.shape[-2:]))
         p = point_sample(pred, points)
         with torch.no_grad():
             t = point_sample(target.to(device).float(), points)
