@@ -53,6 +53,19 @@ class DetectionReport:
     skipped: SkipReport = field(default_factory=SkipReport)
     difficult: int = 0  # Pascal VOC "difficult" objects: kept for evaluation as crowd regions are, never trained
 
+    def admit(self, box: tuple[float, float, float, float] | None, clamped: bool, crowd: bool = False) -> bool:
+        """Count one object as ``clamp_box`` left it (``box`` None: degenerate) and say whether it is
+        kept: a crowd region when it still has a box (counted as crowd either way), any other object
+        unless degenerate (counted as dropped, or as clamped when it was)."""
+        if crowd:
+            self.crowd += 1
+            return box is not None
+        if box is None:
+            self.dropped += 1
+            return False
+        self.clamped += int(clamped)
+        return True
+
     def summary(self) -> str:
         parts = [f"{self.clamped} boxes clamped to the image", f"{self.dropped} degenerate boxes dropped",
                  f"{self.crowd} crowd regions (evaluation only)", f"{self.empty_images} images without objects"]
@@ -205,15 +218,8 @@ def coco_source(coco: CocoFile, min_box_size: float, *, keep_segmentation: bool 
         gt_annotations[a.image_id].append(gt)
         width, height = size_of[a.image_id]
         box, clamped = clamp_box(x, y, x + w, y + h, width, height, min_box_size)
-        if a.iscrowd:
-            report.crowd += 1
-            if box is None:
-                continue
-        elif box is None:
-            report.dropped += 1
+        if not report.admit(box, clamped, a.iscrowd):
             continue
-        elif clamped:
-            report.clamped += 1
         area = float(a.entry["area"]) if "area" in a.entry else (box[2] - box[0]) * (box[3] - box[1])
         annotations[a.image_id].append(Annotation(box, label_of[a.category_id], a.category_id, a.iscrowd,
                                                   area, int(gt["id"])))

@@ -38,36 +38,52 @@ class PostProcess(nn.Module):
         self.score_threshold = float(score_threshold)
         self.canvas_size = canvas_size
 
+    # the per-image keys of ``forward``, in the order ``dense`` returns them
+    fields: tuple[str, ...] = ("scores", "labels", "boxes")
+
     def dense(self, outputs: dict[str, Tensor], orig_sizes: Tensor, scales: Tensor | None = None,
-              canvas_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              canvas_size: int | None = None) -> tuple[Tensor, ...]:
         """The tensor part, which the exported graph is made of too (``export.py``): ``outputs``
         (``pred_logits`` B x Q x K, ``pred_boxes`` B x Q x 4 normalised ``cxcywh``), ``orig_sizes``
         B x 2 ``(h, w)``, ``scales`` B canvas pixels per original pixel (default ``S / max(h, w)``,
         the factor of ``transforms.resize_pad``) -> ``scores`` B x k', ``labels`` B x k' int64
         (contiguous), ``boxes`` B x k' x 4 ``xyxy`` original pixels clipped to the image, best first
-        (``k' = min(topk, Q * K)``), without the score threshold (it would make ``k'`` vary)."""
+        (``k' = min(topk, Q * K)``), without the score threshold (it would make ``k'`` vary); then
+        whatever ``extras`` picks for the same queries."""
         size = canvas_size if canvas_size is not None else self.canvas_size
         if size is None:
             raise ValueError("PostProcess needs canvas_size (the padded canvas side S), in __init__ or forward")
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         b, q, k = logits.shape
         scores, index = logits.sigmoid().reshape(b, q * k).topk(min(self.topk, q * k), dim=1)  # sorted, best first
-        picked = boxes.gather(1, (index // k).unsqueeze(-1).expand(-1, -1, 4))  # B x k' x 4
-        return scores, index % k, to_original(picked, orig_sizes, float(size), scales)
+        query = index // k  # B x k', the query of each pick
+        picked = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))  # B x k' x 4
+        return (scores, index % k, to_original(picked, orig_sizes, float(size), scales), *self.extras(outputs, query))
+
+    def extras(self, outputs: dict[str, Tensor], query: Tensor) -> tuple[Tensor, ...]:
+        """More per-detection outputs (``B x k' x ...``) for the picked ``query`` indices (``B x k'``),
+        after ``fields``' first three: none here (a task built on detection adds its masks)."""
+        return ()
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], scales: Tensor, orig_sizes: Tensor,
                 canvas_size: int | None = None) -> list[dict[str, Tensor]]:
         """``outputs`` (``pred_logits`` B x Q x K, ``pred_boxes`` B x Q x 4), ``scales`` B (canvas
         pixels per original pixel), ``orig_sizes`` B x 2 ``(h, w)`` -> per image ``{"scores": K',
-        "labels": K' int64 (contiguous), "boxes": K' x 4 xyxy original pixels}``, best first, those
-        scoring at least ``score_threshold``."""
+        "labels": K' int64 (contiguous), "boxes": K' x 4 xyxy original pixels}`` (and the keys of
+        ``fields`` beyond them), best first, those scoring at least ``score_threshold``."""
         boxes = outputs["pred_boxes"]
         b = boxes.shape[0]
         scales = torch.as_tensor(scales, dtype=torch.float32, device=boxes.device).reshape(b)
         orig_sizes = torch.as_tensor(orig_sizes, device=boxes.device).reshape(b, 2).float()
-        scores, labels, xyxy = self.dense(outputs, orig_sizes, scales, canvas_size)
-        return [per_image(scores[i], labels[i], xyxy[i], self.score_threshold) for i in range(b)]
+        parts = self.dense(outputs, orig_sizes, scales, canvas_size)
+        out = []
+        for i in range(b):
+            keep = parts[0][i] >= self.score_threshold
+            det = {name: t[i][keep] for name, t in zip(self.fields, parts)}
+            det["labels"] = det["labels"].to(torch.int64)
+            out.append(det)
+        return out
 
 
 def to_original(boxes: Tensor, orig_sizes: Tensor, canvas_size: float, scales: Tensor | None = None) -> Tensor:

@@ -342,16 +342,9 @@ def read_voc(root: str | Path, split: str, categories: list[dict[str, Any]] | No
         objects: list[Annotation] = []
         for o in entry.objects:
             box, clamped = clamp_box(*o.box, entry.width, entry.height, min_box_size)
-            if o.difficult:
-                report.crowd += 1
-                report.difficult += 1
-                if box is None:
-                    continue
-            elif box is None:
-                report.dropped += 1
+            report.difficult += int(o.difficult)
+            if not report.admit(box, clamped, o.difficult):
                 continue
-            elif clamped:
-                report.clamped += 1
             label, n_objects = label_of[o.name], n_objects + 1
             objects.append(Annotation(box, label, int(cats[label]["id"]), o.difficult,
                                       (box[2] - box[0]) * (box[3] - box[1]), n_objects))

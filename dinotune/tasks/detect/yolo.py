@@ -270,10 +270,8 @@ def _read(root: str | Path, split: str, categories: list[dict[str, Any]] | None,
                 continue
             box, clamped = clamp_box((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
                                      (cy + h / 2) * height, width, height, min_box_size)
-            if box is None:
-                report.dropped += 1
+            if not report.admit(box, clamped):
                 continue
-            report.clamped += int(clamped)
             n_objects += 1
             objects.append(Annotation(box, label_of[cid], cid, False, (box[2] - box[0]) * (box[3] - box[1]),
                                       n_objects))

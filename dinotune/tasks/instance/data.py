@@ -33,7 +33,8 @@ from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from dinotune.errors import DataError, ImageReadError
 from dinotune.tasks.detect.data import DetectionDataset, class_table, detection_collate
 from dinotune.tasks.detect.transforms import train_transforms
-from dinotune.tasks.instance.sources import InstanceSource, to_rle
+from dinotune.tasks.instance.masks import to_rle
+from dinotune.tasks.instance.sources import InstanceSource
 
 __all__ = ["InstanceDataset", "instance_collate", "instance_train_transforms", "describe_instances",
            "decode_segmentation", "canvas_masks", "MASK_BYTES"]
@@ -49,13 +50,13 @@ def decode_segmentation(seg: Any, height: int, width: int, out_size: tuple[int, 
     (another grid over the same image): polygons are scaled and drawn on it, an RLE is decoded and
     resized (nearest)."""
     if out_size is None or tuple(out_size) == (height, width):
-        return mask_utils.decode(to_rle(seg, height, width))
+        return mask_utils.decode(to_rle(seg, (height, width)))
     oh, ow = out_size
     if isinstance(seg, list):
         scale = np.array([ow / width, oh / height])
         parts = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * scale).reshape(-1) for p in seg]
         return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, oh, ow)))
-    full = torch.from_numpy(np.ascontiguousarray(mask_utils.decode(to_rle(seg, height, width))))
+    full = torch.from_numpy(np.ascontiguousarray(mask_utils.decode(to_rle(seg, (height, width)))))
     return _nearest(full[None], oh, ow)[0].numpy()
 
 

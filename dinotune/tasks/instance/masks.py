@@ -136,7 +136,7 @@ def encode_logits(logits: np.ndarray, size: Sequence[int], canvas_size: int,
     return rles, areas
 
 
-def _compressed(segmentation: Mapping[str, Any] | list, size: Sequence[int] | None) -> dict[str, Any]:
+def to_rle(segmentation: Mapping[str, Any] | list, size: Sequence[int] | None = None) -> dict[str, Any]:
     """pycocotools' compressed RLE of any COCO ``segmentation``: an RLE with text or byte counts, an
     uncompressed RLE (counts as a list) or polygons (these two need the image's ``size`` (h, w))."""
     if isinstance(segmentation, Mapping) and not isinstance(segmentation.get("counts"), list):
@@ -157,14 +157,14 @@ def _compressed(segmentation: Mapping[str, Any] | list, size: Sequence[int] | No
 def decode(segmentation: Mapping[str, Any] | list, size: Sequence[int] | None = None) -> np.ndarray:
     """The ``(h, w)`` bool mask of a COCO ``segmentation``: an RLE (compressed or not), or polygons
     ``[[x0, y0, x1, y1, ...], ...]`` with ``size`` ``(h, w)``."""
-    return mask_utils.decode(_compressed(segmentation, size)).astype(bool)
+    return mask_utils.decode(to_rle(segmentation, size)).astype(bool)
 
 
 def area(segmentation: Mapping[str, Any] | list, size: Sequence[int] | None = None) -> int:
     """Pixels of a COCO ``segmentation`` (``decode``'s arguments), counted on its RLE."""
-    return int(mask_utils.area(_compressed(segmentation, size)))
+    return int(mask_utils.area(to_rle(segmentation, size)))
 
 
 def mask_box(segmentation: Mapping[str, Any] | list, size: Sequence[int] | None = None) -> list[float]:
     """The ``xywh`` box around a COCO ``segmentation``'s pixels (``[0, 0, 0, 0]`` when it is empty)."""
-    return [float(v) for v in mask_utils.toBbox(_compressed(segmentation, size))]
+    return [float(v) for v in mask_utils.toBbox(to_rle(segmentation, size))]

@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from dinotune.data.coco import CocoAnnotation, is_int, read_coco_file, short
 from dinotune.errors import DataError
 from dinotune.tasks.detect.coco import DetectionSource, ImageRecord, coco_source
 from dinotune.tasks.detect.data import locate_detection_data
 from dinotune.tasks.detect.yolo import read_yolo_polygons
+from dinotune.tasks.instance.masks import area as mask_area
+from dinotune.tasks.instance.masks import mask_box
 from dinotune.utils import info, warn
 
 __all__ = ["InstanceSource", "MaskReport", "read_coco_instances", "read_yolo_instances", "find_instance_data",
-           "check_segmentation", "to_rle", "segmentation_box"]
+           "check_segmentation", "segmentation_box"]
 
 SHOW = 5  # how many left-out annotations a warning names
 
@@ -217,24 +218,13 @@ def _compressed_counts(text: str) -> np.ndarray | None:
     return runs
 
 
-def to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
-    """The compressed RLE of a checked segmentation (polygon parts merged into one mask), as
-    pycocotools' ``COCO.annToRLE`` makes it."""
-    if isinstance(seg, list):
-        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    if isinstance(seg["counts"], list):
-        return mask_utils.frPyObjects(seg, height, width)
-    counts = seg["counts"]
-    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
 def segmentation_box(seg: Any, height: int, width: int) -> tuple[float, float, float, float]:
     """``xywh`` extent of a checked segmentation: the polygons' points, or the RLE's pixels."""
     if isinstance(seg, list):
         pts = np.concatenate([np.asarray(p, dtype=np.float64) for p in seg]).reshape(-1, 2)
         (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
         return float(x0), float(y0), float(x1 - x0), float(y1 - y0)
-    x, y, w, h = mask_utils.toBbox(to_rle(seg, height, width)).tolist()
+    x, y, w, h = mask_box(seg, (height, width))
     return x, y, w, h
 
 
@@ -264,7 +254,7 @@ def read_coco_instances(json_path: str | Path, image_dir: str | Path | None,
             entry["bbox"] = list(bbox)
             report.boxes_from_masks += 1
         if "area" not in entry:  # COCO's small / medium / large go by the mask's area
-            entry["area"] = float(mask_utils.area(to_rle(seg, h, w)))
+            entry["area"] = float(mask_area(seg, (h, w)))
         kept.append(replace(a, bbox=bbox, entry=entry))
         segmentations[aid] = seg
     if coco.annotations and not kept:
@@ -291,7 +281,7 @@ def read_yolo_instances(root: str | Path, split: Literal["train", "val", "test"]
                         f"YOLO-seg polygon lines (class x1 y1 ... xn yn), e.g. {got.box_only_lines[0]}")
     for im in source.images:  # COCO's small / medium / large go by the mask's area
         for a in source.annotations.get(im.id, ()):
-            a.area = float(mask_utils.area(to_rle(got.polygons[a.id], im.height, im.width)))
+            a.area = float(mask_area(got.polygons[a.id], (im.height, im.width)))
     report.print(source.name)
     return _instance_source(source, got.polygons, report)
 

@@ -35,10 +35,7 @@ from dinotune.tasks.instance.sources import find_instance_data
 
 
 class InstanceTask(DetectTask):
-    name = "instance"
-    monitor_mode = "max"
-    pixel_aligned_labels = True
-    supports_subset = True
+    name = "instance"  # what detection's class attributes say (max is better, pixel-aligned, subsets) holds
 
     cfg: InstanceConfig
 
