@@ -86,14 +86,18 @@ class LoadedRun:
         return self.task.predict(self, images, settings, **extra)
 
     def evaluate(self, data: str, split: str = "val", *, batch_size: int | None = None, images: str = "",
-                 subset: int = 0, subset_seed: int = 0, pre_transform: Any = None) -> dict[str, Any]:
+                 subset: int = 0, subset_seed: int = 0, pre_transform: Any = None, labels: str = "") -> dict[str, Any]:
         """Metrics on ``data`` in any layout the task reads; ``subset``: a reproducible random
-        subset of that many images (tasks with ``supports_subset``)."""
+        subset of that many images (tasks with ``supports_subset``); ``labels``: the labels of a
+        scene given as ``data`` (tasks with ``supports_labels``)."""
         if subset and not self.task.supports_subset:
             raise ConfigError(f"--subset does not apply to {self.task.name} runs")
+        if labels and not self.task.supports_labels:
+            raise ConfigError(f"--labels does not apply to {self.task.name} runs")
         settings, _ = self.settings(batch_size=batch_size)
+        extra = {"labels": labels} if labels else {}  # tasks without scenes take no such keyword
         return self.task.evaluate_data(self, data, split, settings, images=images, subset=subset,
-                                       subset_seed=subset_seed, pre_transform=pre_transform)
+                                       subset_seed=subset_seed, pre_transform=pre_transform, **extra)
 
 
 def checkpoint_folder(run: str | Path, which: str = BEST, *, quiet: bool = False) -> Path:

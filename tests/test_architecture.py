@@ -31,7 +31,7 @@ import dinotune
 ROOT = Path(dinotune.__file__).parent
 LAYERS = [
     ("errors", "utils", "threads", "ops", "config", "tasks.registry"),
-    ("backbone", "data", "viz", "runtime"),
+    ("backbone", "data", "viz", "runtime", "geo"),
     ("adapters", "models"),
     ("engine",),
     ("tasks",),

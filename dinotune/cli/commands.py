@@ -143,6 +143,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     cfg, _ = command_config(ns, EvalConfig)
     loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
     options: dict[str, Any] = {"batch_size": cfg.batch_size, "images": cfg.images}
+    if cfg.labels:
+        options["labels"] = cfg.labels
     if cfg.subset:
         options.update(subset=cfg.subset, subset_seed=cfg.subset_seed)
     name = f"{_data_name(cfg.data)}-{cfg.split}"
@@ -205,11 +207,25 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         if _is_export(cfg.run):
             raise ConfigError(f"{cfg.run} is an exported ONNX model: predict it with --backend onnx")
         from dinotune import api
+        from dinotune.engine import distributed
 
-        loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=cfg.device, model=cfg.model or None)
+        # under torchrun the tiles of each scene are shared out (predict --tile); process 0 writes
+        ctx = distributed.setup(cfg.device)
+        loaded = api.load(cfg.run, checkpoint_name=cfg.checkpoint, device=_process_device(cfg.device, ctx),
+                          model=cfg.model or None)
         _refuse_inapplicable(flags, loaded.predict_option_names(), f"{loaded.task.name} runs")
-        _check_format(fmt, loaded.task.runtime().formats, cfg.out)
+        runtime = loaded.task.runtime()
+        _check_format(fmt, runtime.formats + runtime.written_formats, cfg.out)
+        if fmt in runtime.written_formats:  # the task streams this file itself (a label GeoTIFF)
+            if not cfg.out:
+                raise ConfigError(f"--format {fmt} is written to a file: name it with --out FILE.{fmt}")
+            results = loaded.predict(cfg.images, out=cfg.out, **options)
+            if ctx.is_main:
+                print(f"wrote {cfg.out} ({fmt.upper()}) for {len(results)} image(s)", file=sys.stderr)
+            return 0
         results = loaded.predict(cfg.images, **options)
+        if not ctx.is_main:
+            return 0
         settings, extra = loaded.settings(**options)
         text = loaded.task.format_predictions(results, fmt, {**dataclasses.asdict(settings), **extra})
     if cfg.out:
@@ -220,6 +236,15 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _process_device(device: str, ctx: Any) -> str:
+    """The device of this process: under torchrun on CUDA, its own GPU (``cuda:LOCAL_RANK``)."""
+    import torch
+
+    if ctx.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}"
+    return device
 
 
 def _check_format(fmt: str, formats: Sequence[str], out: str) -> None:

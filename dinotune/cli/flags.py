@@ -135,7 +135,15 @@ class _TaskOption:
 
     meta: dict[str, Any]
     type: Any
-    helps: list[str] = field(default_factory=list)  # "task: help" per task that has it
+    helps: list[tuple[str, str]] = field(default_factory=list)  # (task, help) per task that has it
+
+    @property
+    def help(self) -> str:
+        """``detect, instance: ...; segment: ...``: tasks saying the same thing share one entry."""
+        by_text: dict[str, list[str]] = {}
+        for task, text in self.helps:
+            by_text.setdefault(text, []).append(task)
+        return "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in by_text.items())
     defaults: list[tuple[str, str]] = field(default_factory=list)  # (task, what its default is)
 
 
@@ -171,7 +179,7 @@ def predict_task_options() -> dict[str, _TaskOption]:
             for name in ("metavar", "negatable"):
                 if option.meta.get(name) is None and f.metadata.get(name) is not None:
                     option.meta[name] = f.metadata[name]
-            option.helps.append(f"{task}: {f.metadata.get('help', '')}")
+            option.helps.append((task, f.metadata.get("help", "")))
             option.defaults.append((task, default_text))
     return out
 
@@ -182,7 +190,7 @@ def _add_predict_task_flags(parser: argparse.ArgumentParser) -> None:
     for name, option in predict_task_options().items():
         texts = {text for _, text in option.defaults}
         default = texts.pop() if len(texts) == 1 else "; ".join(f"{task}: {text}" for task, text in option.defaults)
-        _add_argument(group, name, option.meta, option.type, _help_text({"help": "; ".join(option.helps)}, default))
+        _add_argument(group, name, option.meta, option.type, _help_text({"help": option.help}, default))
 
 
 def _parse_set(items: list[str]) -> dict[str, str]:

@@ -70,6 +70,10 @@ class EvalConfig:
     out: str = opt("", "metrics JSON path (with --corruptions: a folder)",
                    default_text="RUN/eval/<data>-<split>.json")
     images: str = opt("", "COCO image folder (detection / segmentation)", default_text="found next to the JSON")
+    labels: str = opt("", "labels of a scene given as --data (vector labels, or a label raster where the task takes "
+                      "one); --split val scores the tiles of the run's validation blocks, train those of its "
+                      "training blocks, test the whole scene", metavar="FILE",
+                      default_text="the run's own when --data is its training scene")
     subset: int = opt(0, "detection / segmentation: evaluate on a reproducible random subset of N images "
                       "(0 = all)", ge=0)
     subset_seed: int = opt(0, "seed of --subset", ge=0)

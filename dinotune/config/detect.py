@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from dinotune.config.bands import BandsConfig
+from dinotune.config.tiling import TiledBoxOptions
 from dinotune.config.base import (
     PYRAMID_SCALES,
     AdapterConfig,
@@ -19,20 +20,23 @@ from dinotune.config.base import (
     validate_common,
 )
 from dinotune.config.io import coerce, set_dotted
+from dinotune.config.scene import SceneDataFields
 
 
 @dataclass
-class DetectDataConfig:
+class DetectDataConfig(SceneDataFields):  # fields: the scene's (config/scene.py), then these
     data: str = opt(
         "",
         "training data: a COCO folder (annotations/instances_train*.json + image folders; a Roboflow COCO export's "
         "train/ valid/ test/ with _annotations.coco.json), a COCO instances JSON, a YOLO folder (data.yaml, "
-        "images/, labels/) or a Pascal VOC folder (Annotations/*.xml + JPEGImages/, splits from ImageSets/Main)",
+        "images/, labels/), a Pascal VOC folder (Annotations/*.xml + JPEGImages/, splits from ImageSets/Main), or "
+        "a scene (GeoTIFF, .npy ...) with --labels",
     )
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
     val_fraction: float = opt(
         0.0, "Pascal VOC folders without ImageSets/Main/val.txt: hold out this fraction of the training images for "
-        "validation (drawn with --seed)", ge=0, lt=1,
+        "validation (drawn with --seed); a scene (--labels): the fraction of its blocks held out for validation",
+        ge=0, lt=1,
     )
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
@@ -154,7 +158,7 @@ class DetectInferenceConfig:
 
 
 @dataclass
-class DetectPredictOptions:
+class DetectPredictOptions(TiledBoxOptions):
     """Options of ``dinotune predict`` on a detection run besides its inference section (the
     keyword options of ``DetectTask.predict`` and, ``image_info`` only, of ``DetectRuntime``)."""
 
@@ -218,6 +222,7 @@ class DetectConfig:
 
     def validate(self) -> None:
         validate_common(self)
+        check_scene_data(self.data)
         m = self.model
         validate_detr(m, self.loss)
         if m.baseline != "none":
@@ -225,6 +230,13 @@ class DetectConfig:
         elif m.baseline_weights:
             raise ConfigError(f"--baseline-weights {m.baseline_weights}: only used with --baseline; add --baseline "
                               "fasterrcnn_resnet50_fpn_v2 (or the MobileNet one) or drop it")
+
+
+def check_scene_data(d: DetectDataConfig) -> None:
+    """Detection's and instance segmentation's flags that do not go with a scene (``--labels``)."""
+    d.check_scene({"--val-data": d.val_data, "--train-images": d.train_images, "--val-images": d.val_images,
+                   "--subset": d.subset, "--subset-file": d.subset_file, "--val-subset": d.val_subset,
+                   "--overfit": d.overfit, "--sampler": "" if d.sampler == "shuffle" else d.sampler})
 
 
 def validate_detr(m: DetrDecoderFields, loss: SetLossFields) -> None:

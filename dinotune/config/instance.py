@@ -26,6 +26,7 @@ from dinotune.config.detect import (
     DetrDecoderFields,
     RcnnFields,
     SetLossFields,
+    check_scene_data,
     validate_detr,
 )
 from dinotune.config.io import coerce, set_dotted
@@ -125,12 +126,14 @@ class InstanceConfig:
 
     def validate(self) -> None:
         validate_common(self)
+        check_scene_data(self.data)
         validate_detr(self.model, self.loss)
         if self.model.mask_scale not in PYRAMID_SCALES:
             raise ConfigError(f"--mask-scale {self.model.mask_scale:g}: use one of "
                               f"{', '.join(f'{s:g}' for s in PYRAMID_SCALES)}")
         if self.model.head == "detr" and self.loss.mask_weight == self.loss.dice_weight == 0:
             raise ConfigError("--mask-weight and --dice-weight are both 0: the masks would never be learned")
-        if self.data.val_fraction:
+        if self.data.val_fraction and not self.data.scene_requested():  # a scene's held-out blocks are fine
             raise ConfigError("--val-fraction holds out Pascal VOC images, which have no masks; instance data names "
-                              "its validation split (a COCO val JSON, a data.yaml val entry) or --val-data")
+                              "its validation split (a COCO val JSON, a data.yaml val entry) or --val-data; with a scene "
+                              "(--labels) it holds out blocks")

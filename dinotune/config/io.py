@@ -89,6 +89,9 @@ ADDED_KEYS = frozenset({
     "model.rcnn_score_threshold", "model.baseline", "model.baseline_weights",
     # segmentation colour tables: runs without one read masks as class indices, which "" keeps
     "data.mask_colors",
+    # training from a scene: runs without these trained on a dataset, which their defaults keep
+    "data.labels", "data.tile", "data.class_field", "data.min_visible", "data.empty_rate", "data.block",
+    "data.tiles_per_epoch", "data.tile_sampling", "data.val_fraction",
 })
 
 _INCOMPLETE_HINT = ("a config.yaml dinotune saves holds every key, so this one was cut or edited. Restore "

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from dinotune.config.bands import BandsConfig
+from dinotune.config.tiling import TilePredictOptions
 from dinotune.config.base import (
     AdapterConfig,
     BackboneConfig,
@@ -16,17 +17,21 @@ from dinotune.config.base import (
     opt,
     validate_common,
 )
+from dinotune.config.scene import SceneDataFields
 
 
 @dataclass
-class SegmentDataConfig:
+class SegmentDataConfig(SceneDataFields):  # fields: the scene's (config/scene.py), then these
     data: str = opt(
         "",
         "training data: Pascal VOC (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/), ADE20K "
         "(images/training, annotations/training), folders of images/ + masks/ with matching stems (or "
-        "train/ and val/ each holding them), or a COCO instances JSON / folder rasterised to semantic masks",
+        "train/ and val/ each holding them), a COCO instances JSON / folder rasterised to semantic masks, or a "
+        "scene (GeoTIFF, .npy ...) with --labels",
     )
     val_data: str = opt("", "validation data in the same forms; empty = the val split of --data")
+    val_fraction: float = opt(0.0, "a scene (--labels): the fraction of its blocks held out for validation", ge=0,
+                              lt=1)
     train_images: str = opt("", "COCO: image folder of the training JSON (auto-detected when empty)")
     val_images: str = opt("", "COCO: image folder of the validation JSON (auto-detected when empty)")
     num_classes: int = opt(
@@ -96,7 +101,7 @@ class SegmentInferenceConfig:
 
 
 @dataclass
-class SegmentPredictOptions:
+class SegmentPredictOptions(TilePredictOptions):
     """Options of ``dinotune predict`` on a segmentation run besides its inference section (the
     keyword options of ``SegmentTask.predict`` and ``SegmentRuntime``)."""
 
@@ -105,6 +110,8 @@ class SegmentPredictOptions:
                      metavar="DIR", default_text="not written")
     draw: str = opt("", "write colour overlays, with a legend of the classes present, into DIR", metavar="DIR",
                     default_text="not drawn")
+    out: str = opt("", "--tile: the label GeoTIFF of the scene (one scene; predict's --out FILE.tif)",
+                   default_text="DIR/<scene>.tif of --masks")
 
 def _segment_train() -> TrainConfig:
     return TrainConfig(epochs=50, batch_size=8)
@@ -141,6 +148,13 @@ class SegmentConfig:
 
     def validate(self) -> None:
         validate_common(self)
+        d = self.data
+        d.check_scene({"--val-data": d.val_data, "--train-images": d.train_images, "--val-images": d.val_images,
+                       "--subset": d.subset, "--val-subset": d.val_subset, "--overfit": d.overfit,
+                       "--mask-colors": d.mask_colors})
+        if d.val_fraction and not d.scene_requested():
+            raise ConfigError(f"--val-fraction {d.val_fraction:g} holds out blocks of a scene (--labels); a dataset "
+                              "names its validation split (or --val-data)")
         lo_hi = self.data.scale_range
         if len(lo_hi) != 2 or not lo_hi[0] <= lo_hi[1]:
             raise ConfigError(f"--scale-range {' '.join(map(str, lo_hi))}: give two factors, min <= max")

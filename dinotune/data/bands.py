@@ -24,6 +24,7 @@ from PIL import Image
 from dinotune.data.arrays import BandLayout, is_band_file, read_bands
 from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from dinotune.data.input_spec import (  # noqa: F401 (re-exported: the torch path reads them from here)
+    BandMoments,
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputSpec,
@@ -71,22 +72,11 @@ def band_statistics(paths: Sequence[Path], layout: BandLayout = "auto", max_pixe
     if not paths:
         raise DataError("no files to compute band statistics from")
     step = max(1, -(-len(paths) // max_files))
-    total = sq = low = high = None
-    count = 0
+    moments = BandMoments()
     for p in list(paths)[::step]:
         x = _as_array(read_input(p, max_pixels, layout))
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        total = x.sum(0) if total is None else total + x.sum(0)
-        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
-        low = x.min(0) if low is None else np.minimum(low, x.min(0))
-        high = x.max(0) if high is None else np.maximum(high, x.max(0))
-        count += x.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
-    # constant bands by their range, not by the variance: sq / n - mean^2 need not cancel to exactly 0
-    # (a constant 17296.85 left std 2e-4, which would blow the band up instead of leaving it at 0)
-    std = np.where((high > low) & (std > 0), std, 1.0)
-    return [float(v) for v in mean], [float(v) for v in std]
+        moments.add(x.reshape(-1, x.shape[-1]))
+    return moments.result()
 
 
 def _as_array(image: Image.Image | torch.Tensor) -> np.ndarray:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from dinotune.data.arrays import BandLayout, band_header, is_band_file
 from dinotune.errors import DataError
 
@@ -66,6 +68,34 @@ class InputSpec:
             if key in values:
                 values[key] = list(values[key])
         return cls(**values)
+
+
+class BandMoments:
+    """Per-band mean and standard deviation accumulated over ``n x bands`` blocks of samples, in
+    float64. A band that never varies gets std 1: its range is checked, not the variance, since
+    ``sq / n - mean^2`` need not cancel to exactly 0 (a constant 17296.85 left std 2e-4, which would
+    blow the band up instead of leaving it at 0)."""
+
+    def __init__(self) -> None:
+        self.total = self.sq = self.low = self.high = None
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        """``x``: ``n x bands`` samples."""
+        x = np.asarray(x, np.float64)
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
+        self.sq = (x * x).sum(0) if self.sq is None else self.sq + (x * x).sum(0)
+        self.low = x.min(0) if self.low is None else np.minimum(self.low, x.min(0))
+        self.high = x.max(0) if self.high is None else np.maximum(self.high, x.max(0))
+        self.count += x.shape[0]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if not self.count:
+            raise DataError("no samples to compute band statistics from")
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.sq / self.count - mean * mean, 0.0))
+        std = np.where((self.high > self.low) & (std > 0), std, 1.0)
+        return [float(v) for v in mean], [float(v) for v in std]
 
 
 # ------------------------------------------------------------------------- files against it

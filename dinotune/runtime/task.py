@@ -47,6 +47,9 @@ class RuntimeTask:
     extra_options: ClassVar[frozenset[str]] = frozenset()
     # the files predict writes (json and csv at least; detection adds coco)
     formats: ClassVar[tuple[str, ...]] = ("json", "csv")
+    # formats the task writes itself while predicting (a label GeoTIFF streamed window by window):
+    # ``predict --out FILE`` hands the path to the task as its ``out`` option instead of writing text
+    written_formats: ClassVar[tuple[str, ...]] = ()
     check: ClassVar[Literal["full", "fast"]] = "fast"
     # the page colours label i with palette entry i + colour_offset: 0 when label 0 is a class
     # drawn as such (segmentation's background), 1 keeps black for nothing

@@ -91,12 +91,15 @@ class Task(ABC):
         pixel_aligned_labels: labels are tied to pixel positions (masks, boxes), so image
             corruptions must not move content (robustness uses the dense elastic variant).
         supports_subset: ``eval --subset N`` applies.
+        supports_labels: ``eval --labels FILE`` applies (the labels of a scene given as data);
+            ``evaluate_data`` then takes ``labels``.
     """
 
     name: ClassVar[str]
     monitor_mode: ClassVar[Literal["max", "min"]] = "max"
     pixel_aligned_labels: ClassVar[bool] = False
     supports_subset: ClassVar[bool] = False
+    supports_labels: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -133,7 +133,7 @@ class DetectRuntime(RuntimeTask):
     graph_inputs = {"images": 4, "orig_sizes": 2}
     graph_outputs = {"scores": 2, "labels": 2, "boxes": 3}
     extra_options = frozenset({"image_info", "draw"})
-    formats = ("json", "csv", "coco")
+    formats = ("json", "csv", "coco", "geojson")
 
     def check_postprocess(self, postprocess: dict[str, Any]) -> str | None:
         top_k, min_score = postprocess.get("top_k", 1), postprocess.get("min_score", 0.0)
@@ -180,13 +180,18 @@ class DetectRuntime(RuntimeTask):
     def format_predictions(cls, results: list[dict[str, Any]], fmt: str,
                            settings: Mapping[str, Any] | None = None) -> str:
         """``coco`` (and ``json`` with ``--image-info``, which says the file is for evaluation): COCO
-        results, every top-k detection, as COCO AP requires. ``json`` and ``csv`` are read by a
-        person: the detections scoring at least ``draw_threshold`` (``drawing.shown_threshold``)."""
+        results, every top-k detection, as COCO AP requires. ``json``, ``csv`` and ``geojson`` are read
+        by a person: the detections scoring at least ``draw_threshold`` (``drawing.shown_threshold``);
+        ``geojson`` maps a tiled scene's objects onto the ground (``settings["coords"]``)."""
         s = settings or {}
         if fmt == "coco" or (fmt == "json" and s.get("image_info")):
             return cls.coco_text(results)
         if fmt in cls.formats:
             results = shown(results, shown_threshold(s)[0])
+        if fmt == "geojson":
+            from dinotune.tasks.detect.geojson import geojson_text
+
+            return geojson_text(results, s.get("coords") or "lonlat")
         return super().format_predictions(results, fmt, s)
 
     @staticmethod

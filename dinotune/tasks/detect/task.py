@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,6 +51,8 @@ from dinotune.tasks.detect.export import build_graph
 from dinotune.tasks.detect.postprocess import to_coco_results
 from dinotune.tasks.detect.single_metrics import SINGLE_OBJECT_KEYS
 from dinotune.tasks.detect.transforms import eval_transforms, resize_pad, to_input, train_transforms
+from dinotune.tasks.scene_data import is_scene_evaluation, is_scene_training
+from dinotune.tasks.tiling import Tiling, scene_paths, scene_picture
 from dinotune.utils import info, warn
 
 
@@ -77,6 +80,7 @@ class DetectTask(Task):
     monitor_mode = "max"
     pixel_aligned_labels = True
     supports_subset = True
+    supports_labels = True  # eval --labels: a scene's
 
     cfg: DetectConfig
 
@@ -100,6 +104,13 @@ class DetectTask(Task):
     # ---------------------------------------------------------------------------------- data
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d, size = self.cfg.data, self.cfg.backbone.image_size
+        if is_scene_training(d):  # one raster and its labels, cut into tiles (scene_data.py)
+            data = self.scene_data().build()
+            if self.cfg.model.head == "detr":
+                for ds in (data.train, data.val):
+                    if ds is not None:
+                        _warn_if_crowded(ds.source, self.cfg.model.num_queries, self.cfg.model.lightweight)
+            return data
         train = self.find_data(d.data, "train", d.train_images, min_box_size=d.min_box_size,
                                     val_fraction=d.val_fraction, seed=self.cfg.train.seed)
         train = self._subset(train, d.subset, d.subset_seed, d.subset_file, run_dir, "subset.json")
@@ -139,6 +150,13 @@ class DetectTask(Task):
                 "data_fingerprint": files_fingerprint([im.path for im in train.images] + [train.name]),
                 "input": spec.to_meta()}
         return TaskData(train_ds, val_ds, meta)
+
+    def scene_data(self) -> Any:
+        """What builds this task's datasets from a scene (``scene_data.SceneDetection``; instance
+        segmentation's adds masks)."""
+        from dinotune.tasks.detect.scene_data import SceneDetection
+
+        return SceneDetection(self)
 
     def _val_source(self, train: DetectionSource) -> DetectionSource | None:
         d = self.cfg.data
@@ -242,15 +260,32 @@ class DetectTask(Task):
     # ------------------------------------------------------------------------------ inference
     def predict(self, run: TrainedRun, images: Any, settings: DetectInferenceConfig, *,
                 draw: str | Path = DetectPredictOptions.draw,
-                image_info: str | Path = DetectPredictOptions.image_info) -> list[dict[str, Any]]:
+                image_info: str | Path = DetectPredictOptions.image_info, tile: str = DetectPredictOptions.tile,
+                overlap: float = DetectPredictOptions.overlap, merge: str = DetectPredictOptions.merge,
+                coords: str = DetectPredictOptions.coords) -> list[dict[str, Any]]:
         """Detections per image: ``[{"image", "image_id", "width", "height", "detections": [{"category_id",
         "category", "bbox" (xywh, original pixels), "score"}]}]``. ``image_info``: a COCO image-info JSON
         whose ids the images get (test-dev's); otherwise numeric file stems are used, else 1..N. ``category_id``
         follows ``settings.category_ids``: the dataset's ids (``coco``; YOLO data: class index + 1)
         or the 0-based class index (``yolo``). ``draw``: a folder that receives each image with its
-        boxes (``settings.draw_threshold``) and the confidence histogram."""
+        boxes (``settings.draw_threshold``) and the confidence histogram. ``tile``: predict each image
+        (GeoTIFF / ``.npy`` scenes of any size) in windows of that many pixels (``auto``: the run's
+        size) overlapping by ``overlap``, duplicates across seams resolved by ``merge``; the record
+        then has ``"tiling"`` and ``"georef"`` (``tiled.predict_scene``); ``coords`` is the GeoJSON
+        output's."""
         if settings.category_ids not in ("coco", "yolo"):
             raise ConfigError(f"--category-ids {settings.category_ids!r}: choose coco or yolo (inference.category_ids)")
+        tiling = Tiling.from_options(tile, run.cfg.backbone.image_size, overlap, merge, coords)
+        if tiling is not None:
+            from dinotune.tasks.detect.tiled import predict_scene
+
+            paths = scene_paths(images)
+            ids = records.image_ids(paths, records.read_image_info(image_info))
+            out = [predict_scene(self, run, p, ids[str(p)], settings, tiling) for p in paths]
+            if draw:
+                self.draw(out, lambda path: scene_picture(path, InputSpec.from_meta(run.meta)), Path(draw),
+                          run.bundle.class_names, dataclasses.asdict(settings))
+            return out
         limit = self.cfg.data.max_image_pixels
         spec = InputSpec.from_meta(run.meta)
         paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
@@ -293,6 +328,19 @@ class DetectTask(Task):
                                         det["boxes"].float().cpu().numpy(), categories, threshold, settings.top_k,
                                         settings.category_ids)
 
+    def tile_extras(self, run: TrainedRun, det: dict[str, torch.Tensor], keep: np.ndarray, window: Any,
+                    valid: tuple[int, int], settings: Any) -> dict[str, Any]:
+        """What a tiled prediction keeps of one tile's post-processed detections ``det`` besides boxes,
+        scores and labels (rows ``keep``), in scene pixels: nothing for boxes alone."""
+        return {}
+
+    def scene_record(self, image: str, image_id: int, size: tuple[int, int], merged: dict[str, Any],
+                     categories: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+        """One scene's record from its merged detections (``merged``: ``boxes`` k x 4 xyxy scene pixels,
+        ``scores``, ``labels``, best first, and ``tile_extras``' keys)."""
+        return records.detection_record(image, image_id, size, merged["scores"], merged["labels"], merged["boxes"],
+                                        categories, 0.0, settings.top_k, settings.category_ids)
+
     @staticmethod
     def draw(out: list[dict[str, Any]], picture: Callable, folder: Path, names: list[str],
              settings: dict[str, Any]) -> None:
@@ -303,10 +351,23 @@ class DetectTask(Task):
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: DetectInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
-                      pre_transform: Callable | None = None) -> dict[str, Any]:
+                      pre_transform: Callable | None = None, labels: str = "") -> dict[str, Any]:
         """COCO metrics of ``run`` on a COCO / YOLO dataset (categories matched by id;
         ``subset``: a reproducible random subset of that many images; ``pre_transform``: PIL -> PIL
-        applied to each image before preprocessing, e.g. a corruption)."""
+        applied to each image before preprocessing, e.g. a corruption), or on a scene with
+        ``labels`` (vector labels; the run's own for its training scene): the tiles of its
+        validation blocks (``split`` val), training blocks (train) or all of it (test), plus ``"scene"``:
+        box AP of the same blocks predicted in tiles and resized whole (``scene_eval``)."""
+        if is_scene_evaluation(data, labels, subset=subset, pre_transform=pre_transform):
+            from dinotune.tasks.detect.scene_eval import scene_comparison
+
+            ds = self.scene_data().evaluation_dataset(run, data, labels, split)
+            loader = make_loader(ds, settings.batch_size, shuffle=False, workers=self.cfg.train.workers,
+                                 collate_fn=detection_collate)
+            metrics = self.evaluate(run.bundle, loader, run.device, run.precision, show_progress=True)
+            # the reason tiling exists, measured on this scene: its objects tiled vs resized whole
+            metrics["scene"] = scene_comparison(self, run, data, labels, split, settings)
+            return metrics
         d = self.cfg.data
         source = self.find_data(data, split, images, categories=run.bundle.categories,
                                      min_box_size=d.min_box_size, val_fraction=d.val_fraction, seed=self.cfg.train.seed)
@@ -376,8 +437,10 @@ class DetectTask(Task):
 
     def summary_table(self, metrics: dict[str, Any]) -> str | None:
         from dinotune.tasks.detect.analysis import ap_table
+        from dinotune.tasks.detect.scene_eval import comparison_table
 
-        return ap_table(metrics)
+        tables = [t for t in (ap_table(metrics), comparison_table(metrics.get("scene"))) if t]
+        return "\n\n".join(tables) or None
 
     @classmethod
     def compare(cls, *, data: str, split: str, runs: Sequence[TrainedRun], run_names: Sequence[str],

@@ -42,6 +42,12 @@ class InstanceTask(DetectTask):
     find_data = staticmethod(find_instance_data)
     dataset_class = InstanceDataset
 
+    def scene_data(self) -> Any:
+        """Detection's scene datasets with a mask per object (``scene_data.SceneInstance``)."""
+        from dinotune.tasks.instance.scene_data import SceneInstance
+
+        return SceneInstance(self)
+
     @property
     def monitor(self) -> str:
         return "segm/AP"
@@ -103,6 +109,23 @@ class InstanceTask(DetectTask):
                                det["boxes"].float().cpu().numpy(), det["masks"].float().cpu().numpy(), categories,
                                threshold, settings.top_k, settings.category_ids, self.cfg.backbone.image_size,
                                logit(settings.mask_threshold))
+
+    def tile_extras(self, run: TrainedRun, det: dict[str, torch.Tensor], keep: Any, window: Any,
+                    valid: tuple[int, int], settings: Any) -> dict[str, Any]:
+        """Each kept detection's mask as polygons in scene pixels (``tiled.tile_polygons``)."""
+        from dinotune.tasks.instance.tiled import tile_polygons
+
+        tile = (window.height, window.width)
+        return {"polygons": tile_polygons(det["masks"].float().cpu().numpy(), keep, tile, self.cfg.backbone.image_size,
+                                          logit(settings.mask_threshold), window, valid)}
+
+    def scene_record(self, image: str, image_id: int, size: tuple[int, int], merged: dict[str, Any],
+                     categories: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+        """Detection's scene record with each object's ``segmentation`` as COCO polygons in scene pixels."""
+        from dinotune.tasks.instance.tiled import add_polygons
+
+        return add_polygons(super().scene_record(image, image_id, size, merged, categories, settings),
+                            merged.get("polygons", []))
 
     @staticmethod
     def draw(out: list[dict[str, Any]], picture: Callable, folder: Path, names: list[str],

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dinotune.config.segment import SegmentPredictOptions
+from dinotune.config.tiling import TilePredictOptions
 from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError
 from dinotune.runtime.postprocess import dense_logits
@@ -66,7 +67,10 @@ class SegmentRuntime(RuntimeTask):
     colour masks, ``mask_colors`` (``[r, g, b]`` per class)."""
 
     name = "segment"
-    extra_options = frozenset(f.name for f in dataclasses.fields(SegmentPredictOptions))  # all of them
+    # the label-map options; tiled prediction (and its GeoTIFF) is the PyTorch path's
+    extra_options = (frozenset(f.name for f in dataclasses.fields(SegmentPredictOptions))
+                     - {f.name for f in dataclasses.fields(TilePredictOptions)} - {"out"})
+    written_formats = ("tif",)
     colour_offset = 0  # label 0 is a class (background): drawn in the palette's first colour
     graph_outputs = {"logits": 4}
 

@@ -44,6 +44,8 @@ from dinotune.tasks.segment.export import build_graph
 from dinotune.tasks.segment.inference import crop_and_resize, default_stride, predict_logits
 from dinotune.tasks.segment.metrics import SegmentationMetrics, format_iou_table
 from dinotune.tasks.segment.runtime import class_shares
+from dinotune.tasks.scene_data import is_scene_evaluation, is_scene_training
+from dinotune.tasks.tiling import Tiling, scene_paths
 from dinotune.utils import info, warn, write_json
 
 
@@ -52,6 +54,7 @@ class SegmentTask(Task):
     monitor_mode = "max"
     pixel_aligned_labels = True
     supports_subset = True
+    supports_labels = True  # eval --labels: a scene's
 
     cfg: SegmentConfig
 
@@ -94,6 +97,10 @@ class SegmentTask(Task):
 
     def build_data(self, run_dir: Path | None, patch_size: int) -> TaskData:
         d = self.cfg.data
+        if is_scene_training(d):  # one raster and its labels, cut into tiles (scene_data.py)
+            from dinotune.tasks.segment.scene_data import SceneSegmentation
+
+            return SceneSegmentation(self).build(patch_size)
         colours = read_colour_table(d.mask_colors) if d.mask_colors else None
         train = self._subset(self._find(d.data, "train", d.train_images, colours=colours), d.subset, run_dir,
                              "subset.json")
@@ -260,15 +267,28 @@ class SegmentTask(Task):
 
     def predict(self, run: TrainedRun, images: Any, settings: SegmentInferenceConfig, *,
                 masks: str | Path = SegmentPredictOptions.masks,
-                draw: str | Path = SegmentPredictOptions.draw) -> list[dict[str, Any]]:
+                draw: str | Path = SegmentPredictOptions.draw, tile: str = SegmentPredictOptions.tile,
+                overlap: float = SegmentPredictOptions.overlap,
+                out: str | Path = SegmentPredictOptions.out) -> list[dict[str, Any]]:
         """Label maps per image, written as palette PNGs into ``masks`` (pixel values = labels,
         coloured as the run's colour table when it has one) and, with ``draw``, as overlays with a
-        legend. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``."""
+        legend. Returns ``[{"image", "mask" (path or None), "classes": {name: fraction}}]``.
+
+        ``tile``: each image (GeoTIFF / ``.npy`` scenes of any size) predicted in windows of that many
+        pixels (``auto``: the run's size) overlapping by ``overlap``, logits averaged where they
+        overlap, written as a one-band label GeoTIFF with the scene's CRS and transform: ``out`` (one
+        scene), else ``masks/<stem>.tif``. Its record has ``"tiling"`` too."""
         from dinotune.viz.draw import save_image
         from dinotune.viz.segmentation import overlay, palette, save_mask_png, with_legend
 
         limit = self.cfg.data.max_image_pixels
         spec = InputSpec.from_meta(run.meta)
+        tiling = Tiling.from_options(tile, run.cfg.backbone.image_size, overlap)
+        if tiling is not None:
+            return self._predict_scenes(run, images, settings, tiling, Path(masks) if masks else None,
+                                        Path(out) if out else None, draw)
+        if out:
+            raise ConfigError("--out FILE.tif writes the label GeoTIFF of a tiled prediction: add --tile")
         paths = readable_images(images, "fast", max_pixels=limit, layout=spec.layout)
         check_inputs(paths, spec, "prediction")
         names = run.bundle.class_names
@@ -292,11 +312,42 @@ class SegmentTask(Task):
             info(f"wrote {len(results)} overlay(s) with a legend to {draw}")
         return results
 
+    def _predict_scenes(self, run: TrainedRun, images: Any, settings: SegmentInferenceConfig, tiling: Tiling,
+                        masks: Path | None, out: Path | None, draw: str | Path) -> list[dict[str, Any]]:
+        """``predict --tile``: a label GeoTIFF per scene (``tiled.predict_scene``)."""
+        from dinotune.tasks.segment.tiled import predict_scene
+
+        if draw:
+            raise ConfigError("--draw with --tile: open the label GeoTIFF (it has a colour table) over the scene in a "
+                              "GIS, or predict without --tile")
+        paths = scene_paths(images)
+        if out is not None and len(paths) > 1:
+            raise ConfigError(f"--out {out}: one label GeoTIFF per scene; {len(paths)} inputs were given: use --masks DIR")
+        if out is None and masks is None:
+            raise ConfigError("--tile on a segmentation run writes a label GeoTIFF per scene: name it with --out "
+                              "FILE.tif (one scene) or --masks DIR")
+        colours = self._run_colours(run)
+        results = []
+        for p in paths:
+            target = out if out is not None else masks / f"{p.stem}.tif"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            results.append(predict_scene(self, run, p, settings, tiling, target, colours.rgb if colours else None))
+            info(f"wrote {target} (one band, class indices, {tiling.tile} px tiles, overlap {tiling.overlap:g})")
+        return results
+
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,
                       images: str = "", subset: int = 0, subset_seed: int = 0,
-                      pre_transform: Callable | None = None) -> dict[str, Any]:
+                      pre_transform: Callable | None = None, labels: str = "") -> dict[str, Any]:
         """mIoU and friends of ``run`` on a dataset whose classes must match the checkpoint's
-        (``subset``: a reproducible random subset of that many images)."""
+        (``subset``: a reproducible random subset of that many images), or on a scene with
+        ``labels`` (vector labels or a label raster; the run's own for its training scene): the
+        tiles of its validation blocks (``split`` val), training blocks (train) or all of it (test)."""
+        if is_scene_evaluation(data, labels, subset=subset, pre_transform=pre_transform):
+            from dinotune.tasks.segment.scene_data import SceneSegmentation
+
+            ds = SceneSegmentation(self).evaluation_dataset(run, data, labels, split, run.bundle.model.patch_size)
+            return self.evaluate(run.bundle, self._eval_loader(ds, settings.batch_size), run.device, run.precision,
+                                 show_progress=True)
         names = run.bundle.class_names
         source = self._find(data, self._split(split), images, run.bundle.categories, names, self._run_colours(run))
         if subset and subset < len(source):
