@@ -230,9 +230,15 @@ def segment_run(tmp_path_factory):
     return trained_run("segment", tmp_path_factory)
 
 
-def test_label_geotiff_equals_whole_scene_averaging(segment_run, tmp_path):
-    """The strip-wise output equals every tile's logits averaged over the whole scene at once."""
+@pytest.mark.parametrize("bands", [False, True])
+def test_label_geotiff_equals_whole_scene_averaging(segment_run, tmp_path, monkeypatch, bands):
+    """The strip-wise output equals every tile's logits averaged over the whole scene at once, also
+    when the scene is done in vertical bands (forced here by a tiny strip budget)."""
     from dinotune.runs import load
+    from dinotune.tasks.segment import tiled
+
+    if bands:
+        monkeypatch.setattr(tiled, "STRIP_BYTES", 1)  # a band per tile column
     from dinotune.tasks.segment.tiled import tile_logits
     from dinotune.tasks.tiling import as_tile_image
 

@@ -24,6 +24,20 @@ from dinotune.errors import DataError, ImageReadError
 RASTER_EXTENSIONS = set(SCENE_SUFFIXES) - {".npy"}
 
 
+# GDAL keeps decoded blocks in a process-wide cache of 5 % of the machine's memory by default (1.2 GB
+# on a 24 GB machine, 6 GB on a 128 GB one): a scene read once, row of tiles after row of tiles,
+# only needs the blocks of the rows a tile overlap re-reads. Bounded here for every read and write.
+GDAL_CACHE_MB = 64
+
+
+def gdal_env() -> Any:
+    """A ``rasterio.Env`` with GDAL's block cache bounded to ``GDAL_CACHE_MB``; entered around each
+    read and write (it is thread-local, and tiles are read on a worker thread)."""
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
 def require_geo(what: str) -> None:
     """Refuse, naming the extra to install, when rasterio / shapely / pyproj are missing."""
     try:
@@ -123,7 +137,7 @@ class _RasterScene(Scene):
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), gdal_env():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._ds = rasterio.open(path)
         except RasterioIOError as exc:
@@ -139,14 +153,16 @@ class _RasterScene(Scene):
         from rasterio.windows import Window as RioWindow
 
         try:
-            return self._ds.read(window=RioWindow(window.col, window.row, window.width, window.height))
+            with gdal_env():
+                return self._ds.read(window=RioWindow(window.col, window.row, window.width, window.height))
         except Exception as exc:  # rasterio raises its own types for damaged blocks
             raise ImageReadError(f"{self.path}: cannot read the window {window} ({exc})") from None
 
     def _overview(self, h: int, w: int) -> np.ndarray:
         from rasterio.enums import Resampling
 
-        return self._ds.read(out_shape=(self.bands, h, w), resampling=Resampling.average)
+        with gdal_env():
+            return self._ds.read(out_shape=(self.bands, h, w), resampling=Resampling.average)
 
     def close(self) -> None:
         self._ds.close()

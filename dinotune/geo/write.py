@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from dinotune.geo.scene import Scene, Window, require_geo
+from dinotune.geo.scene import Scene, Window, gdal_env, require_geo
 from dinotune.utils import atomic_write_text
 
 # decimals kept: 7 of a degree is ~1 cm; 3 of a metre or a pixel is well below any label's precision
@@ -164,7 +164,7 @@ class LabelRasterWriter:
                        BIGTIFF="IF_SAFER", nodata=nodata)
         if scene.georeferenced:
             profile.update(crs=scene.crs, transform=scene.transform)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gdal_env():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             self._dst = rasterio.open(self._tmp, "w", **profile)
         try:
@@ -200,14 +200,16 @@ class LabelRasterWriter:
         part = labels[r: r + inside.height, c: c + inside.width]
         if part.size and (part.min() < 0 or part.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"labels {part.min()}..{part.max()} do not fit {self.dtype} in {self.path.name}")
-        self._dst.write(part.astype(self.dtype, copy=False), 1,
-                        window=RioWindow(inside.col, inside.row, inside.width, inside.height))
+        with gdal_env():  # dirty blocks count against the bounded cache too
+            self._dst.write(part.astype(self.dtype, copy=False), 1,
+                            window=RioWindow(inside.col, inside.row, inside.width, inside.height))
 
     def close(self) -> Path:
         """Finish the file and move it to ``path``; returns ``path``."""
         if not self._done:
             try:
-                self._dst.close()
+                with gdal_env():
+                    self._dst.close()
                 os.replace(self._tmp, self.path)
             except BaseException:
                 self.abort()

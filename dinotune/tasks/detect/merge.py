@@ -17,38 +17,59 @@ neighbourhoods hold.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
 MATCH_THRESHOLD = 0.5  # IoS at or above which two same-class boxes are one object (SAHI's default)
 
 
-def candidate_pairs(boxes: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(i, j)``, ``i < j``, of ``N x 4`` ``xyxy`` boxes that intersect; boxes are binned
-    into ``cell``-sized squares of the plane and only boxes sharing a square are compared."""
-    n = len(boxes)
-    if n < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+def _cells(boxes: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(cell key, box index)`` of every square of side ``cell`` each ``xyxy`` box touches, sorted by
+    key (a box no larger than a cell touches at most four)."""
     lo = np.floor(boxes[:, :2] / cell).astype(np.int64)
     hi = np.floor(boxes[:, 2:] / cell).astype(np.int64)
-    cells: dict[tuple[int, int], list[int]] = {}
-    for i in range(n):
-        for cy in range(lo[i, 1], hi[i, 1] + 1):
-            for cx in range(lo[i, 0], hi[i, 0] + 1):
-                cells.setdefault((cx, cy), []).append(i)
-    firsts, seconds = [], []
-    for members in cells.values():
-        if len(members) > 1:
-            m = np.asarray(members)
-            a, b = np.triu_indices(len(m), k=1)
-            firsts.append(m[a])
-            seconds.append(m[b])
-    if not firsts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keys = np.unique(np.concatenate(firsts) * n + np.concatenate(seconds))  # a pair sharing two cells, once
-    i, j = np.minimum(keys // n, keys % n), np.maximum(keys // n, keys % n)
-    return i, j
+    span = max(int((hi - lo).max(initial=0)) + 1, 1)
+    keys, owners = [], []
+    for dy in range(span):
+        for dx in range(span):
+            x, y = lo[:, 0] + dx, lo[:, 1] + dy
+            inside = (x <= hi[:, 0]) & (y <= hi[:, 1])
+            keys.append((y[inside] << 32) + x[inside])
+            owners.append(np.flatnonzero(inside))
+    keys, owners = np.concatenate(keys), np.concatenate(owners)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], owners[order]
+
+
+def candidate_pairs(boxes: np.ndarray, cell: float, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i < j``, of ``N x 4`` ``xyxy`` boxes sharing a ``cell``-sized square
+    of the plane (every intersecting pair does), each once; ``keep(i, j)`` filters them square by
+    square, so memory follows the pairs kept, never all candidates of a crowded square."""
+    n = len(boxes)
+    empty = np.zeros(0, np.int64)
+    if n < 2:
+        return empty, empty
+    keys, owners = _cells(boxes, cell)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    found = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if e - s < 2:
+            continue
+        m = owners[s:e]
+        a, b = np.triu_indices(len(m), k=1)
+        i, j = np.minimum(m[a], m[b]), np.maximum(m[a], m[b])
+        if keep is not None:
+            ok = keep(i, j)
+            i, j = i[ok], j[ok]
+        if len(i):
+            found.append(i * n + j)
+    if not found:
+        return empty, empty
+    pairs = np.unique(np.concatenate(found))  # a pair sharing two squares, once
+    return pairs // n, pairs % n
 
 
 def intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -80,13 +101,16 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    i, j = candidate_pairs(boxes, max(float(cell), 1.0))
-    same = labels[i] == labels[j]
-    if tiles is not None:
-        same &= np.asarray(tiles)[i] != np.asarray(tiles)[j]
-    i, j = i[same], j[same]
-    match = intersection_over_smaller(boxes[i], boxes[j]) >= threshold
-    i, j = i[match], j[match]
+    tile_of = np.asarray(tiles) if tiles is not None else None
+
+    def match(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        ok = labels[i] == labels[j]
+        if tile_of is not None:
+            ok &= tile_of[i] != tile_of[j]
+        ok[ok] = intersection_over_smaller(boxes[i[ok]], boxes[j[ok]]) >= threshold
+        return ok
+
+    i, j = candidate_pairs(boxes, max(float(cell), 1.0), match)
     # stable order: best score first, ties by input order, so a merge is the same however it was split
     order = np.lexsort((np.arange(len(scores)), -scores))
     rank = np.empty(len(scores), np.int64)
