@@ -216,6 +216,45 @@ def run_capped(argv: list[str], cap_mb: int = MEMORY_CAP_MB, timeout: float = 30
     return done.returncode, done.stderr
 
 
+def _data_segment_bytes() -> int | None:
+    """What this process's data segment maps now (``VmData``: what ``RLIMIT_DATA`` counts); None
+    where there is no ``/proc``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def main_capped(argv: list[str], capsys: pytest.CaptureFixture, cap_mb: int = MEMORY_CAP_MB) -> tuple[int, str]:
+    """Exit code and stderr of ``dinotune ARGV`` run in this process (``cli.main``: no interpreter to
+    start and no torch to import, seconds per child on 2 cores) with its data segment capped, for the
+    call, at ``cap_mb`` MB above what it maps now (``RLIMIT_DATA``, as ``run_capped``): an open hole
+    that allocates without bound fails its test with a MemoryError (or torch's "can't allocate
+    memory") instead of taking the machine. The soft limit alone is lowered, then put back, with the
+    quiet flag and thread count ``main`` sets."""
+    import dinotune.utils as dutils
+    from dinotune.cli import main
+
+    quiet, threads = dutils._QUIET, torch.get_num_threads()
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    used = _data_segment_bytes()
+    capsys.readouterr()
+    try:
+        if used is not None:
+            limit = used + cap_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard),
+                                                      hard))
+        code = main(argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+        set_quiet(quiet)
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().err
+
+
 def make_instance_dataset(root: Path, counts: dict[str, list[int]], size: tuple[int, int] = (56, 42),
                           seed: int = 0, layout: str = "coco") -> Path:
     """A small instance-segmentation set: ``counts[split][i]`` objects in image ``i``, each a filled

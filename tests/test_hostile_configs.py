@@ -2,8 +2,9 @@
 (``dinotune.config.yaml_files``: size, alias expansion, depth, duplicate keys), and a sweep refuses
 what would cost hours before its first trial (a grid too large, missing data, a damaged folder).
 
-The billion-laughs test runs ``python -m dinotune`` under a memory cap and a time limit, so an open
-hole fails the test rather than the machine; the other payloads here are sized so that even without
+The billion-laughs test runs the command line under a memory cap (``main_capped``: in this process,
+its data segment capped for the call) and checks its time, so an open hole fails the test rather than
+the machine; the other payloads here are sized so that even without
 the checks they cost little (a few MB), not to bring a test machine down if the checks regress."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_capped
+from tests.conftest import main_capped
 from dinotune import cli
 from dinotune.config import ConfigError, build_config, load_yaml, save_yaml
 from dinotune.config.io import load_run_config
@@ -52,15 +53,15 @@ def cli_error(argv: list[str], capsys) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------ billion laughs
-def test_billion_laughs_config_is_refused_under_a_memory_cap(tmp_path):
+def test_billion_laughs_config_is_refused_under_a_memory_cap(tmp_path, capsys):
     """A 354-byte --config expanding to 10^9 values: refused in the parser, in bounded memory and time
     (before: 35 s and 4.4 GB, then a MemoryError traceback)."""
     config = tmp_path / "laughs.yaml"
     config.write_text(laughs(9))
     assert config.stat().st_size < 500
     t0 = time.time()
-    code, err = run_capped(["train", "classify", "--config", str(config), "--out", str(tmp_path / "run")],
-                           cap_mb=400, timeout=120)
+    code, err = main_capped(["train", "classify", "--config", str(config), "--out", str(tmp_path / "run")], capsys,
+                            cap_mb=400)
     lines = [ln for ln in err.splitlines() if ln.startswith("dinotune: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert str(config) in lines[0] and "aliases" in lines[0] and "line 3" in lines[0]

@@ -3,8 +3,10 @@ whose decoding or resizing is not (a 1 x 100000 PNG, a 1.9 MB TIFF of 13 x 4000 
 TIFF of 20 000 tiny pages, .npy files of 1e300 or record values), in both the PyTorch and the numpy
 paths and through the server.
 
-The hole tests run the command in a child process under a memory cap (``run_capped``; the server
-through ``_serve_capped``), so an open hole fails the test instead of taking the machine. Payloads
+The hole tests run the command under a memory cap (``run_capped``: a child process, cheap for the
+onnx path that imports no torch; ``main_capped``: in this process, its data segment capped for the
+call, for the torch path; the server through ``_serve_capped``), so an open hole fails the test
+instead of taking the machine. Payloads
 are built small: a 1 x N PNG is a few hundred bytes, the 13-band TIFF is zlib-compressed zeros.
 """
 
@@ -37,7 +39,7 @@ from dinotune.errors import DataError, ImageReadError
 from dinotune.runtime.metadata import ExportInfo
 from dinotune.tasks.classify.runtime import classify_input
 from dinotune.tasks.segment.runtime import SegmentRuntime
-from tests.conftest import make_class_folders, run_capped, tiny_options
+from tests.conftest import main_capped, make_class_folders, run_capped, tiny_options
 
 ROOT = Path(__file__).resolve().parents[1]
 BANDS = 13  # a Sentinel-2 tile's band count
@@ -170,10 +172,9 @@ def test_a_long_strip_is_refused_from_its_header_by_the_onnx_cli(models, tmp_pat
     assert f"at most 1:{MAX_ASPECT_RATIO}" in line
 
 
-def test_a_long_strip_is_refused_from_its_header_by_the_torch_cli(models, tmp_path):
+def test_a_long_strip_is_refused_from_its_header_by_the_torch_cli(models, tmp_path, capsys):
     strip = strip_png(tmp_path / "strip.png", 20_000)
-    code, err = run_capped(["predict", str(models["pictures"]), str(strip), "--device", "cpu"], cap_mb=300,
-                           timeout=180)
+    code, err = main_capped(["predict", str(models["pictures"]), str(strip), "--device", "cpu"], capsys, cap_mb=300)
     line = _error_line(err)
     assert code == 2 and "strip.png" in line and "aspect ratio of 1:20000" in line
 

@@ -2,8 +2,9 @@
 whose shapes the file does not hold (or that make no model), a tampered feature cache, an export
 ``--out`` that is a link.
 
-The two holes run the command line in a child under a memory cap (``run_capped``), so an open hole
-fails its test instead of taking the machine; the YOLO payload leaves a marker file if it ever runs.
+The two holes run the command line under a memory cap (``main_capped``: in this process, its data
+segment capped for the call), so an open hole fails its test instead of taking the machine; the YOLO
+payload leaves a marker file if it ever runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import dinotune
 from dinotune.backbone.loading import load_backbone_model
 from dinotune.cli import main
 from dinotune.errors import CheckpointError, CheckpointFormatError, ExportError
-from tests.conftest import make_coco_dataset, run_capped, tiny_options
+from tests.conftest import main_capped, make_coco_dataset, tiny_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,21 +81,21 @@ class _Payload:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-def test_yolo_weights_with_a_payload_never_run(tmp_path):
+def test_yolo_weights_with_a_payload_never_run(tmp_path, capsys):
     pytest.importorskip("ultralytics")
     marker = tmp_path / "PAYLOAD_RAN"
     evil = tmp_path / "evil.pt"
     torch.save({"model": _Payload(marker), "train_args": {}}, evil)
     data = make_coco_dataset(tmp_path / "coco", {"val": [1, 1]})
-    code, err = run_capped(["compare", "--data", str(data), "--yolo", str(evil), "--out", str(tmp_path / "cmp"),
-                            "--device", "cpu"], timeout=240)
+    code, err = main_capped(["compare", "--data", str(data), "--yolo", str(evil), "--out", str(tmp_path / "cmp"),
+                             "--device", "cpu"], capsys)
     assert not marker.exists(), "the payload in the .pt file ran"
     lines = [ln for ln in err.splitlines() if ln.startswith("dinotune: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert str(evil) in lines[0] and "safe mode" in lines[0]
 
 
-def test_official_pth_of_expanded_tensors_builds_no_model(tmp_path):
+def test_official_pth_of_expanded_tensors_builds_no_model(tmp_path, capsys):
     """3 KB on disk, a 16384-wide model declared: refused before any model is built (today's code
     allocates some 13 GB for it)."""
     wide = tmp_path / "dinov2_wide.pth"
@@ -102,8 +103,8 @@ def test_official_pth_of_expanded_tensors_builds_no_model(tmp_path):
     assert wide.stat().st_size < 20_000
     image = tmp_path / "a.png"
     Image.new("RGB", (28, 28), (200, 30, 30)).save(image)
-    code, err = run_capped(["pca", "--model", str(wide), str(image), "--out", str(tmp_path / "pca.png"),
-                            "--image-size", "28", "--device", "cpu"], cap_mb=1000, timeout=240)
+    code, err = main_capped(["pca", "--model", str(wide), str(image), "--out", str(tmp_path / "pca.png"),
+                             "--image-size", "28", "--device", "cpu"], capsys, cap_mb=1000)
     lines = [ln for ln in err.splitlines() if ln.startswith("dinotune: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert str(wide) in lines[0] and "16384" in lines[0] and "stores 1" in lines[0]

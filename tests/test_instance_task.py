@@ -148,7 +148,7 @@ def test_mask_rcnn_trains_and_evaluates(tmp_path, capsys):
     run = tmp_path / "run"
     flags = ["--model", "random:tiny", "--image-size", "56", "--batch-size", "2", "--workers", "0", "--no-progress",
              "--device", "cpu", "--head", "maskrcnn", "--hidden-dim", "32", "--rcnn-rpn-batch", "32",
-             "--rcnn-roi-batch", "32"]
+             "--rcnn-roi-batch", "32", "--top-k", "10"]  # the mask head runs on every kept detection
     assert main(["train", "instance", "--data", str(data), "--out", str(run), "--epochs", "1", *flags]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--device", "cpu"]) == 0

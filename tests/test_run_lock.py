@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -134,10 +135,13 @@ def test_a_second_claim_in_the_holding_process_is_refused_and_keeps_the_lock(tmp
 # ------------------------------------------------------------------ the issue: kill -9, resume at once
 @pytest.fixture
 def _keep_quiet_setting():
-    """``main`` sets the quiet flag from ``-q``; put the conftest setting back afterwards."""
-    before = dutils._QUIET
+    """``main`` sets the quiet flag from ``-q`` and the thread count; put them back afterwards."""
+    import torch
+
+    before, threads = dutils._QUIET, torch.get_num_threads()
     yield
     dutils.set_quiet(before)
+    torch.set_num_threads(threads)
 
 
 def _children(pid: int) -> list[int]:
@@ -153,6 +157,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _state(pid: int) -> str:
+    """``pid``'s state letter (``S`` sleeping, ``R`` running, ``Z`` ended, not yet reaped); ``""`` if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _train_args(data: Path, out: Path, epochs: int) -> list[str]:
     return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "random:tiny",
             "--image-size", "28", "--batch-size", "4", "--epochs", str(epochs), "--workers", "2",
@@ -164,37 +176,84 @@ def _last_loss(run: Path) -> tuple[int, float]:
     return last["epoch"], last["train/loss"]
 
 
-# the issue's own case, kept in the default suite: ~20 s on 2 idle cores (a trainer subprocess with
-# DataLoader workers, killed; the resume and an uninterrupted reference run in this process)
+def _trainer(argv: list[str], log: Path, paused: Path) -> int:
+    """A fork of this process running ``dinotune ARGV``, its output in ``log``; its pid. At its first
+    batch after its first checkpoint it writes ``paused`` and waits to be killed, its DataLoader
+    workers done with their prefetched batches and waiting for the next index: so they outlive it
+    (a worker busy with a batch sees at its end that its parent is gone and exits at once, a waiting
+    one lives on for up to 5 s, torch's ``MP_STATUS_CHECK_INTERVAL``). Reaped with ``os.waitpid``:
+    ``multiprocessing``'s ``join`` would wait for the workers too (they hold its sentinel pipe)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # the trainer: never returns into the test
+    try:
+        from torch.utils.data import dataloader
+
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # not the test's captured streams
+        last = Path(argv[argv.index("--out") + 1]) / "checkpoints" / "last"
+        next_batch = dataloader._MultiProcessingDataLoaderIter._next_data
+
+        def pausing(self):
+            batch = next_batch(self)
+            if last.exists():
+                paused.write_text(str(os.getpid()))
+                time.sleep(120)
+            return batch
+
+        dataloader._MultiProcessingDataLoaderIter._next_data = pausing
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+# the issue's own case, kept in the default suite: a trainer process with DataLoader workers, killed;
+# the resume and an uninterrupted reference run in this process. The trainer is a fork of this
+# process running ``dinotune train`` (a new interpreter importing torch and dinotune took most of
+# the test's time): a process of its own, which takes the run lock and forks its workers as
+# ``python -m dinotune train`` does.
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DataLoader workers in /proc")
 @pytest.mark.usefixtures("_keep_quiet_setting")
-def test_resume_right_after_a_kill_9_while_dataloader_workers_run(tmp_path):
-    import torch
+def test_resume_right_after_a_kill_9_while_dataloader_workers_run(tmp_path, monkeypatch):
+    import dinotune.api  # noqa: F401 - imported once, here, not in the trainer and again for the resume
 
-    epochs = 3
+    epochs = 2
     data = tmp_path / "data"
     make_class_folders(data / "train", ["red", "blue"], 8, size=28, seed=1)
     make_class_folders(data / "val", ["red", "blue"], 2, size=28, seed=2)
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same numerics as here
-    log = tmp_path / "killed.log"
-    with log.open("w") as err:
-        trainer = subprocess.Popen([sys.executable, "-m", "dinotune", *_train_args(data, run, epochs)], cwd=ROOT,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=err)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same numerics in the three runs (``--threads`` auto)
+    log, paused = tmp_path / "killed.log", tmp_path / "paused"
+    trainer = _trainer(_train_args(data, run, epochs), log, paused)
+    reaped = False
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        # killed while it trains past its first checkpoint, with its DataLoader workers running
-        while not ((run / "checkpoints" / "last").exists() and len(workers := _children(trainer.pid)) >= 2):
-            assert trainer.poll() is None, f"the run ended before it could be killed:\n{log.read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint and workers within 120 s"
+        # killed while it trains past its first checkpoint, with its DataLoader workers waiting for work
+        while not (paused.exists() and len(workers := _children(trainer)) >= 2
+                   and all(_state(w) == "S" for w in workers)):
+            if os.waitpid(trainer, os.WNOHANG)[0]:
+                reaped = True
+                pytest.fail(f"the run ended before it could be killed:\n{log.read_text()}")
+            assert time.monotonic() < deadline, "no checkpoint and waiting workers within 120 s"
             time.sleep(0.01)
-        trainer.kill()
-        trainer.wait(timeout=30)
+        os.kill(trainer, signal.SIGKILL)
+        status = os.waitpid(trainer, 0)[1]
+        reaped = True
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         assert checkpoint.read_meta(run / "checkpoints" / "last")["epoch"] < epochs  # (or its .old copy)
-        assert any(_alive(w) for w in workers), "the workers outlive the trainer: the case of the issue"
+        # the workers outlive the trainer, holding everything it had open: the case of the issue
+        assert any(_state(w) in ("S", "R") for w in workers), [_state(w) for w in workers]
         assert main(["train", "--resume", str(run), "--device", "cpu", "--no-progress"]) == 0  # at once
     finally:
+        if not reaped:
+            os.kill(trainer, signal.SIGKILL)
+            os.waitpid(trainer, 0)
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
