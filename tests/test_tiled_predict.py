@@ -392,3 +392,16 @@ def test_resized_prediction_of_a_scene_that_fits_is_the_plain_prediction(detect_
     plain = run.predict(tmp_path / "small.png", score_threshold=0.0, top_k=1000)[0]["detections"]
     xywh = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in got["boxes"][: len(plain)]]
     np.testing.assert_allclose(xywh, [d["bbox"] for d in plain], atol=0.02)
+
+
+def test_tile_auto_is_the_scene_tile_a_run_trained_on():
+    from types import SimpleNamespace
+
+    from dinotune.tasks.tiling import Tiling, training_tile
+
+    cfg = SimpleNamespace(backbone=SimpleNamespace(image_size=224))
+    from_photos = SimpleNamespace(meta={}, cfg=cfg)
+    from_scene = SimpleNamespace(meta={"scene": {"tile": 512}}, cfg=cfg)
+    assert Tiling.from_options("auto", training_tile(from_photos)).tile == 224
+    assert Tiling.from_options("auto", training_tile(from_scene)).tile == 512
+    assert Tiling.from_options("", training_tile(from_scene)) is None

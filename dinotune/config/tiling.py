@@ -17,7 +17,8 @@ class TilePredictOptions:
     """``predict --tile``: a scene (GeoTIFF, ``.npy``) or a large picture predicted window by window."""
 
     tile: str = opt("", "predict in TILE x TILE windows read from disk as needed (GeoTIFF / .npy scenes of any size, "
-                    "large photos), merged into one result per image; auto = the run's training --image-size",
+                    "large photos), merged into one result per image; auto = the tile a run trained from a scene "
+                    "used, else its --image-size",
                     metavar="TILE|auto", default_text="off: the whole image resized")
     overlap: float = opt(0.2, "--tile: fraction of a tile shared with its neighbours (objects cut by one tile's border "
                          "are whole in the next)", ge=0, lt=1)

@@ -41,7 +41,8 @@ class Tiling:
     @classmethod
     def from_options(cls, tile: str | int, image_size: int, overlap: float = 0.2, merge: str = "nms",
                      coords: str = "lonlat") -> "Tiling | None":
-        """The tiling ``predict --tile`` asks for (``auto``: the run's ``image_size``), None when off."""
+        """The tiling ``predict --tile`` asks for (``auto``: ``image_size``, the run's ``training_tile``),
+        None when off."""
         side = parse_tile(tile, image_size)
         return cls(side, float(overlap), merge, coords) if side else None
 
@@ -51,6 +52,13 @@ class Tiling:
     def describe(self, **extra: Any) -> dict[str, Any]:
         """What every output of a tiled prediction names: the tile, overlap and merge used."""
         return {"tile": self.tile, "overlap": self.overlap, **extra}
+
+
+def training_tile(run: Any) -> int:
+    """What ``--tile auto`` means for ``run``: the scene tile it trained on (scene pixels, objects at
+    the scale it learnt them), else its training image size."""
+    scene = run.meta.get("scene") or {}
+    return int(scene.get("tile") or run.cfg.backbone.image_size)
 
 
 def open_input_scene(path: str | Path, spec: InputSpec, max_pixels: int = 0) -> Scene:

@@ -52,7 +52,7 @@ from dinotune.tasks.detect.postprocess import to_coco_results
 from dinotune.tasks.detect.single_metrics import SINGLE_OBJECT_KEYS
 from dinotune.tasks.detect.transforms import eval_transforms, resize_pad, to_input, train_transforms
 from dinotune.tasks.scene_data import is_scene_evaluation, is_scene_training
-from dinotune.tasks.tiling import Tiling, scene_paths, scene_picture
+from dinotune.tasks.tiling import Tiling, scene_paths, scene_picture, training_tile
 from dinotune.utils import info, warn
 
 
@@ -275,7 +275,7 @@ class DetectTask(Task):
         output's."""
         if settings.category_ids not in ("coco", "yolo"):
             raise ConfigError(f"--category-ids {settings.category_ids!r}: choose coco or yolo (inference.category_ids)")
-        tiling = Tiling.from_options(tile, run.cfg.backbone.image_size, overlap, merge, coords)
+        tiling = Tiling.from_options(tile, training_tile(run), overlap, merge, coords)
         if tiling is not None:
             from dinotune.tasks.detect.tiled import predict_scene
 

@@ -45,7 +45,7 @@ from dinotune.tasks.segment.inference import crop_and_resize, default_stride, pr
 from dinotune.tasks.segment.metrics import SegmentationMetrics, format_iou_table
 from dinotune.tasks.segment.runtime import class_shares
 from dinotune.tasks.scene_data import is_scene_evaluation, is_scene_training
-from dinotune.tasks.tiling import Tiling, scene_paths
+from dinotune.tasks.tiling import Tiling, scene_paths, training_tile
 from dinotune.utils import info, warn, write_json
 
 
@@ -283,7 +283,7 @@ class SegmentTask(Task):
 
         limit = self.cfg.data.max_image_pixels
         spec = InputSpec.from_meta(run.meta)
-        tiling = Tiling.from_options(tile, run.cfg.backbone.image_size, overlap)
+        tiling = Tiling.from_options(tile, training_tile(run), overlap)
         if tiling is not None:
             return self._predict_scenes(run, images, settings, tiling, Path(masks) if masks else None,
                                         Path(out) if out else None, draw)
