@@ -218,7 +218,34 @@ def data(tmp_path_factory) -> dict:
     return {"classify": root / "cls",
             "detect": make_coco_dataset(root / "coco", {"train": [1, 5, 0, 2, 4, 1, 0, 3], "val": [2, 1, 3, 0, 2]}),
             "segment": make_segmentation_folders(root / "seg", {"train": 8, "val": 5}),
-            "eval": _eval_data(root / "eval")}
+            "eval": _eval_data(root / "eval"), "scene": _scene(root / "scene.tif")}
+
+
+def _scene(path: Path) -> Path | None:
+    """A 150 x 170 RGB GeoTIFF for tiled prediction (None without rasterio: those steps are left out)."""
+    try:
+        import numpy as np
+        import rasterio
+        from rasterio.transform import from_origin
+    except ImportError:
+        return None
+    pixels = np.random.default_rng(4).integers(0, 255, (3, 150, 170), dtype=np.uint8)
+    pixels[:, 40:70, 50:90] = 250
+    with rasterio.open(path, "w", driver="GTiff", height=150, width=170, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500000, 4000000, 10, 10), tiled=True, blockxsize=32,
+                       blockysize=32) as ds:
+        ds.write(pixels)
+    return path
+
+
+# predict --tile under the launch: each process takes its share of the tiles, process 0 writes
+TILED = {"detect": ("--tile", "56", "--overlap", "0.3", "--top-k", "1000", "--draw-threshold", "0"),
+         "segment": ("--tile", "28", "--overlap", "0.3")}
+
+
+def _predict_argv(task: str, runs: Path, scene: Path, out: Path) -> list[str]:
+    return ["predict", str(runs / task / "run"), str(scene), "--out", str(out), "--device", "cpu", "--threads", "1",
+            *TILED[task]]
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +264,9 @@ def launch(data, tmp_path_factory) -> dict:
         "cache": _train_argv("classify", data["classify"], runs / "cache" / "run", 4, "--adapter", "none",
                              "--cache-features"),
     }
+    if data["scene"] is not None:  # the detection and segmentation runs just trained, on a scene in tiles
+        plan["predict-detect"] = _predict_argv("detect", runs, data["scene"], root / "tiled.json")
+        plan["predict-segment"] = _predict_argv("segment", runs, data["scene"], root / "tiled.tif")
     (root / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tests.test_distributed", str(root / "plan.json"), str(root / "out")]
@@ -246,7 +276,7 @@ def launch(data, tmp_path_factory) -> dict:
         said = f"exit code {done.returncode}:\n{done.stderr[-3000:]}"
     except subprocess.TimeoutExpired as exc:
         said = f"timed out after {exc.timeout:g} s"
-    return {"runs": runs, "out": root / "out", "said": said}
+    return {"runs": runs, "out": root / "out", "said": said, "root": root}
 
 
 def _step(launch: dict, name: str) -> tuple[list[int], str, str]:
@@ -347,3 +377,26 @@ def test_sharded_evaluation_equals_one_process(data, launch):
 
 if __name__ == "__main__":  # one process of the launch
     _launched(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_tiled_prediction_shares_the_tiles_and_gives_the_one_process_result(data, launch, tmp_path):
+    """``torchrun ... dinotune predict RUN scene.tif --tile``: the two processes' tiles merged into one
+    file, written once by process 0, equal to what one process predicts."""
+    if data["scene"] is None:
+        pytest.skip("tiled prediction needs the geo extra (rasterio)")
+    import numpy as np
+    import rasterio
+
+    runs, root = launch["runs"], launch["root"]
+    for task, out, one in (("detect", root / "tiled.json", tmp_path / "one.json"),
+                           ("segment", root / "tiled.tif", tmp_path / "one.tif")):
+        codes, said, err = _step(launch, f"predict-{task}")
+        assert codes == [0, 0], err[-3000:]
+        assert err.count("wrote") == 1  # process 0 alone writes and says so
+        _one_process(_predict_argv(task, runs, data["scene"], one))
+    two, single = json.loads((root / "tiled.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert len(two[0]["detections"]) == len(single[0]["detections"]) > 0
+    assert [d["bbox"] for d in two[0]["detections"]] == [d["bbox"] for d in single[0]["detections"]]
+    with rasterio.open(root / "tiled.tif") as a, rasterio.open(tmp_path / "one.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1)) and a.crs == b.crs and a.transform == b.transform
+    assert not list(root.glob("*.part*"))  # the processes' rows were assembled and removed

@@ -1,7 +1,8 @@
 """Tiled prediction (``predict --tile``): the merge of duplicates across seams against a brute-force
 rule, a one-tile prediction equal to the plain one, batched = one by one, the strip-wise averaged
 segmentation equal to averaging every tile's logits over the whole scene at once, GeoJSON features
-on the scene's ground, the label GeoTIFF's georeferencing, and the refusals."""
+on the scene's ground, the label GeoTIFF's georeferencing, and the refusals. Tiles shared out under
+torchrun: ``test_distributed.py`` (its one launch)."""
 
 from __future__ import annotations
 
@@ -279,48 +280,6 @@ def test_segmentation_tiles_need_a_file_to_write(segment_run, tmp_path):
     masks = tmp_path / "masks"
     [record] = dinotune.predict(segment_run, [scene], tile="auto", masks=str(masks), device="cpu")
     assert Path(record["mask"]) == masks / "scene.tif" and sum(record["classes"].values()) == pytest.approx(1, abs=1e-3)
-
-
-# ------------------------------------------------------------------------------------- torchrun
-def _tiled_worker(rank: int, world: int, init_file: str, runs: dict, scene: str, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from dinotune.utils import set_quiet
-
-    set_quiet(True)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        record = dinotune.predict(runs["detect"], scene, tile="56", overlap=0.3, top_k=1000, device="cpu")[0]
-        seg = dinotune.predict(runs["segment"], scene, tile="56", overlap=0.3, out=str(Path(out) / "labels.tif"),
-                               device="cpu")[0]
-        (Path(out) / f"{rank}.json").write_text(json.dumps({"detect": record, "segment": seg}))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_share_the_tiles_and_give_the_one_process_result(detect_run, segment_run, tmp_path):
-    import torch
-
-    scene = _scene(tmp_path / "scene.tif", _pixels(170, 150, seed=4))
-    one_det = dinotune.predict(detect_run, scene, tile="56", overlap=0.3, top_k=1000, device="cpu")[0]
-    one_seg = dinotune.predict(segment_run, scene, tile="56", overlap=0.3, out=str(tmp_path / "one.tif"),
-                               device="cpu")[0]
-    (tmp_path / "two").mkdir()
-    runs = {"detect": str(detect_run), "segment": str(segment_run)}
-    torch.multiprocessing.spawn(_tiled_worker, nprocs=2,
-                                args=(2, str(tmp_path / "init"), runs, str(scene), str(tmp_path / "two")))
-    for rank in range(2):
-        got = json.loads((tmp_path / "two" / f"{rank}.json").read_text())
-        assert len(got["detect"]["detections"]) == len(one_det["detections"]) > 0
-        np.testing.assert_allclose([d["bbox"] for d in got["detect"]["detections"]],
-                                   [d["bbox"] for d in one_det["detections"]], atol=0.02)
-        assert got["segment"]["classes"] == one_seg["classes"]
-    with rasterio.open(tmp_path / "one.tif") as a, rasterio.open(tmp_path / "two" / "labels.tif") as b:
-        assert (a.read(1) == b.read(1)).all() and b.crs == a.crs and b.transform == a.transform
-    assert not list((tmp_path / "two").glob("*.part*"))  # the parts were assembled and removed
 
 
 # ------------------------------------------------------------------------------------- instances

@@ -219,9 +219,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         if fmt in runtime.written_formats:  # the task streams this file itself (a label GeoTIFF)
             if not cfg.out:
                 raise ConfigError(f"--format {fmt} is written to a file: name it with --out FILE.{fmt}")
-            results = loaded.predict(cfg.images, out=cfg.out, **options)
-            if ctx.is_main:
-                print(f"wrote {cfg.out} ({fmt.upper()}) for {len(results)} image(s)", file=sys.stderr)
+            loaded.predict(cfg.images, out=cfg.out, **options)  # which says what it wrote
             return 0
         results = loaded.predict(cfg.images, **options)
         if not ctx.is_main:

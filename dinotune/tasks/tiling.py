@@ -23,6 +23,7 @@ from dinotune.data.input_spec import InputSpec
 from dinotune.engine import distributed
 from dinotune.engine.logging import progress
 from dinotune.errors import DataError
+from dinotune.utils import info
 from dinotune.geo.scene import Scene, Window, open_scene
 from dinotune.geo.tiles import tile_windows
 
@@ -52,6 +53,12 @@ class Tiling:
     def describe(self, **extra: Any) -> dict[str, Any]:
         """What every output of a tiled prediction names: the tile, overlap and merge used."""
         return {"tile": self.tile, "overlap": self.overlap, **extra}
+
+
+def say(message: str) -> None:
+    """``info`` from process 0 alone (under ``torchrun`` every process runs the same prediction)."""
+    if distributed.current().is_main:
+        info(message)
 
 
 def training_tile(run: Any) -> int:

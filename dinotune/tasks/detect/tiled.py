@@ -22,8 +22,8 @@ from dinotune.geo.scene import Scene, Window
 from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.detect.merge import merge_detections
 from dinotune.tasks.detect.transforms import resize_pad, to_input
-from dinotune.tasks.tiling import Tiling, my_share, open_input_scene, tile_batches, valid_extent
-from dinotune.utils import info, warn
+from dinotune.tasks.tiling import Tiling, my_share, open_input_scene, say, tile_batches, valid_extent
+from dinotune.utils import warn
 
 if TYPE_CHECKING:
     from dinotune.tasks.detect.task import DetectTask
@@ -98,7 +98,7 @@ def predict_scene(task: "DetectTask", run: TrainedRun, path: Path, image_id: int
         windows = tiling.windows(scene)
         if region is not None:
             windows = [w for w in windows if _touches(w, region)]
-        info(f"{scene.describe()}; {len(windows)} tiles of {tiling.tile} px, overlap {tiling.overlap:g}")
+        say(f"{scene.describe()}; {len(windows)} tiles of {tiling.tile} px, overlap {tiling.overlap:g}")
         parts = []
         run.bundle.model.eval()
         for batch, tiles in tile_batches(scene, my_share(windows), settings.batch_size, spec, desc=path.name):
@@ -108,7 +108,7 @@ def predict_scene(task: "DetectTask", run: TrainedRun, path: Path, image_id: int
                                        tiles=found["tiles"])
         merged = {k: (v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept]) for k, v in found.items()}
         merged["boxes"] = boxes.astype(np.float32)
-        if len(kept) > settings.top_k:
+        if len(kept) > settings.top_k and distributed.current().is_main:
             warn(f"{path.name}: {len(kept)} objects after merging, {settings.top_k} kept (--top-k); raise --top-k "
                  "for a scene holding more")
         record = task.scene_record(str(path), image_id, (scene.height, scene.width), merged, run.bundle.categories,

@@ -45,7 +45,7 @@ from dinotune.tasks.segment.inference import crop_and_resize, default_stride, pr
 from dinotune.tasks.segment.metrics import SegmentationMetrics, format_iou_table
 from dinotune.tasks.segment.runtime import class_shares
 from dinotune.tasks.scene_data import is_scene_evaluation, is_scene_training
-from dinotune.tasks.tiling import Tiling, scene_paths, training_tile
+from dinotune.tasks.tiling import Tiling, say, scene_paths, training_tile
 from dinotune.utils import info, warn, write_json
 
 
@@ -332,7 +332,7 @@ class SegmentTask(Task):
             target = out if out is not None else masks / f"{p.stem}.tif"
             target.parent.mkdir(parents=True, exist_ok=True)
             results.append(predict_scene(self, run, p, settings, tiling, target, colours.rgb if colours else None))
-            info(f"wrote {target} (one band, class indices, {tiling.tile} px tiles, overlap {tiling.overlap:g})")
+            say(f"wrote {target} (one band, class indices, {tiling.tile} px tiles, overlap {tiling.overlap:g})")
         return results
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: SegmentInferenceConfig, *,

@@ -31,8 +31,7 @@ from dinotune.geo.scene import Scene, Window
 from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.segment.inference import crop_and_resize
 from dinotune.tasks.segment.runtime import eval_size
-from dinotune.tasks.tiling import Tiling, open_input_scene, tile_batches
-from dinotune.utils import info
+from dinotune.tasks.tiling import Tiling, open_input_scene, say, tile_batches
 
 if TYPE_CHECKING:
     from dinotune.tasks.segment.task import SegmentTask
@@ -164,7 +163,7 @@ def predict_scene(task: "SegmentTask", run: TrainedRun, path: Path, settings: An
         top, bottom, mine = span(row_starts, scene.height, tiling.tile, ctx.world_size, ctx.rank)
         stride = max(1, round(tiling.tile * (1 - tiling.overlap)))
         bands = band_count(len(names), scene.width, tiling.tile, stride, len(col_starts))
-        info(f"{scene.describe()}; {len(windows)} tiles of {tiling.tile} px, overlap {tiling.overlap:g}"
+        say(f"{scene.describe()}; {len(windows)} tiles of {tiling.tile} px, overlap {tiling.overlap:g}"
              + (f", in {bands} vertical bands" if bands > 1 else ""))
         counts = np.zeros(len(names), np.int64)
         part = out.with_name(f"{out.name}.part{ctx.rank}.npy") if ctx.enabled and bottom > top else None
