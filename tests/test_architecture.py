@@ -9,7 +9,8 @@ Layers, lowest first; a module may import its own layer or lower ones, never hig
     engine                                      training loop, checkpoints, devices, processes, the run layout
     tasks                                       classify / detect / segment / instance (siblings) over tasks.base
     runs                                        a trained run loaded (LoadedRun, load, checkpoint resolution)
-    robustness, export, sweep                   corruptions; export of a run (ONNX, TorchScript, HF); sweeps
+    robustness, export, sweep, embed            corruptions; export of a run (ONNX, TorchScript, HF); sweeps;
+                                                embeddings and the k-NN protocol
     api, demo                                   the Python API
     serve                                       the prediction server (a run, or an export)
     cli, __main__, dinotune/__init__            the command line and the package face
@@ -36,7 +37,7 @@ LAYERS = [
     ("engine",),
     ("tasks",),
     ("runs",),
-    ("robustness", "export", "sweep"),
+    ("robustness", "export", "sweep", "embed"),
     ("api", "demo"),
     ("serve",),
     ("cli", "__main__", "__init__"),
@@ -47,7 +48,7 @@ TASKS = ("classify", "detect", "segment", "instance")
 # R-CNN extends Faster R-CNN); the rest stay apart, and a task built on stays unaware of its users.
 BUILDS_ON = {"instance": ("detect",)}
 # Generic layers: they ask a task (or the registry) what it does, never which one it is.
-SHARED = ("api.py", "cli", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine")
+SHARED = ("api.py", "cli", "runs.py", "robustness.py", "export", "runtime", "serve", "sweep", "engine", "embed")
 
 
 def _module_name(path: Path) -> str:

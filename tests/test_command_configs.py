@@ -24,7 +24,7 @@ from dinotune.config.commands import (
     EvalConfig,
     PredictConfig,
 )
-from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.config.tools import EmbedConfig, ExportConfig, KnnConfig, PcaConfig, ServeConfig, SweepConfig
 
 # command words, the config of its flags, and the operands / required flags of a minimal call
 COMMANDS = [
@@ -35,6 +35,8 @@ COMMANDS = [
     (["compare"], CompareConfig, ["--data", "D"]),
     (["demo"], DemoConfig, []),
     (["pca"], PcaConfig, ["a.jpg", "--model", "random:tiny"]),
+    (["embed"], EmbedConfig, ["random:tiny", "D", "--out", "e.parquet"]),
+    (["knn"], KnnConfig, ["random:tiny"]),
     (["serve"], ServeConfig, ["RUN"]),
     (["data", "download"], DownloadConfig, ["coco"]),
     (["sweep", next(iter(TASK_CONFIGS))], SweepConfig, []),  # besides the task config's flags
@@ -98,6 +100,9 @@ def test_flags_are_typed_and_range_checked_by_the_config():
     (api.compare, "device", CompareConfig, "device"),
     (api.evaluate, "split", EvalConfig, "split"),
     (api.pca, "device", PcaConfig, "device"),
+    (api.embed, "pool", EmbedConfig, "pool"),
+    (api.embed, "batch_size", EmbedConfig, "batch_size"),
+    (api.knn, "temperature", KnnConfig, "temperature"),
     (api.Run.__init__, "device", PredictConfig, "device"),
     (demo.run_demo, "out", DemoConfig, "out"),
     (demo.run_demo, "model", DemoConfig, "model"),

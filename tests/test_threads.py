@@ -67,7 +67,7 @@ def test_threads_one_and_two_give_the_same_predictions(tmp_path, capsys):
 
 
 def test_every_command_takes_threads(capsys):
-    for command in (["train", "classify"], ["eval"], ["predict"], ["export"], ["serve"], ["pca"], ["analyze"],
+    for command in (["train", "classify"], ["eval"], ["predict"], ["export"], ["serve"], ["pca"], ["embed"], ["knn"], ["analyze"],
                     ["compare"], ["demo"]):
         with pytest.raises(SystemExit):
             main([*command, "--help"])

@@ -31,7 +31,15 @@ from dinotune.config.commands import (
     EvalConfig,
     PredictConfig,
 )
-from dinotune.config.tools import EXPORT_FORMAT_OPTIONS, ExportConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.config.tools import (
+    EXPORT_FORMAT_OPTIONS,
+    EmbedConfig,
+    ExportConfig,
+    KnnConfig,
+    PcaConfig,
+    ServeConfig,
+    SweepConfig,
+)
 from dinotune.tasks import registry
 
 
@@ -320,6 +328,29 @@ def cmd_pca(ns: argparse.Namespace) -> int:
                    image_size=cfg.image_size if "image_size" in given else None,
                    foreground_threshold=cfg.foreground_threshold, device=cfg.device, max_images=cfg.max_images)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_embed(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    cfg, given = command_config(ns, EmbedConfig)
+    # --image-size is the size for a backbone spec: a run folder keeps its own unless it is given
+    path = api.embed(cfg.model, cfg.data, cfg.out, pool=cfg.pool,
+                     image_size=cfg.image_size if "image_size" in given else None, batch_size=cfg.batch_size,
+                     workers=cfg.workers, device=cfg.device, progress=True)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_knn(ns: argparse.Namespace) -> int:
+    from dinotune import api
+
+    cfg, given = command_config(ns, KnnConfig)
+    result = api.knn(cfg.source, data=cfg.data or None, k=cfg.k, temperature=cfg.temperature, pool=cfg.pool,
+                     image_size=cfg.image_size if "image_size" in given else None, batch_size=cfg.batch_size,
+                     workers=cfg.workers, device=cfg.device, progress=True, out=cfg.out or None)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Defaults of the commands that are not a task: ``dinotune pca``, ``serve``, ``export`` and ``sweep``
+"""Defaults of the commands that are not a task: ``dinotune pca``, ``embed``, ``knn``, ``serve``,
+``export`` and ``sweep``
 (the commands on a trained run are in ``commands.py``). Their flags are made from these fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from dinotune.config.base import device_option, opt, threads_option
 from dinotune.config.commands import CheckpointName, checkpoint_option, images_operand, run_operand, weights_option
@@ -21,6 +22,54 @@ class PcaConfig:
     foreground_threshold: float | None = opt(None, "black out patches whose first component is below this (0-1), "
                                              "as DINOv2's demo", default_text="off", ge=0, le=1)
     max_images: int = opt(8, "use at most this many images, one figure row each", ge=1)
+    device: str = device_option()
+    threads: int = threads_option()
+
+
+def _embedding_size() -> Any:
+    return opt(224, "crop size in pixels for a backbone spec (a run uses its own --image-size)", ge=1)
+
+
+def _embedding_batch() -> Any:
+    return opt(32, "images per forward pass", ge=1)
+
+
+def _embedding_workers() -> Any:
+    return opt(0, "data-loading worker processes", ge=0)
+
+
+@dataclass
+class EmbedConfig:
+    """Defaults of ``dinotune embed`` (one embedding per image into a parquet file)."""
+
+    model: str = opt("", "a backbone (--model forms) or a dinotune run folder", positional=True, metavar="MODEL")
+    data: str = opt("", "a folder: train/ val/ split folders and / or class folders, or a plain folder of images",
+                    positional=True, metavar="DATA")
+    out: str = opt("", "the parquet file to write; an existing one of the same settings is completed "
+                   "(only missing images are embedded)", required=True)
+    pool: Literal["cls", "mean", "both"] = opt("cls", "cls: class token after the final norm; mean: mean patch "
+                                               "token; both: the two concatenated")
+    image_size: int = _embedding_size()
+    batch_size: int = _embedding_batch()
+    workers: int = _embedding_workers()
+    device: str = device_option()
+    threads: int = threads_option()
+
+
+@dataclass
+class KnnConfig:
+    """Defaults of ``dinotune knn`` (the DINO k-NN protocol)."""
+
+    source: str = opt("", "a backbone (--model forms), a dinotune run folder, or an embeddings .parquet file "
+                      "written by dinotune embed", positional=True, metavar="MODEL")
+    data: str = opt("", "train/ and val/ class folders to embed (not needed with an embeddings file)")
+    k: list[int] = opt([10, 20, 100, 200], "neighbour counts to score, one result each", ge=1)
+    temperature: float = opt(0.07, "vote weight exp(similarity / T)", gt=0)
+    out: str = opt("", "also write the JSON result to this file", default_text="printed only")
+    pool: Literal["cls", "mean", "both"] = opt("cls", "embedding of a model or run: cls, mean or both")
+    image_size: int = _embedding_size()
+    batch_size: int = _embedding_batch()
+    workers: int = _embedding_workers()
     device: str = device_option()
     threads: int = threads_option()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # Folder / file names a split may go by (Roboflow writes "valid", some datasets "validation"). A
@@ -9,6 +11,17 @@ import torch
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",),
 }
+
+
+def split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders under ``root`` (``train/``, ``val/`` or an alias, ``test/``), by canonical
+    split name; the first alias present wins. Empty when ``root`` has none."""
+    found: dict[str, Path] = {}
+    for split, names in SPLIT_ALIASES.items():
+        folder = next((root / d for d in names if (root / d).is_dir()), None)
+        if folder is not None:
+            found[split] = folder
+    return found
 
 
 def subset_indices(size: int, n: int, seed: int) -> list[int]:

@@ -34,7 +34,7 @@ from dinotune.data.images import (
     upright_image,
 )
 from dinotune.data.paths import join_inside
-from dinotune.data.splits import SPLIT_ALIASES, subset_indices
+from dinotune.data.splits import SPLIT_ALIASES, split_dirs, subset_indices
 from dinotune.errors import DataError
 from dinotune.utils import info, warn
 
@@ -321,9 +321,8 @@ def _samples_for(path: Path, class_names: list[str] | None, image_column: str, l
 
 
 def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
-    train = root / "train" if (root / "train").is_dir() else None
-    val = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
-    return train, val
+    found = split_dirs(root)
+    return found.get("train"), found.get("val")
 
 
 def _check(samples: Samples, what: str, need_classes: bool = True) -> None:
