@@ -88,6 +88,11 @@ class Scene:
         self.dtype, self.crs, self.transform, self.picture = np.dtype(dtype), crs, transform, picture
 
     @property
+    def rgb8(self) -> bool:
+        """Three 8-bit bands: what a run trained on pictures takes (scaled by 1/255, as pictures are)."""
+        return self.bands == 3 and self.dtype == np.uint8
+
+    @property
     def georeferenced(self) -> bool:
         return self.crs is not None and self.transform is not None
 

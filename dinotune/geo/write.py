@@ -128,6 +128,12 @@ def default_colours(num_classes: int, nodata: int | None = None,
     return out.astype(np.uint8)
 
 
+def label_raster_dtype(classes: int, nodata: int | None = None) -> np.dtype:
+    """The label GeoTIFF's sample type: uint8, uint16 past 255 classes or for a ``nodata`` above 255."""
+    big = classes > 255 or (nodata is not None and nodata > 255)
+    return np.dtype(np.uint16 if big else np.uint8)
+
+
 class LabelRasterWriter:
     """A one-band label GeoTIFF over ``scene``, written window by window (memory follows the window).
 
@@ -150,8 +156,7 @@ class LabelRasterWriter:
         if not class_names:
             raise ValueError("a label raster needs at least one class name")
         self.path, self.scene = Path(path).expanduser(), scene
-        big = len(class_names) > 255 or (nodata is not None and nodata > 255)
-        self.dtype = np.dtype(np.uint16 if big else np.uint8)
+        self.dtype = label_raster_dtype(len(class_names), nodata)
         if nodata is not None and not 0 <= nodata <= np.iinfo(self.dtype).max:
             raise ValueError(f"nodata {nodata} does not fit {self.dtype}")
         if nodata is not None and nodata < len(class_names):

@@ -144,7 +144,7 @@ def scene_spec(scene: Scene, windows: Sequence[Window], bands: Any) -> InputSpec
     looked at). ``--band-mean`` / ``--band-std`` win; ``--in-channels`` must be the scene's bands."""
     from dinotune.data.bands import make_spec
 
-    picture = scene.bands == 3 and scene.dtype == np.uint8
+    picture = scene.rgb8
     if bands.in_channels and bands.in_channels != scene.bands:
         raise DataError(f"--in-channels {bands.in_channels} but {scene.path} has {scene.bands} band(s); pass "
                         f"--in-channels {scene.bands} or 0 (from the data)")

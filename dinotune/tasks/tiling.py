@@ -77,7 +77,7 @@ def open_input_scene(path: str | Path, spec: InputSpec, max_pixels: int = 0) -> 
         if scene.bands != spec.in_channels:
             scene.close()
             raise DataError(f"{scene.path}: {scene.bands} band(s), but the model takes {spec.in_channels}")
-    elif scene.bands != 3 or scene.dtype != np.uint8:
+    elif not scene.rgb8:
         scene.close()
         raise DataError(f"{scene.path}: {scene.bands} band(s) of {scene.dtype}, but the model was trained on 8-bit RGB "
                         "pictures; predict it with a run trained on band arrays of this kind")

@@ -31,18 +31,13 @@ from dinotune.geo.scene import Scene, Window
 from dinotune.tasks.base import TrainedRun
 from dinotune.tasks.segment.inference import crop_and_resize
 from dinotune.tasks.segment.runtime import eval_size
-from dinotune.tasks.tiling import Tiling, open_input_scene, say, tile_batches
+from dinotune.tasks.tiling import Tiling, open_input_scene, say, tile_batches, valid_extent
 
 if TYPE_CHECKING:
     from dinotune.tasks.segment.task import SegmentTask
 
 STRIP_BYTES = 192_000_000  # the summed logits of one strip, at most (the scene is cut into bands above)
 RELEASE_VALUES = 16_000_000  # logits turned into labels at once when rows are released
-
-
-def label_dtype(classes: int) -> type:
-    """The label raster's sample type: 8 bits up to 256 classes."""
-    return np.uint8 if classes <= 256 else np.uint16
 
 
 def span(starts: Sequence[int], total: int, tile: int, parts: int, index: int) -> tuple[int, int, list[int]]:
@@ -138,7 +133,7 @@ def _predict_band(task: "SegmentTask", run: TrainedRun, scene: Scene, windows: l
             emit(strip.release(upto)[:, left - first: right - first], row, left)
 
     for batch, tiles in tile_batches(scene, windows, settings.window_batch, spec, desc=desc):
-        valid = [(w.clip(scene.height, scene.width).height, w.clip(scene.height, scene.width).width) for w in batch]
+        valid = [valid_extent(w, scene) for w in batch]
         for window, logits in zip(batch, tile_logits(task, run, tiles, valid)):
             # tiles come row by row: the rows above a new row of tiles are final
             release(min(bottom, window.row))
@@ -150,12 +145,12 @@ def predict_scene(task: "SegmentTask", run: TrainedRun, path: Path, settings: An
                   out: Path, colours: Any) -> dict[str, Any]:
     """One scene's labels written as a one-band GeoTIFF ``out`` (the scene's size, CRS and transform,
     a colour table); returns ``{"image", "mask" (out), "classes": {name: fraction}, "tiling"}``."""
-    from dinotune.geo.write import LabelRasterWriter
+    from dinotune.geo.write import LabelRasterWriter, label_raster_dtype
 
     names = run.bundle.class_names
     spec = InputSpec.from_meta(run.meta)
     ctx = distributed.current()
-    dtype = label_dtype(len(names))
+    dtype = label_raster_dtype(len(names))
     with open_input_scene(path, spec, task.cfg.data.max_image_pixels) as scene:
         windows = tiling.windows(scene)
         row_starts = sorted({w.row for w in windows})
@@ -223,6 +218,6 @@ def _assemble(out: Path, scene: Scene, names: list[str], colours: Any, tiling: T
             step = max(1, 4_000_000 // max(scene.width, 1))
             for r in range(0, rows.shape[0], step):
                 chunk = np.asarray(rows[r: r + step])
-                writer.write(Window(top + r, 0, chunk.shape[0], scene.width), chunk.astype(label_dtype(len(names))))
+                writer.write(Window(top + r, 0, chunk.shape[0], scene.width), chunk.astype(writer.dtype))
             del rows
             part.unlink()
