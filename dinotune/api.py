@@ -1,5 +1,6 @@
-"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``sweep``, ``pca``, ``embed``, ``knn``,
-``export``.
+"""The Python API: ``train``, ``load``, ``evaluate``, ``predict``, ``analyze``, ``compare``, ``sweep``, ``pca``,
+``export``, and the embedding commands of ``dinotune.embed.api`` (``embed``, ``knn``, ``build_index``,
+``search``, ``duplicates``, ``dataset_map``).
 The CLI is a thin layer on it; everything below it (tasks, runs, engine, models, data) never imports it.
 It names no task: what differs between tasks is asked of the run's task or the task registry."""
 
@@ -10,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +19,7 @@ from dinotune.backbone.channels import adapt_input_to_meta
 from dinotune.config import ConfigError, build_config, load_yaml, save_yaml
 from dinotune.config.commands import AnalyzeConfig, CompareConfig, EvalConfig, PredictConfig
 from dinotune.config.io import load_run_config
-from dinotune.config.tools import EmbedConfig, KnnConfig, PcaConfig
+from dinotune.config.tools import PcaConfig
 from dinotune.engine import checkpoint, distributed
 from dinotune.engine.batch_size import resolve_auto_batch_size
 from dinotune.engine.device import resolve_precision, select_device
@@ -338,7 +338,7 @@ def _grid_items(grid: Sequence[str] | dict[str, Sequence[Any]]) -> list[str]:
 
 
 def sweep(task: str | None = None, config: Any = None, *, grid: Sequence[str] | dict[str, Sequence[Any]] = (),
-          linear_grid: Sequence[str] | dict[str, Sequence[Any]] = (), search: str | None = None,
+          linear_grid: Sequence[str] | dict[str, Sequence[Any]] = (), search: str | None = None,  # noqa: F811
           trials: int | None = None, out: str | Path | None = None, retry_failed: bool = False,
           **options: Any) -> dict[str, Any]:
     """Train a grid of settings (each trial a run folder, in its own process) and compare them.
@@ -384,30 +384,6 @@ def sweep(task: str | None = None, config: Any = None, *, grid: Sequence[str] | 
             "table": markdown(result.rows, result.metric_name, result.notes), "files": [str(f) for f in result.files]}
 
 
-def _backbone_for(model: str | Path, paths: Sequence[Path], device: str) -> tuple[Any, int | None, Any]:
-    """``(backbone, image_size, input spec)`` for ``paths`` under ``model``: a backbone spec
-    (``random:tiny``, a hub id, a ``.pth``, a local folder) or a dinotune run folder (its backbone
-    with the adapter merged, its ``backbone.image_size``, its input spec; ``paths`` must fit it).
-    A spec gives ``image_size`` None; band arrays under it get their own statistics, the first
-    three bands as RGB."""
-    from dinotune.backbone.channels import adapt_input
-    from dinotune.backbone.model import DinoBackbone
-    from dinotune.data.bands import InputSpec, check_band_counts, is_band_file, make_spec
-
-    spec = Path(model).expanduser()
-    if RunLayout.is_run(spec):
-        loaded = load(spec, device=device)
-        bands = InputSpec.from_meta(loaded.meta)
-        check_band_counts(paths, bands.layout, expected=bands.in_channels)
-        return loaded.model.backbone, loaded.cfg.backbone.image_size, bands
-    backbone = DinoBackbone.from_spec(str(model)).to(select_device(device))
-    count = check_band_counts(paths)  # one band count for all
-    arrays = any(is_band_file(p) for p in paths)
-    bands = make_spec(count, arrays=True, paths=paths) if arrays else InputSpec()
-    adapt_input(backbone, bands.in_channels, bands.rgb_bands, trainable=False)
-    return backbone, None, bands
-
-
 def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str | Path, *,
         image_size: int | None = None, foreground_threshold: float | None = None, device: str = PcaConfig.device,
         max_images: int | None = None) -> Path:
@@ -419,6 +395,7 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
     ``out`` is the PNG path; an existing folder or a suffix-less path gets ``pca.png`` inside."""
     from dinotune.data.bands import read_input, stretch_to_rgb
     from dinotune.data.images import readable_images
+    from dinotune.embed.model import backbone_for
     from dinotune.viz.pca import pca_features, pca_figure
 
     defaults = PcaConfig()
@@ -429,7 +406,7 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
     if len(paths) > max_images:
         warn(f"pca: using the first {max_images} of {len(paths)} images (raise --max-images for more)")
         paths = paths[:max_images]
-    backbone, run_size, bands = _backbone_for(model, paths, device)
+    backbone, run_size, bands = backbone_for(model, paths, device)
     image_size = image_size or run_size or defaults.image_size
     inputs = [read_input(p, layout=bands.layout) for p in paths]
     maps = pca_features(backbone, inputs, image_size, foreground_threshold=foreground_threshold, spec=bands)
@@ -440,134 +417,6 @@ def pca(model: str | Path, images: str | Path | Sequence[str | Path], out: str |
     return pca_figure(pictures, maps, out, titles=[Path(p).name for p in paths])
 
 
-def _model_name(model: str | Path) -> str:
-    """How the embeddings file names ``model``: a path that exists absolute, a spec as given."""
-    path = Path(model).expanduser()
-    return str(path.absolute()) if path.exists() else str(model)
-
-
-def _embed_items(model: str | Path, items: Sequence[Any], *, pool: str, image_size: int | None, batch_size: int,
-                 workers: int, device: str, progress: bool, out: Path | None = None,
-                 save_every: int = 4096) -> Any:
-    """The embeddings of ``items`` (``dinotune.embed.Item``) under ``model``. With ``out``: the rows
-    of an existing file of the same settings are kept, only the missing paths are embedded, and the
-    file is rewritten after every ``save_every`` images (an interrupted call loses at most that)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from dinotune.embed.features import POOLS, embed_images
-    from dinotune.embed.store import Embeddings, append, existing_rows, write_embeddings
-    from dinotune.engine.logging import progress as progress_bar
-
-    if pool not in POOLS:
-        raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if save_every < 1:
-        raise ConfigError(f"save_every must be at least 1, got {save_every}")
-    try:
-        dinotune_version = version("dinotune")
-    except PackageNotFoundError:  # a source tree that was never installed
-        dinotune_version = "unknown"
-    backbone, run_size, bands = _backbone_for(model, [Path(i.path) for i in items], device)
-    image_size = image_size or run_size or EmbedConfig.image_size
-    meta = {"model": _model_name(model), "pool": pool, "image_size": int(image_size),
-            "in_channels": int(bands.in_channels), "version": dinotune_version}
-    rows = existing_rows(out, meta) if out is not None else None
-    done = set(rows.paths) if rows is not None else set()
-    todo = [i for i in items if i.path not in done]
-    if rows is not None:
-        info(f"embed: {out} has {len(done)} rows; embedding the {len(todo)} missing image(s)")
-    if rows is None:
-        rows = Embeddings([], [], [], np.zeros((0, 0), np.float32), meta)
-    bar = progress_bar(None, progress, total=len(todo), desc="embed", unit="img")
-    try:
-        for start in range(0, len(todo), save_every):
-            part = todo[start:start + save_every]
-            vectors = embed_images(backbone, [i.path for i in part], image_size, pool=pool, spec=bands,
-                                   batch_size=batch_size, workers=workers, bar=bar)
-            rows = append(rows, [i.path for i in part], [i.split for i in part], [i.label for i in part],
-                          vectors, meta)
-            if out is not None:
-                write_embeddings(out, rows)
-    finally:
-        bar.close()
-    if out is not None and not todo:
-        write_embeddings(out, append(rows, [], [], [], np.zeros((0, 0), np.float32), meta))
-    return rows
-
-
-def embed(model: str | Path, data: str | Path | Sequence[str | Path], out: str | Path, *,
-          pool: str = EmbedConfig.pool, image_size: int | None = None, batch_size: int = EmbedConfig.batch_size,
-          workers: int = EmbedConfig.workers, device: str = EmbedConfig.device, progress: bool = True,
-          save_every: int = 4096) -> Path:
-    """One embedding per image of ``data`` (``dinotune embed``) into the parquet file ``out``.
-
-    ``model``: a backbone spec or a dinotune run folder (its backbone, adapter merged, at its own
-    ``backbone.image_size`` unless ``image_size`` is given; a spec defaults to
-    ``EmbedConfig.image_size``). ``data``: a folder with split folders (``train/``, ``val/``, ...)
-    and / or class folders, a plain folder, or files (see ``dinotune.embed.features``). ``pool``:
-    ``cls`` (class token after the final norm), ``mean`` (mean patch token) or ``both``
-    (concatenated). An existing ``out`` made with the same settings is completed: its rows are
-    kept and only missing paths embedded (a file of other settings is refused). The file format is
-    described in ``dinotune.embed.store``. Returns ``out``."""
-    from dinotune.embed.features import find_items
-
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; name the .parquet file to write")
-    _embed_items(model, find_items(data), pool=pool, image_size=image_size, batch_size=batch_size,
-                 workers=workers, device=device, progress=progress, out=out, save_every=save_every)
-    return out
-
-
-def _is_embeddings_file(source: str | Path) -> bool:
-    path = Path(source).expanduser()
-    return path.is_file() and path.suffix.lower() == ".parquet"
-
-
-def knn(source: str | Path, *, data: str | Path | None = None, k: Sequence[int] = tuple(KnnConfig().k),
-        temperature: float = KnnConfig.temperature, pool: str = EmbedConfig.pool, image_size: int | None = None,
-        batch_size: int = EmbedConfig.batch_size, workers: int = EmbedConfig.workers,
-        device: str = EmbedConfig.device, progress: bool = True, out: str | Path | None = None) -> dict[str, Any]:
-    """The DINO k-NN protocol (``dinotune knn``): the ``val`` embeddings classified by their ``k``
-    nearest ``train`` embeddings (cosine similarity of L2-normalised embeddings, each neighbour
-    voting with weight ``exp(sim / temperature)``; see ``dinotune.embed.knn``).
-
-    ``source``: a backbone spec or run folder, whose embeddings of ``data``'s ``train/`` and ``val/``
-    class folders are computed (``pool``, ``image_size``, ... as for ``embed``), or a ``.parquet``
-    file written by ``embed`` (``data`` then unused). Returns ``{"k=K": {"top1", "top5"}, ...,
-    "train": n, "val": n, "classes": n, "temperature": T, "source": ...}``; with ``out`` also
-    written there as JSON."""
-    from dinotune.embed.features import find_items
-    from dinotune.embed.knn import knn_classify
-    from dinotune.embed.store import read_embeddings
-
-    ks = [int(x) for x in k]
-    if not ks:
-        raise ConfigError("--k needs at least one value")
-    if _is_embeddings_file(source):
-        rows = read_embeddings(source)
-        where = str(Path(source).expanduser())
-    else:
-        if not data:
-            raise ConfigError("knn: --data is needed with a model or run (or pass an embeddings .parquet file)")
-        items = [i for i in find_items(data) if i.split in ("train", "val")]
-        rows = _embed_items(source, items, pool=pool, image_size=image_size, batch_size=batch_size,
-                            workers=workers, device=device, progress=progress)
-        where = _model_name(source)
-    train, val = rows.where("train"), rows.where("val")
-    if not len(train) or not len(val):
-        raise ConfigError(f"knn: needs train and val images with labels (class folders under train/ and val/); "
-                          f"got {len(train)} train and {len(val)} val")
-    if any(label == "" for label in train.labels + val.labels):
-        raise ConfigError("knn: some train / val images have no label (images outside class folders)")
-    result: dict[str, Any] = knn_classify(train.vectors, train.labels, val.vectors, val.labels, ks, temperature)
-    result.update(train=len(train), val=len(val), classes=len(set(train.labels)), temperature=temperature,
-                  source=where, model=rows.meta.get("model"), pool=rows.meta.get("pool"),
-                  image_size=rows.meta.get("image_size"))
-    if out:
-        write_json(Path(out).expanduser(), result)
-    return result
-
-
 def export(run: str | Path | LoadedRun, out: str | Path, *, format: str = "onnx", **options: Any) -> Path:
     """Write ``run`` into the folder ``out`` as ``onnx`` (graph + ``dinotune_export.json`` for
     ``dinotune.runtime``), ``torchscript`` or ``hf`` (a transformers folder); returns ``out``.
@@ -576,3 +425,7 @@ def export(run: str | Path | LoadedRun, out: str | Path, *, format: str = "onnx"
     from dinotune.export import export as export_run
 
     return export_run(run, out, format=format, **options)
+
+
+# The embedding commands live with the embeddings (dinotune.embed.api); they are this API's all the same.
+from dinotune.embed.api import build_index, dataset_map, duplicates, embed, knn, search  # noqa: E402,F401

@@ -24,7 +24,15 @@ from dinotune.config.commands import (
     EvalConfig,
     PredictConfig,
 )
-from dinotune.config.tools import EmbedConfig, ExportConfig, KnnConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.config.embeddings import (
+    DuplicatesConfig,
+    EmbedConfig,
+    IndexConfig,
+    KnnConfig,
+    MapConfig,
+    SearchConfig,
+)
+from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig, SweepConfig
 
 # command words, the config of its flags, and the operands / required flags of a minimal call
 COMMANDS = [
@@ -37,6 +45,10 @@ COMMANDS = [
     (["pca"], PcaConfig, ["a.jpg", "--model", "random:tiny"]),
     (["embed"], EmbedConfig, ["random:tiny", "D", "--out", "e.parquet"]),
     (["knn"], KnnConfig, ["random:tiny"]),
+    (["index"], IndexConfig, ["e.parquet", "--out", "I"]),
+    (["search"], SearchConfig, ["I", "a.jpg"]),
+    (["duplicates"], DuplicatesConfig, ["D"]),
+    (["map"], MapConfig, ["D"]),
     (["serve"], ServeConfig, ["RUN"]),
     (["data", "download"], DownloadConfig, ["coco"]),
     (["sweep", next(iter(TASK_CONFIGS))], SweepConfig, []),  # besides the task config's flags
@@ -103,6 +115,11 @@ def test_flags_are_typed_and_range_checked_by_the_config():
     (api.embed, "pool", EmbedConfig, "pool"),
     (api.embed, "batch_size", EmbedConfig, "batch_size"),
     (api.knn, "temperature", KnnConfig, "temperature"),
+    (api.search, "k", SearchConfig, "k"),
+    (api.duplicates, "threshold", DuplicatesConfig, "threshold"),
+    (api.duplicates, "model", DuplicatesConfig, "model"),
+    (api.dataset_map, "method", MapConfig, "method"),
+    (api.build_index, "kind", IndexConfig, "kind"),
     (api.Run.__init__, "device", PredictConfig, "device"),
     (demo.run_demo, "out", DemoConfig, "out"),
     (demo.run_demo, "model", DemoConfig, "model"),

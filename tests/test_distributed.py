@@ -248,6 +248,11 @@ def _predict_argv(task: str, runs: Path, scene: Path, out: Path) -> list[str]:
             *TILED[task]]
 
 
+def _embed_argv(data: Path, out: Path) -> list[str]:
+    return ["embed", "random:tiny", str(data), "--out", str(out), "--image-size", "28", "--batch-size", "3",
+            "--device", "cpu", "--threads", "1"]
+
+
 @pytest.fixture(scope="module")
 def launch(data, tmp_path_factory) -> dict:
     """The one ``torchrun --nproc_per_node 2`` launch: its steps' run folders (``runs/STEP/run``),
@@ -264,6 +269,7 @@ def launch(data, tmp_path_factory) -> dict:
         "cache": _train_argv("classify", data["classify"], runs / "cache" / "run", 4, "--adapter", "none",
                              "--cache-features"),
     }
+    plan["embed"] = _embed_argv(data["classify"], root / "emb.parquet")
     if data["scene"] is not None:  # the detection and segmentation runs just trained, on a scene in tiles
         plan["predict-detect"] = _predict_argv("detect", runs, data["scene"], root / "tiled.json")
         plan["predict-segment"] = _predict_argv("segment", runs, data["scene"], root / "tiled.tif")
@@ -400,3 +406,21 @@ def test_tiled_prediction_shares_the_tiles_and_gives_the_one_process_result(data
     with rasterio.open(root / "tiled.tif") as a, rasterio.open(tmp_path / "one.tif") as b:
         assert np.array_equal(a.read(1), b.read(1)) and a.crs == b.crs and a.transform == b.transform
     assert not list(root.glob("*.part*"))  # the processes' rows were assembled and removed
+
+
+def test_embedding_shares_the_images_and_gives_the_one_process_file(data, launch, tmp_path):
+    """``torchrun ... dinotune embed``: each process embeds its share into a part, process 0 assembles
+    the parts in the one-process order, writes the file once and removes the parts."""
+    import numpy as np
+
+    from dinotune.embed.store import read_embeddings
+
+    codes, said, err = _step(launch, "embed")
+    assert codes == [0, 0], err[-3000:]
+    assert err.count("wrote") == 1
+    _one_process(_embed_argv(data["classify"], tmp_path / "one.parquet"))
+    two, one = read_embeddings(launch["root"] / "emb.parquet"), read_embeddings(tmp_path / "one.parquet")
+    assert len(one) == 20 and two.paths == one.paths and two.labels == one.labels and two.splits == one.splits
+    np.testing.assert_allclose(two.vectors, one.vectors, atol=1e-5)
+    assert {k: v for k, v in two.meta.items()} == one.meta
+    assert not (launch["root"] / "emb.parquet.parts").exists()

@@ -140,9 +140,14 @@ def test_resumed_embedding_equals_a_single_pass(folders, tmp_path):
 def test_knn_from_the_model_equals_knn_from_the_file(folders, tmp_path):
     out = api.embed("random:tiny", folders, tmp_path / "e.parquet", image_size=28, device="cpu", progress=False)
     from_file = api.knn(out, k=(1, 3, 8))
-    from_model = api.knn("random:tiny", data=folders, k=(1, 3, 8), image_size=28, device="cpu", progress=False)
+    from_model = api.knn("random:tiny", data=folders, k=(1, 3, 8), image_size=28, device="cpu", progress=False,
+                         out=tmp_path / "m.json")
     for k in ("k=1", "k=3", "k=8"):
         assert from_file[k] == from_model[k]
+    # saved by default beside the embeddings file
+    assert from_file["file"] == str(tmp_path / "e.knn.json")
+    assert json.loads((tmp_path / "e.knn.json").read_text()) == from_file
+    assert json.loads((tmp_path / "m.json").read_text())["k=8"] == from_model["k=8"]
     assert from_file["train"] == 8 and from_file["val"] == 4 and from_file["classes"] == 2
     with pytest.raises(ConfigError, match="more than the 8 training"):
         api.knn(out, k=(9,))
@@ -177,7 +182,8 @@ def test_the_cli_prints_and_saves_the_json(folders, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.environ.get("DINOTUNE_SHARED"), reason="needs DINOTUNE_SHARED (hymenoptera)")
-def test_hymenoptera_knn_equals_the_protocol_on_the_embed_file(tmp_path, capsys):
+def test_hymenoptera_knn_equals_the_protocol_on_the_embed_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a model's result is saved as ./knn.json
     data = Path(os.environ["DINOTUNE_SHARED"]) / "data" / "hymenoptera"
     if not data.is_dir():
         pytest.skip(f"no {data}")
@@ -193,3 +199,88 @@ def test_hymenoptera_knn_equals_the_protocol_on_the_embed_file(tmp_path, capsys)
     top1, top5 = _reference(train.vectors.tolist(), train.labels, val.vectors.tolist(), val.labels, 20, 0.07)
     assert printed["k=20"]["top1"] == pytest.approx(top1) and printed["k=20"]["top5"] == pytest.approx(top5)
     assert (printed["train"], printed["val"]) == (len(train), len(val))
+    assert json.loads((tmp_path / "knn.json").read_text()) == printed
+
+
+@pytest.fixture(scope="module")
+def indexed(folders, tmp_path_factory):
+    """``folders`` embedded and indexed through the CLI: (embeddings file, index folder)."""
+    root = tmp_path_factory.mktemp("indexed")
+    emb = api.embed("random:tiny", folders, root / "e.parquet", image_size=28, device="cpu", progress=False)
+    assert main(["index", str(emb), "--out", str(root / "index")]) == 0
+    return emb, root / "index"
+
+
+def test_search_answers_the_query_first_and_exact_searchs_neighbours(folders, indexed, tmp_path, capsys):
+    from dinotune.embed.index import exact_neighbours
+
+    emb, index = indexed
+    query = sorted((folders / "train" / "red").iterdir())[1]
+    capsys.readouterr()
+    assert main(["search", str(index), str(query), "--k", "5", "--picture", str(tmp_path / "s.png"),
+                 "--device", "cpu"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    hits = result["hits"]
+    assert result["query"] == str(query.absolute()) and hits[0]["path"] == str(query.absolute())
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    rows = read_embeddings(emb)
+    _, ids = exact_neighbours(rows.vectors, rows.vectors[rows.paths.index(str(query.absolute()))][None], 5)
+    assert [h["path"] for h in hits] == [rows.paths[i] for i in ids[0]]
+    assert [h["label"] for h in hits] == [rows.labels[i] for i in ids[0]]
+    from PIL import Image
+
+    with Image.open(tmp_path / "s.png") as picture:  # the query beside its five hits
+        assert picture.width > 4 * picture.height
+
+
+def _mosaics(root: Path, counts: dict[str, int]) -> Path:
+    """``root/SPLIT/{a,b}/I.png``: 48 px pictures of 4 x 4 random colour cells, all unlike each other
+    (a random-weight backbone tells them apart, which it cannot for one colour with noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in counts.items():
+        for i in range(n):
+            folder = root / split / ("ab"[i % 2])
+            folder.mkdir(parents=True, exist_ok=True)
+            cells = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            Image.fromarray(cells).resize((48, 48), Image.Resampling.NEAREST).save(folder / f"{i}.png")
+    return root
+
+
+def test_duplicates_lists_a_planted_resized_copy_across_splits_first(tmp_path, capsys):
+    from PIL import Image
+
+    data = _mosaics(tmp_path / "data", {"train": 8, "val": 4})
+    original = data / "train" / "b" / "3.png"
+    leaked = data / "val" / "b" / "copy.png"
+    with Image.open(original) as image:
+        image.resize((53, 53), Image.Resampling.BILINEAR).save(leaked)  # resized: not the same file
+    twin = data / "train" / "a" / "twin.png"
+    shutil.copy(data / "train" / "a" / "0.png", twin)  # an exact copy inside one split: more similar
+    capsys.readouterr()
+    assert main(["duplicates", str(data), "--model", "random:tiny", "--image-size", "28", "--device", "cpu",
+                 "--out", str(tmp_path / "d.json")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert (report["images"], report["pairs"], report["leaks"]) == (14, 2, 1)
+    leak, same = report["results"]
+    assert leak["leak"] and {leak["a"], leak["b"]} == {str(original.absolute()), str(leaked.absolute())}
+    assert sorted(leak["splits"]) == ["train", "val"] and leak["similarity"] >= 0.95
+    assert not same["leak"] and same["similarity"] > leak["similarity"]  # leaks first, whatever the similarity
+    assert {same["a"], same["b"]} == {str((data / "train" / "a" / "0.png").absolute()), str(twin.absolute())}
+    assert said[0].startswith("2 pair(s) of 14 images") and "LEAK" in said[1] and "LEAK" not in said[2]
+
+
+def test_map_draws_the_embeddings_and_lists_outliers(indexed, tmp_path, capsys):
+    emb, _ = indexed
+    capsys.readouterr()
+    assert main(["map", str(emb), "--out", str(tmp_path / "m.png"), "--method", "pca", "--outliers", "3"]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["method"] == "pca" and result["images"] == 12 and result["classes"] == 2
+    assert len(result["outliers"]) == 3 and {o["label"] for o in result["outliers"]} <= {"red", "green"}
+    from PIL import Image
+
+    with Image.open(tmp_path / "m.png") as picture:
+        assert min(picture.size) > 200

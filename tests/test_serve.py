@@ -334,3 +334,32 @@ def test_the_page_and_its_script_are_served(served):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and "/static/page.js" in page.text
     assert "/predict?overlay=1" in client.get("/static/page.js").text
+
+
+def test_similar_answers_an_index_beside_the_model_and_alone(served, tmp_path):
+    """``serve RUN --index DIR``: POST /similar answers what ``dinotune search`` answers (the upload
+    first when it is indexed), names relative to the dataset, pictures by row only; an index
+    served alone answers the hits from /predict."""
+    from dinotune.serve.similar import SimilarImages
+
+    run, _, _ = served["classify"]
+    data = run.parent / "data"
+    emb = dinotune.api.embed(run, data, tmp_path / "e.parquet", device="cpu", progress=False)
+    dinotune.api.build_index(emb, tmp_path / "idx")
+    client = TestClient(create_app(RunPredictor.load(run, device="cpu"), similar=SimilarImages(tmp_path / "idx", "cpu")))
+    assert client.get("/health").json()["similar"]["images"] == 12
+    image = sorted((data / "train" / "red").iterdir())[1]
+    upload = {"file": (image.name, image.read_bytes())}
+    hits = client.post("/similar?k=3", files=upload).json()["hits"]
+    assert hits[0]["name"] == str(image.relative_to(data)) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    [searched] = dinotune.api.search(tmp_path / "idx", image, k=3, picture=None, device="cpu")
+    assert [h["label"] for h in hits] == [h["label"] for h in searched["hits"]]
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in searched["hits"]], abs=1e-5)
+    thumb = client.get(f"/similar/{hits[1]['row']}.jpg")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size[0] > 0
+    assert client.get("/similar/12.jpg").status_code == 404 and client.get("/similar/-1.jpg").status_code == 404
+    assert client.post("/similar?k=0", files=upload).status_code == 422
+    assert client.post("/similar", files={"file": ("x.txt", b"not a picture")}).status_code == 415
+    alone = TestClient(create_app(open_predictor(tmp_path / "idx", device="cpu")))
+    assert alone.post("/predict", files=upload).json()["hits"][0]["row"] == hits[0]["row"]

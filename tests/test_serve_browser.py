@@ -224,3 +224,38 @@ def test_instance_page_draws_each_mask_with_its_box(browser, tmp_path_factory):
         page.close()
     finally:
         server.stop()
+
+
+def test_the_page_shows_the_most_similar_indexed_images(browser, tmp_path_factory):
+    """``serve RUN --index DIR``: after the prediction the page shows the index's most similar
+    images, the upload's own copy first, each picture fetched and decoded."""
+    import dinotune
+    from dinotune.embed.index import load_index
+    from dinotune.serve.similar import DEFAULT_K, SimilarImages
+
+    root = tmp_path_factory.mktemp("serve-similar")
+    run, _ = tiny_run("classify", root)
+    data = run.parent / "data"
+    emb = dinotune.api.embed(run, data, root / "e.parquet", device="cpu", progress=False)
+    dinotune.api.build_index(emb, root / "idx")
+    server = Server(create_app(RunPredictor.load(run, device="cpu"), similar=SimilarImages(root / "idx", "cpu")))
+    try:
+        query = sorted((data / "train" / "blue").iterdir())[0]
+        [searched] = dinotune.api.search(root / "idx", query, k=DEFAULT_K, picture=None, device="cpu")
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('indexed images')")
+        _upload(page, query)
+        figures = page.query_selector_all("#hits figure")
+        assert len(figures) == DEFAULT_K and page.is_visible("#similar")
+        indexed = load_index(root / "idx").paths
+        assert [indexed[int(f.get_attribute("data-row"))] for f in figures] == [h["path"] for h in searched["hits"]]
+        assert indexed[int(figures[0].get_attribute("data-row"))] == str(query.absolute())
+        assert page.inner_text("#hits figure figcaption").startswith("1.000")
+        page.wait_for_function("[...document.querySelectorAll('#hits img')].every((i) => i.complete && "
+                               "i.naturalWidth > 0)")
+        labels = [f.inner_text().split()[-1] for f in figures]
+        assert labels == [h["label"] for h in searched["hits"]]
+        page.close()
+    finally:
+        server.stop()

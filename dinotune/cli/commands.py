@@ -33,9 +33,7 @@ from dinotune.config.commands import (
 )
 from dinotune.config.tools import (
     EXPORT_FORMAT_OPTIONS,
-    EmbedConfig,
     ExportConfig,
-    KnnConfig,
     PcaConfig,
     ServeConfig,
     SweepConfig,
@@ -331,29 +329,6 @@ def cmd_pca(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_embed(ns: argparse.Namespace) -> int:
-    from dinotune import api
-
-    cfg, given = command_config(ns, EmbedConfig)
-    # --image-size is the size for a backbone spec: a run folder keeps its own unless it is given
-    path = api.embed(cfg.model, cfg.data, cfg.out, pool=cfg.pool,
-                     image_size=cfg.image_size if "image_size" in given else None, batch_size=cfg.batch_size,
-                     workers=cfg.workers, device=cfg.device, progress=True)
-    print(f"wrote {path}")
-    return 0
-
-
-def cmd_knn(ns: argparse.Namespace) -> int:
-    from dinotune import api
-
-    cfg, given = command_config(ns, KnnConfig)
-    result = api.knn(cfg.source, data=cfg.data or None, k=cfg.k, temperature=cfg.temperature, pool=cfg.pool,
-                     image_size=cfg.image_size if "image_size" in given else None, batch_size=cfg.batch_size,
-                     workers=cfg.workers, device=cfg.device, progress=True, out=cfg.out or None)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
 def cmd_compare(ns: argparse.Namespace) -> int:
     from dinotune import api
 
@@ -377,7 +352,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise ConfigError(f"dinotune serve needs {', '.join(missing)}: pip install 'dinotune[serve]'")
     from dinotune.serve.app import run_server
 
-    run_server(cfg.target, host=cfg.host, port=cfg.port, device=cfg.device, max_upload_mb=cfg.max_upload_mb)
+    run_server(cfg.target, host=cfg.host, port=cfg.port, device=cfg.device, max_upload_mb=cfg.max_upload_mb,
+               index=cfg.index or None)
     return 0
 
 

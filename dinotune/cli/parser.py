@@ -15,14 +15,13 @@ from dinotune.cli.commands import (
     cmd_eval,
     cmd_export,
     cmd_models,
-    cmd_embed,
-    cmd_knn,
     cmd_pca,
     cmd_predict,
     cmd_serve,
     cmd_sweep,
     cmd_train,
 )
+from dinotune.cli.embedding import add_embedding_parsers
 from dinotune.cli.flags import (
     _add_predict_task_flags,
     add_config_flags,
@@ -39,7 +38,7 @@ from dinotune.config.commands import (
     EvalConfig,
     PredictConfig,
 )
-from dinotune.config.tools import EmbedConfig, ExportConfig, KnnConfig, PcaConfig, ServeConfig, SweepConfig
+from dinotune.config.tools import ExportConfig, PcaConfig, ServeConfig, SweepConfig
 from dinotune.tasks import registry
 
 EXAMPLES = """examples:
@@ -193,18 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p_pca, PcaConfig)
     p_pca.set_defaults(func=cmd_pca)
 
-    p_embed = sub.add_parser("embed", help="one embedding per image into a parquet file (any backbone or run)",
-                             description="One embedding per image (the class token after the final norm, the mean "
-                                         "patch token, or both) into a parquet file with the columns path, split, "
-                                         "label and embedding; a second call completes the file.")
-    add_config_flags(p_embed, EmbedConfig)
-    p_embed.set_defaults(func=cmd_embed)
-
-    p_knn = sub.add_parser("knn", help="the DINO k-NN accuracy of a backbone, a run or an embeddings file",
-                           description="val/ images classified by their k nearest train/ images (cosine "
-                                       "similarity, votes weighted exp(sim / T)); top-1 and top-5 per k as JSON.")
-    add_config_flags(p_knn, KnnConfig)
-    p_knn.set_defaults(func=cmd_knn)
+    add_embedding_parsers(sub)
 
     p_serve = sub.add_parser("serve", help="serve a run or an exported ONNX model over HTTP, with an upload page",
                              description="An HTTP server for one model: the page at / (upload an image, see the "

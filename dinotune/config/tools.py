@@ -1,11 +1,11 @@
-"""Defaults of the commands that are not a task: ``dinotune pca``, ``embed``, ``knn``, ``serve``,
-``export`` and ``sweep``
-(the commands on a trained run are in ``commands.py``). Their flags are made from these fields."""
+"""Defaults of the commands that are not a task: ``dinotune pca``, ``serve``, ``export`` and
+``sweep`` (the commands on a trained run are in ``commands.py``, the embedding commands in
+``embeddings.py``). Their flags are made from these fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from dinotune.config.base import device_option, opt, threads_option
 from dinotune.config.commands import CheckpointName, checkpoint_option, images_operand, run_operand, weights_option
@@ -26,65 +26,19 @@ class PcaConfig:
     threads: int = threads_option()
 
 
-def _embedding_size() -> Any:
-    return opt(224, "crop size in pixels for a backbone spec (a run uses its own --image-size)", ge=1)
-
-
-def _embedding_batch() -> Any:
-    return opt(32, "images per forward pass", ge=1)
-
-
-def _embedding_workers() -> Any:
-    return opt(0, "data-loading worker processes", ge=0)
-
-
-@dataclass
-class EmbedConfig:
-    """Defaults of ``dinotune embed`` (one embedding per image into a parquet file)."""
-
-    model: str = opt("", "a backbone (--model forms) or a dinotune run folder", positional=True, metavar="MODEL")
-    data: str = opt("", "a folder: train/ val/ split folders and / or class folders, or a plain folder of images",
-                    positional=True, metavar="DATA")
-    out: str = opt("", "the parquet file to write; an existing one of the same settings is completed "
-                   "(only missing images are embedded)", required=True)
-    pool: Literal["cls", "mean", "both"] = opt("cls", "cls: class token after the final norm; mean: mean patch "
-                                               "token; both: the two concatenated")
-    image_size: int = _embedding_size()
-    batch_size: int = _embedding_batch()
-    workers: int = _embedding_workers()
-    device: str = device_option()
-    threads: int = threads_option()
-
-
-@dataclass
-class KnnConfig:
-    """Defaults of ``dinotune knn`` (the DINO k-NN protocol)."""
-
-    source: str = opt("", "a backbone (--model forms), a dinotune run folder, or an embeddings .parquet file "
-                      "written by dinotune embed", positional=True, metavar="MODEL")
-    data: str = opt("", "train/ and val/ class folders to embed (not needed with an embeddings file)")
-    k: list[int] = opt([10, 20, 100, 200], "neighbour counts to score, one result each", ge=1)
-    temperature: float = opt(0.07, "vote weight exp(similarity / T)", gt=0)
-    out: str = opt("", "also write the JSON result to this file", default_text="printed only")
-    pool: Literal["cls", "mean", "both"] = opt("cls", "embedding of a model or run: cls, mean or both")
-    image_size: int = _embedding_size()
-    batch_size: int = _embedding_batch()
-    workers: int = _embedding_workers()
-    device: str = device_option()
-    threads: int = threads_option()
-
-
 @dataclass
 class ServeConfig:
     """Defaults of ``dinotune serve`` (the prediction server)."""
 
-    target: str = run_operand("a run folder (or checkpoint folder), or an exported .onnx file / folder",
-                              metavar="RUN_OR_ONNX")
+    target: str = run_operand("a run folder (or checkpoint folder), an exported .onnx file / folder, or an index "
+                              "folder (dinotune index)", metavar="RUN_OR_ONNX")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8000, "TCP port (0: any free port)", ge=0, le=65535)
     device: str = device_option("auto, cpu, cuda, cuda:N, mps (runs only: an ONNX model picks its provider)")
     threads: int = threads_option()
     max_upload_mb: float = opt(20.0, "largest upload accepted, in MB (larger ones get 413)", gt=0)
+    index: str = opt("", "an index folder (dinotune index): POST /similar answers its images most similar to an "
+                     "upload, and the page shows them", default_text="none")
 
 
 @dataclass

@@ -1,13 +1,26 @@
-"""One embedding per image (``dinotune embed``) and the DINO k-NN protocol on them (``dinotune knn``).
+"""Embeddings: one per image (``dinotune embed``), the DINO k-NN protocol on them (``knn``), a
+FAISS index and search (``index``, ``search``), near duplicates (``duplicates``) and a 2-D map
+(``map``).
 
-``features`` finds the images of a folder (split folders, class folders, plain folders) and runs a
-backbone over them; ``store`` keeps the embeddings in a parquet file that a second call completes;
-``knn`` is the weighted k-nearest-neighbour classifier of the DINO papers. Generic: no task is named.
+``features`` finds the images of a folder and runs a backbone over them; ``pipeline`` embeds a list
+resumably, shared out under ``torchrun``; ``store`` keeps the embeddings in a parquet file; ``knn``
+is the weighted k-nearest-neighbour classifier of the DINO papers; ``index`` the similarity index;
+``duplicates`` and ``projection`` read an embeddings file; ``api`` holds the commands as calls.
+Generic: no task is named.
 """
 
-from dinotune.embed.features import POOLS, Item, embed_images, find_items
-from dinotune.embed.knn import knn_classify, knn_scores
-from dinotune.embed.store import read_embeddings, write_embeddings
+from typing import Any
 
-__all__ = ["POOLS", "Item", "embed_images", "find_items", "knn_classify", "knn_scores", "read_embeddings",
-           "write_embeddings"]
+# Lazy: ``dinotune.embed.index`` is read by the server of an exported model, which runs without torch.
+_WHERE = {"POOLS": "features", "Item": "features", "embed_images": "features", "find_items": "features",
+          "knn_classify": "knn", "knn_scores": "knn", "Embeddings": "store", "read_embeddings": "store",
+          "write_embeddings": "store"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'dinotune.embed' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"dinotune.embed.{_WHERE[name]}"), name)

@@ -8,6 +8,9 @@ Endpoints:
                              by ``?name=``) -> the prediction record ``dinotune.predict`` returns for
                              that file (``image`` = the upload's name); ``?overlay=1`` adds
                              ``overlay`` (the picture as drawn, and a segmentation mask as a PNG)
+    ``POST /similar``        with an index (``serve --index``, or an index served alone): the upload's
+                             most similar indexed images, ``?k=`` of them (``dinotune.serve.similar``)
+    ``GET /similar/R.jpg``   indexed image ``R`` (a hit's ``row``) as a thumbnail
 
 Bad uploads get a 4xx answer ``{"detail": message}`` (400 no file, 413 too large, 415 not an
 image, 422 unreadable or not fitting the model) and the server goes on serving. One lock lets one
@@ -26,7 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -38,6 +41,7 @@ from dinotune.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError, DinotuneError
 from dinotune.serve.predictors import Predictor
+from dinotune.serve.similar import DEFAULT_K, MAX_K, SimilarImages
 from dinotune.serve.uploads import Upload, UploadError, decoded_upload
 
 STATIC = Path(__file__).parent / "static"
@@ -51,16 +55,26 @@ log = logging.getLogger("dinotune.serve")
 
 
 def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_upload_mb,
-               title: str = "dinotune") -> FastAPI:
+               title: str = "dinotune", similar: SimilarImages | None = None) -> FastAPI:
     """The app serving ``predictor`` (see ``dinotune.serve.predictors``); uploads over
-    ``max_upload_mb`` MB are refused with 413."""
+    ``max_upload_mb`` MB are refused with 413. With ``similar`` (an index, see
+    ``dinotune.serve.similar``; the predictor itself when it is one) the app also answers
+    ``POST /similar`` and ``GET /similar/{row}.jpg``."""
     check_ranges(ServeConfig(max_upload_mb=max_upload_mb))
+    if similar is None and isinstance(predictor, SimilarImages):
+        similar = predictor
     for attr in ("task", "class_names", "predict_array"):
         if not hasattr(predictor, attr):
             raise ConfigError(f"{type(predictor).__name__} cannot be served: it has no {attr!r}")
     spec = getattr(predictor, "input_spec", None) or InputSpec()
     runtime = getattr(predictor, "runtime", None)  # the task's RuntimeTask: what the page draws
     max_pixels = int(getattr(predictor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    if similar is not None and similar is not predictor:
+        theirs = similar.input_spec
+        if (theirs.in_channels, theirs.arrays) != (spec.in_channels, spec.arrays):
+            raise ConfigError(f"the index takes {theirs.in_channels}-band {'arrays' if theirs.arrays else 'pictures'} "
+                              f"and the model {spec.in_channels}-band {'arrays' if spec.arrays else 'pictures'}: "
+                              "an upload cannot be both")
     limit = int(max_upload_mb * MB)
     lock = threading.Lock()
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
@@ -77,7 +91,8 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_u
         return {"status": "ok", "task": predictor.task, "classes": list(predictor.class_names),
                 "model": describe() if callable(describe) else {"backend": type(predictor).__name__},
                 "view": view_settings() if callable(view_settings) else {},
-                "input": {"bands": spec.in_channels, "arrays": spec.arrays}, "max_upload_mb": max_upload_mb}
+                "input": {"bands": spec.in_channels, "arrays": spec.arrays}, "max_upload_mb": max_upload_mb,
+                "similar": similar.health() if similar is not None else None}
 
     @app.post("/predict")
     async def predict(request: Request, overlay: bool = Query(False, description="add the drawn picture"),
@@ -98,17 +113,44 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = ServeConfig.max_u
                     record = {**record, "overlay": {**drawn, "view": view}}
                 return record
 
-        try:
-            return await run_in_threadpool(work)
-        except UploadError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
-        except DinotuneError as exc:  # the model refused the input (e.g. a size it cannot take)
-            raise HTTPException(422, str(exc)) from None
-        except Exception as exc:  # a bug or a failing model: said, logged, and the server goes on
-            log.exception("prediction of %s failed", filename)
-            raise HTTPException(500, f"prediction failed: {type(exc).__name__}: {exc}") from None
+        return await _answer(work, filename)
+
+    if similar is not None:
+        @app.post("/similar")
+        async def find_similar(request: Request,
+                               k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="hits to answer"),
+                               name: str = Query("", description="the image's name, for a raw body")):
+            data, filename = await _read_upload(request, limit, max_upload_mb, name)
+
+            def work() -> dict[str, Any]:
+                with lock, decoded_upload(data, filename, spec, max_pixels) as upload:
+                    return similar.similar(upload.array, upload.name, k)
+
+            return await _answer(work, filename)
+
+        @app.get("/similar/{row}.jpg", include_in_schema=False)
+        def hit_picture(row: int) -> Response:
+            with lock:  # one decoded picture at a time, as for uploads
+                jpeg = similar.thumbnail(row)
+            if jpeg is None:
+                raise HTTPException(404, f"no readable indexed image {row}")
+            return Response(jpeg, media_type="image/jpeg")
 
     return app
+
+
+async def _answer(work: Callable[[], dict[str, Any]], filename: str) -> dict[str, Any]:
+    """``work()`` on a thread, its failures as HTTP answers: 4xx for the upload or the input, 500
+    (logged) for anything else, after which the server goes on."""
+    try:
+        return await run_in_threadpool(work)
+    except UploadError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except DinotuneError as exc:  # the model refused the input (e.g. a size it cannot take)
+        raise HTTPException(422, str(exc)) from None
+    except Exception as exc:  # a bug or a failing model: said, logged, and the server goes on
+        log.exception("prediction of %s failed", filename)
+        raise HTTPException(500, f"prediction failed: {type(exc).__name__}: {exc}") from None
 
 
 async def _read_upload(request: Request, limit: int, max_upload_mb: float, name: str) -> tuple[bytes, str]:
@@ -206,9 +248,10 @@ def _data_url(image: Any, fmt: str) -> str:
 
 # ----------------------------------------------------------------------------------- the server
 def run_server(target: str | Path, *, host: str = ServeConfig.host, port: int = ServeConfig.port,
-               device: str = "auto", max_upload_mb: float = ServeConfig.max_upload_mb) -> None:
-    """``dinotune serve``: load ``target`` (a run folder or an exported ONNX model) and serve it
-    with uvicorn until interrupted."""
+               device: str = "auto", max_upload_mb: float = ServeConfig.max_upload_mb,
+               index: str | Path | None = None) -> None:
+    """``dinotune serve``: load ``target`` (a run folder, an exported ONNX model or an index folder)
+    and serve it with uvicorn until interrupted; ``index`` adds ``/similar`` for that index."""
     import uvicorn
 
     from dinotune.serve.predictors import open_predictor
@@ -216,7 +259,9 @@ def run_server(target: str | Path, *, host: str = ServeConfig.host, port: int = 
 
     check_ranges(ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb))  # before a model is loaded
     predictor = open_predictor(target, device=device)
-    app = create_app(predictor, max_upload_mb=max_upload_mb, title=f"dinotune: {Path(target).name}")
+    similar = SimilarImages(index, device=device) if index else None
+    app = create_app(predictor, max_upload_mb=max_upload_mb, title=f"dinotune: {Path(target).name}", similar=similar)
     info(f"serving {target} ({predictor.task}, {len(predictor.class_names)} classes) on http://{host}:{port}/ "
-         f"(the page at /, POST /predict, GET /health; uploads up to {max_upload_mb:g} MB)")
+         f"(the page at /, POST /predict{', POST /similar' if similar or isinstance(predictor, SimilarImages) else ''}, "
+         f"GET /health; uploads up to {max_upload_mb:g} MB)")
     uvicorn.run(app, host=host, port=port, log_level="info")

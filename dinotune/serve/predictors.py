@@ -1,6 +1,7 @@
 """What the server predicts with: any object with ``task``, ``class_names`` and
 ``predict_array(array, name) -> dict``; ``RunPredictor`` gives a trained run (torch) that face, and
-``open_predictor`` picks the right one for a run folder or an exported ONNX model.
+``open_predictor`` picks the right one for a run folder, an exported ONNX model or an index
+(``dinotune.serve.similar``).
 
 The record ``predict_array`` returns is the one ``dinotune.predict`` returns for that image (the
 run's inference settings; ``image`` is ``name``). Optional members the server uses when present:
@@ -118,6 +119,12 @@ def open_predictor(path: str | Path, device: str = "auto") -> Predictor:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or ONNX model")
+    from dinotune.embed.index import is_index
+
+    if is_index(path):  # an index served alone answers the most similar images
+        from dinotune.serve.similar import SimilarImages
+
+        return SimilarImages(path, device=device)
     layout = RunLayout(path)
     if layout.config.is_file() or layout.checkpoints.is_dir() or RunLayout.is_checkpoint(path):
         return RunPredictor.load(path, device=device)
@@ -129,5 +136,5 @@ def open_predictor(path: str | Path, device: str = "auto") -> Predictor:
             raise ConfigError(f"{path}: serving an exported model needs onnxruntime (pip install onnxruntime): "
                               f"{exc}") from None
         return load_predictor(path, device=device)
-    raise ConfigError(f"{path}: neither a run folder (config.yaml + checkpoints/) nor an exported model "
-                      "(`dinotune export RUN --format onnx` output, or its .onnx file)")
+    raise ConfigError(f"{path}: neither a run folder (config.yaml + checkpoints/), an exported model "
+                      "(`dinotune export RUN --format onnx` output, or its .onnx file) nor an index (dinotune index)")

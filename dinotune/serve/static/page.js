@@ -3,7 +3,8 @@
 // drawn on a canvas from the answer's overlay.view, which the task's runtime describes: bars (a
 // score per name), boxes with labels (filtered by the threshold slider), each box optionally with
 // its object's mask (tinted in the box's colour, shown with its box), a label map over the picture,
-// a summary line. The page knows these drawings, never the tasks. No dependencies. When a
+// a summary line; with an index, the most similar indexed images below. The page knows these
+// drawings, never the tasks. No dependencies. When a
 // result (or an error) is shown, <body data-state> becomes "done" (or "error"), which tests wait for.
 
 const $ = (id) => document.getElementById(id);
@@ -44,6 +45,7 @@ async function loadHealth() {
     if (m.backbone) parts.push(m.backbone + (m.adapter ? ` (${m.adapter})` : ""));
     if (m.backend) parts.push(m.backend);
     if (health.input && health.input.arrays) parts.push(`${health.input.bands}-band arrays (.npy / .tif)`);
+    if (health.similar) parts.push(`${health.similar.images} indexed images`);
     $("model").textContent = parts.join(" · ") + ` · uploads up to ${health.max_upload_mb} MB`;
     const view = health.view || {};
     if (view.threshold !== undefined) {
@@ -84,7 +86,39 @@ async function upload(file) {
   shapes = await Promise.all(boxes.map((d) => (d.mask ? loadImage(d.mask.image) : null)));
   render();
   $("result").hidden = false;
+  // an index served alone answers the hits from /predict; beside a model they are asked of /similar
+  const hits = body.hits || (health && health.similar ? await similar(form) : null);
+  renderHits(hits);
   setState("done", `${file.name}: done`);
+}
+
+async function similar(form) {
+  try {
+    const response = await fetch("/similar?k=" + health.similar.k, { method: "POST", body: form });
+    const body = await response.json();
+    return response.ok ? body.hits : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+// The most similar indexed images, each fetched by its row (GET /similar/ROW.jpg) with its score.
+function renderHits(hits) {
+  $("hits").replaceChildren();
+  $("similar").hidden = !hits;
+  for (const hit of hits || []) {
+    const figure = document.createElement("figure");
+    const image = document.createElement("img");
+    image.src = `/similar/${hit.row}.jpg`;
+    image.alt = hit.name;
+    image.loading = "lazy";
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${hit.score.toFixed(3)} ${hit.label || ""}`;
+    caption.title = hit.name;
+    figure.append(image, caption);
+    figure.dataset.row = String(hit.row);
+    $("hits").append(figure);
+  }
 }
 
 function bar(name, score, colour) {
