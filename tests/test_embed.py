@@ -284,3 +284,34 @@ def test_map_draws_the_embeddings_and_lists_outliers(indexed, tmp_path, capsys):
 
     with Image.open(tmp_path / "m.png") as picture:
         assert min(picture.size) > 200
+
+
+def test_items_of_coco_yolo_csv_and_band_array_layouts(folders, tmp_path):
+    from dinotune.embed.features import find_items
+
+    coco = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        shutil.copytree(folders / "train" / "red", coco / split)
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train2017.json").write_text("{}")
+    items = find_items(coco)
+    assert [(i.split, i.label) for i in items] == [("train", "")] * 4 + [("val", "")] * 4
+    yolo = tmp_path / "yolo"
+    shutil.copytree(folders / "val" / "green", yolo / "images" / "valid")
+    (yolo / "labels" / "valid").mkdir(parents=True)
+    assert {(i.split, i.label) for i in find_items(yolo)} == {("val", "")} and len(find_items(yolo)) == 2
+    listed = sorted((folders / "train" / "green").iterdir())[:2]
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("Image,Class\n" + "".join(f"{p},g{i}\n" for i, p in enumerate(listed)) + "missing.png,g\n")
+    items = find_items(csv_file)
+    assert [(Path(i.path), i.split, i.label) for i in items] == [(listed[0], "train", "g0"), (listed[1], "train", "g1")]
+    (tmp_path / "plain.csv").write_text("path\n" + str(listed[0]) + "\n")
+    assert [(i.split, i.label) for i in find_items(tmp_path / "plain.csv")] == [("", "")]
+    bands = tmp_path / "bands"
+    for c, name in enumerate(("a", "b")):
+        (bands / name).mkdir(parents=True)
+        for i in range(2):
+            np.save(bands / name / f"{i}.npy", np.random.default_rng(c * 10 + i).random((5, 32, 32), np.float32))
+    rows = read_embeddings(api.embed("random:tiny", bands, tmp_path / "b.parquet", image_size=28, device="cpu",
+                                     progress=False))
+    assert rows.meta["in_channels"] == 5 and rows.labels == ["a", "a", "b", "b"] and np.isfinite(rows.vectors).all()

@@ -1,9 +1,11 @@
 """Images -> one embedding each under a ``DinoBackbone``.
 
 ``find_items`` reads a data folder into ``(path, split, label)`` items: split folders (``train/``,
-``val/`` or an alias, ``test/``) are read one by one, each either a class-folder tree (the label is
-the class folder's name) or a plain folder (images directly inside: no label); a folder without
-split folders is read the same way with the split left empty. Files and lists of files are plain.
+``val/`` or an alias, ``test/``; COCO's ``train2017/``; YOLO's ``images/train/``) are read one by
+one, each either a class-folder tree (the label is the class folder's name) or a plain folder
+(images directly inside: no label); a folder without split folders is read the same way with the
+split left empty. A CSV lists images (a path column, an optional label column; ``train.csv`` gives
+the split ``train``). Files and lists of files are plain.
 ``embed_images`` runs the backbone over them in batches with the evaluation transform (short side
 ``image_size * 256/224``, centre crop ``image_size``) and pools the last layer's tokens after the
 final norm: ``cls`` (the class token), ``mean`` (the mean patch token) or ``both`` (the two
@@ -12,6 +14,7 @@ concatenated, class token first).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from dinotune.data.arrays import BandLayout
 from dinotune.data.bands import InputSpec, read_input
 from dinotune.data.images import readable_images
-from dinotune.data.splits import split_dirs
+from dinotune.data.image_lists import LIST_SUFFIXES, read_labelled_csv
+from dinotune.data.splits import SPLIT_ALIASES, split_dirs
 from dinotune.data.transforms import classify_eval_transform
 from dinotune.errors import ConfigError
 
@@ -52,15 +56,50 @@ def _folder_items(folder: Path, split: str) -> list[Item]:
     return items
 
 
+# COCO's year-suffixed split folders (train2017, val2017)
+_SPLIT_FOLDER = re.compile(r"^(?P<name>[a-z]+?)(?:\d{4})?$")
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of ``root`` by canonical name: ``train/``, ``val/`` (or an alias) and
+    ``test/``, else COCO's ``train2017/`` ..., else YOLO's ``images/train/`` ...; empty when none."""
+    found = split_dirs(root)
+    if found:
+        return found
+    for base in (root, root / "images"):
+        named: dict[str, Path] = {}
+        for child in sorted(base.iterdir()) if base.is_dir() else ():
+            match = _SPLIT_FOLDER.match(child.name.lower())
+            split = next((s for s, names in SPLIT_ALIASES.items() if match and match["name"] in names), None)
+            if split and child.is_dir():
+                named.setdefault(split, child)
+        if named:
+            return named
+    return {}
+
+
+def _list_items(path: Path) -> list[Item]:
+    """The images a CSV lists (a path column, an optional label column); a CSV named like a split
+    (``train.csv``, ``val.csv``) gives that split."""
+    pairs, skipped = read_labelled_csv(path, require_label=False)
+    skipped.print("listed images")
+    readable = {str(p.absolute()) for p in readable_images([p for p, _ in pairs])} if pairs else set()
+    split = next((s for s, names in SPLIT_ALIASES.items() if path.stem.lower() in names), "")
+    return [Item(str(p.absolute()), split, label) for p, label in pairs if str(p.absolute()) in readable]
+
+
 def find_items(data: str | Path | Sequence[str | Path]) -> list[Item]:
     """The images of ``data`` with their split and label (see the module docstring), in a fixed
-    order (split, then path). Unreadable files are reported and skipped (``readable_images``)."""
+    order (split, then path; a CSV's row order). Unreadable files are reported and skipped
+    (``readable_images``)."""
     if not isinstance(data, (str, Path)):
         return [Item(str(p.absolute()), "", "") for p in readable_images(list(data))]
     root = Path(data).expanduser()
+    if root.is_file() and root.suffix.lower() in LIST_SUFFIXES and root.suffix.lower() != ".txt":
+        return _list_items(root)
     if not root.is_dir():
         return [Item(str(p.absolute()), "", "") for p in readable_images(root)]
-    splits = split_dirs(root)
+    splits = _split_folders(root)
     if not splits:
         return _folder_items(root, "")
     return [item for split, folder in splits.items() for item in _folder_items(folder, split)]
