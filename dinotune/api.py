@@ -107,6 +107,8 @@ def train(config: Any = None, *, task: str | None = None, resume: str | Path | N
         if folder is not None:
             folder.started = True
         result = trainer.fit(resume=resume is not None)
+        if ctx.is_main:
+            result["files"] = [*result.get("files", []), *map(str, the_task.finished(run_dir, trainer.bundle))]
     except BaseException:
         if folder is not None:
             folder.abandon()  # removes the folder of a run that never got to train
@@ -167,6 +169,7 @@ def _finish(run_dir: Path, task: Task, meta: dict[str, Any], result: dict[str, A
 
     history = read_metrics(run_dir)
     files = [plot_training_curves(history, run_dir / "training_curves.png")] if history else []
+    files += [Path(f) for f in result.get("files", [])]  # what the task left (Task.finished)
     best_path = RunLayout(run_dir).best_metrics
     best_metrics = {}
     if best_path.is_file():

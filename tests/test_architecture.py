@@ -43,7 +43,7 @@ LAYERS = [
     ("cli", "__main__", "__init__"),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TASKS = ("classify", "detect", "segment", "instance")
+TASKS = ("classify", "detect", "segment", "instance", "pretrain")
 # The sibling a task is built on and may import (instance segmentation extends detection, as Mask
 # R-CNN extends Faster R-CNN); the rest stay apart, and a task built on stays unaware of its users.
 BUILDS_ON = {"instance": ("detect",)}

@@ -16,7 +16,7 @@ import torch
 import dinotune
 from dinotune import api
 from dinotune.cli import main
-from dinotune.embed.knn import knn_classify
+from dinotune.ops.knn import knn_classify
 from dinotune.embed.store import read_embeddings
 from dinotune.errors import ConfigError
 from tests.conftest import make_class_folders, tiny_options

@@ -273,5 +273,5 @@ def test_a_registered_name_is_refused_twice_and_unknown_names_are_named(brightne
     with pytest.raises(ConfigError, match="already registered"):
         registry.register(registry.TaskEntry(NAME, "again", config=BrightnessConfig, task=BrightnessTask,
                                              runtime=BrightnessRuntime))
-    with pytest.raises(ConfigError, match=f"unknown task 'nope'; valid: classify, detect, segment, instance, {NAME}"):
+    with pytest.raises(ConfigError, match=f"unknown task 'nope'; valid: classify, detect, segment, instance, pretrain, {NAME}"):
         registry.entry("nope")

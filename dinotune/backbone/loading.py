@@ -79,11 +79,17 @@ def _check_family(model_type: str, where: str) -> None:
         raise BackboneLoadError(f"{where}: {exc}") from None
 
 
+# A run folder whose task leaves a backbone behind (self-supervised pretraining) keeps it here.
+RUN_BACKBONE = "backbone"
+
+
 def _from_folder(path: Path) -> PreTrainedModel:
+    if not (path / "config.json").is_file() and (path / RUN_BACKBONE / "config.json").is_file():
+        path = path / RUN_BACKBONE  # a pretraining run: its backbone, as `--model RUN` means
     if not (path / "config.json").is_file():
         raise BackboneLoadError(
             f"{path} has no config.json: a local backbone must be a Hugging Face model folder "
-            "(save_pretrained / huggingface-cli download output)"
+            "(save_pretrained / huggingface-cli download output) or a dinotune pretrain run"
         )
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     _check_family(cfg.model_type, str(path))

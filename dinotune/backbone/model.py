@@ -203,11 +203,13 @@ class DinoBackbone(nn.Module):
             raise ValueError(f"layer indices {list(layers)} outside 0..{self.num_layers - 1}")
         return [i % self.num_layers for i in layers]
 
-    def forward(self, pixel_values: Tensor, layers: int | Sequence[int] = 1) -> Features:
+    def forward(self, pixel_values: Tensor, layers: int | Sequence[int] = 1, masks: Tensor | None = None) -> Features:
         """Args:
             pixel_values: ``B x 3 x H x W`` normalised images, ``H`` and ``W`` multiples of the
                 patch size.
             layers: the last ``n`` blocks, or explicit 0-based block indices, to return.
+            masks: ``B x N`` bool, patches replaced by the model's mask token before the blocks
+                (iBOT's masked image modelling), or None.
         """
         h, w = pixel_values.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
@@ -217,7 +219,7 @@ class DinoBackbone(nn.Module):
         idx = self.resolve_layers(layers)
         # intermediate hidden states cost memory; ask for them only when a head needs them
         need_hidden = idx != [self.num_layers - 1]
-        out = self._run(pixel_values, need_hidden)
+        out = self._run(pixel_values, need_hidden, masks)
         # Both families: hidden_states[0] is the embedding output, hidden_states[i + 1] block i's
         # (pre-norm); last_hidden_state is the last block's after the final norm.
         norm = self.family.final_norm(self.model)
@@ -235,11 +237,12 @@ class DinoBackbone(nn.Module):
             layers_patch=[t[:, first:] for t in layer_tokens],
         )
 
-    def _run(self, pixel_values: Tensor, need_hidden: bool):
+    def _run(self, pixel_values: Tensor, need_hidden: bool, masks: Tensor | None = None):
+        extra = {} if masks is None else {"bool_masked_pos": masks}
         if not self.compiled:
-            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden, **extra)
         try:
-            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden)
+            return self.model(pixel_values=pixel_values, output_hidden_states=need_hidden, **extra)
         except compile_errors() as exc:
             oom = _out_of_memory(exc)
             if oom is not None:

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_task_config_flags(p, cls)
         p.set_defaults(func=cmd_train)
     p_train.set_defaults(func=cmd_train, task=None)
+    for name, cls in TASK_CONFIGS.items():  # tasks with a command of their own: the same as train NAME
+        entry = registry.entry(name)
+        if entry.command:
+            p = sub.add_parser(entry.command, help=f"{entry.help[0].lower() + entry.help[1:]} (= train {name})",
+                               description=entry.help + ". " + CONFIG_NOTE)
+            add_task_config_flags(p, cls)
+            p.set_defaults(func=cmd_train, task=name, resume=None)
 
     p_sweep = sub.add_parser("sweep", help="train a grid of settings and compare metric, memory and speed",
                              description="Train every setting of a grid (or an optuna search over it) as a run "

@@ -3,8 +3,8 @@ FAISS index and search (``index``, ``search``), near duplicates (``duplicates``)
 (``map``).
 
 ``features`` finds the images of a folder and runs a backbone over them; ``pipeline`` embeds a list
-resumably, shared out under ``torchrun``; ``store`` keeps the embeddings in a parquet file; ``knn``
-is the weighted k-nearest-neighbour classifier of the DINO papers; ``index`` the similarity index;
+resumably, shared out under ``torchrun``; ``store`` keeps the embeddings in a parquet file (the k-NN
+classifier of the DINO papers is ``dinotune.ops.knn``, which pretraining evaluates with too); ``index`` the similarity index;
 ``duplicates`` and ``projection`` read an embeddings file; ``api`` holds the commands as calls.
 Generic: no task is named.
 """
@@ -12,9 +12,11 @@ Generic: no task is named.
 from typing import Any
 
 # Lazy: ``dinotune.embed.index`` is read by the server of an exported model, which runs without torch.
-_WHERE = {"POOLS": "features", "Item": "features", "embed_images": "features", "find_items": "features",
-          "knn_classify": "knn", "knn_scores": "knn", "Embeddings": "store", "read_embeddings": "store",
-          "write_embeddings": "store"}
+_WHERE = {"POOLS": "dinotune.embed.features", "Item": "dinotune.embed.features",
+          "embed_images": "dinotune.embed.features", "find_items": "dinotune.embed.features",
+          "knn_classify": "dinotune.ops.knn", "knn_scores": "dinotune.ops.knn", "Embeddings": "dinotune.embed.store",
+          "read_embeddings": "dinotune.embed.store",
+          "write_embeddings": "dinotune.embed.store"}
 __all__ = sorted(_WHERE)
 
 
@@ -23,4 +25,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'dinotune.embed' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"dinotune.embed.{_WHERE[name]}"), name)
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -93,7 +93,7 @@ def knn(source: str | Path, *, data: str | Path | None = None, k: Sequence[int] 
         progress: bool = True, out: str | Path | None = None, save: bool = True) -> dict[str, Any]:
     """The DINO k-NN protocol (``dinotune knn``): the ``val`` embeddings classified by their ``k``
     nearest ``train`` embeddings (cosine similarity of L2-normalised embeddings, each neighbour
-    voting with weight ``exp(sim / temperature)``; see ``dinotune.embed.knn``).
+    voting with weight ``exp(sim / temperature)``; see ``dinotune.ops.knn``).
 
     ``source``: a backbone spec or run folder, whose embeddings of ``data``'s ``train/`` and ``val/``
     class folders are computed (``pool``, ``image_size``, ... as for ``embed``), or a ``.parquet``
@@ -101,7 +101,7 @@ def knn(source: str | Path, *, data: str | Path | None = None, k: Sequence[int] 
     "train": n, "val": n, "classes": n, "temperature": T, "source": ..., "file": ...}``, also
     written as JSON to ``out`` (default: ``EMB.knn.json`` beside an embeddings file,
     ``RUN/knn.json`` in a run folder, else ``knn.json``; ``save=False`` writes nothing)."""
-    from dinotune.embed.knn import knn_classify
+    from dinotune.ops.knn import knn_classify
 
     ks = [int(x) for x in k]
     if not ks:

@@ -247,12 +247,15 @@ class Trainer:
             group_start = i - i % accumulate
             group_size = min(accumulate, n - group_start)
             last_in_group = i + 1 - group_start == group_size
+            if i == group_start:  # a new optimizer step: schedules that follow training progress
+                self._hook("scheduled", global_step, self.total_steps)
             out, value = self._backward(to_device(batch, self.device), group_size, last_in_group, epoch, i)
             group_loss += value / group_size
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             if last_in_group:
                 self._step(optimizer, params)
+                self._hook("stepped", self.bundle, global_step, self.total_steps)  # e.g. an EMA teacher
                 if self.ema is not None:
                     self.ema.update()
                 scheduler.step()
@@ -276,6 +279,17 @@ class Trainer:
         if peak is not None:
             record["sys/peak_memory_mb"] = round(peak, 1)
         return record, global_step
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (every phase)."""
+        return self.total_epochs * math.ceil(len(self.train_loader) / self.cfg.optim.accumulate)
+
+    def _hook(self, name: str, *args: Any) -> None:
+        """The task's ``scheduled`` / ``stepped`` (``dinotune.tasks.base.Task``), when it has them."""
+        hook = getattr(self.task, name, None)
+        if hook is not None:
+            hook(*args)
 
     def _backward(self, batch: Any, group_size: int, last_in_group: bool, epoch: int, i: int):
         """The losses of one micro-batch, back-propagated (scaled to its share of the optimizer

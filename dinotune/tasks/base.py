@@ -153,6 +153,14 @@ class Task(ABC):
         """Training and validation loaders (the engine shards them under several processes)."""
 
     # ---------------------------------------------------------------- training and evaluation
+    def scheduled(self, step: int, total_steps: int) -> None:
+        """Before optimizer step ``step`` (0-based) of the run's ``total_steps``: for what follows
+        training progress beside the learning rate (a temperature); nothing by default."""
+
+    def stepped(self, bundle: ModelBundle, step: int, total_steps: int) -> None:
+        """After optimizer step ``step``: for weights that follow the trained ones (a teacher);
+        nothing by default."""
+
     @abstractmethod
     def training_step(self, bundle: ModelBundle, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Losses of one batch (``"loss"`` is back-propagated, the rest logged). ``model`` is
@@ -183,6 +191,11 @@ class Task(ABC):
         finally:
             model.train(was_training)
         return self.compute_metrics(bundle, distributed.gather_objects(part), loader.dataset)
+
+    def finished(self, run_dir: Path, bundle: ModelBundle) -> list[Path]:
+        """After the last epoch, on process 0, with the trained model: what the task leaves in the
+        run folder besides its checkpoints (a pretraining run's backbone); returns the files."""
+        return []
 
     # ---------------------------------------------------------------------- a trained run
     @abstractmethod

@@ -40,6 +40,7 @@ class TaskEntry:
         runtime: its ``dinotune.runtime.task.RuntimeTask`` subclass (numpy only: the exported
             model's pre- and post-processing, records, output files and what the server draws),
             or ``"module:Class"``.
+        command: a command of its own besides ``dinotune train NAME`` (``dinotune pretrain``), or empty.
     """
 
     name: str
@@ -47,6 +48,7 @@ class TaskEntry:
     config: str | type
     task: str | type
     runtime: str | type
+    command: str = ""
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -118,3 +120,8 @@ register(TaskEntry(
                 "or Mask R-CNN",
     config="dinotune.config.instance:InstanceConfig", task="dinotune.tasks.instance.task:InstanceTask",
     runtime="dinotune.tasks.instance.runtime:InstanceRuntime"))
+register(TaskEntry(
+    "pretrain", "Self-supervised pretraining on unlabelled images (DINOv2's objective, or distillation of a "
+                "larger backbone); the run is a backbone for every other task",
+    config="dinotune.config.pretrain:PretrainConfig", task="dinotune.tasks.pretrain.task:PretrainTask",
+    runtime="dinotune.runtime.task:RuntimeTask", command="pretrain"))
