@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,30 @@ def test_plain_peft_reads_the_saved_adapter(kind, tiny_folder, tmp_path):
     assert (got - untouched).abs().max() > 1e-4  # the adapter was read and does something
     torch.testing.assert_close(got[:, 0], expected.cls, atol=1e-6, rtol=0)
     torch.testing.assert_close(got[:, 1:], expected.patch_tokens, atol=1e-6, rtol=0)
+
+
+def test_unfrozen_blocks_train_beside_lora_and_reload(tmp_path):
+    """--adapter lora --unfreeze-blocks 1 (ExPLoRA): the last block's own weights train with the
+    adapter, the others stay at their base values; the run reloads to the same model."""
+    from dinotune.backbone.model import DinoBackbone
+    from tests.conftest import make_class_folders, tiny_options
+
+    data = make_class_folders(tmp_path / "data" / "train", ["red", "blue"], 3).parent
+    make_class_folders(data / "val", ["red", "blue"], 1, seed=1)
+    run = dinotune.train(task="classify", data=str(data), **tiny_options(tmp_path / "run", epochs=1, lr=1e-2,
+                                                                      backbone_lr=1e-2, unfreeze_blocks=1))
+    loaded = dinotune.load(run["run_dir"], device="cpu", merge=False)
+    backbone = loaded.model.backbone
+    base = DinoBackbone.from_spec("random:tiny")
+    fam = backbone.family
+    trained = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+               for n, p in backbone.named_parameters() if "lora_" not in n}
+    last = backbone.num_layers - 1
+    changed = {fam.block_index(n) for n, p in base.named_parameters()
+               if n in trained and not torch.equal(p, trained[n])}
+    assert changed == {last}  # only the unfrozen block's own weights moved
+    assert (Path(run["run_dir"]) / "checkpoints" / "best" / "unfrozen_blocks.safetensors").is_file()
+    again = dinotune.load(run["run_dir"], device="cpu")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.backbone.eval()(x).cls, loaded.model.backbone.eval()(x).cls)

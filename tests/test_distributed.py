@@ -270,6 +270,11 @@ def launch(data, tmp_path_factory) -> dict:
                              "--cache-features"),
     }
     plan["embed"] = _embed_argv(data["classify"], root / "emb.parquet")
+    # self-supervised: Sinkhorn-Knopp's sums over both processes' images, the teacher updated alike on each
+    plan["pretrain"] = ["pretrain", "--data", str(data["classify"] / "train"), "--val-data", str(data["classify"]),
+                        "--out", str(runs / "pretrain" / "run"), "--model", "random:tiny", "--image-size", "28",
+                        "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress",
+                        "--local-crops", "1", "--prototypes", "32", "--head-hidden", "32", "--threads", "1"]
     if data["scene"] is not None:  # the detection and segmentation runs just trained, on a scene in tiles
         plan["predict-detect"] = _predict_argv("detect", runs, data["scene"], root / "tiled.json")
         plan["predict-segment"] = _predict_argv("segment", runs, data["scene"], root / "tiled.tif")
@@ -424,3 +429,14 @@ def test_embedding_shares_the_images_and_gives_the_one_process_file(data, launch
     np.testing.assert_allclose(two.vectors, one.vectors, atol=1e-5)
     assert {k: v for k, v in two.meta.items()} == one.meta
     assert not (launch["root"] / "emb.parquet.parts").exists()
+
+
+def test_pretraining_runs_under_torchrun(launch):
+    """``torchrun ... dinotune pretrain``: both processes train (the Sinkhorn-Knopp sums are
+    all-reduced), process 0 writes the run and its backbone once; the teacher, updated by every
+    process from the same synchronised student, is the same on both (the checkpoint of process 0
+    reloads and evaluates)."""
+    run, said, err = _trained(launch, "pretrain")
+    assert (run / "backbone" / "config.json").is_file() and err.count("the pretrained backbone") == 1
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= record["val/knn_top1"] <= 1 and record["train/loss"] > 0

@@ -6,6 +6,8 @@ arrays included."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +57,9 @@ def test_the_teacher_is_the_students_ema():
 def test_resume_reproduces_the_uninterrupted_run(folders, tmp_path):
     opts = dict(TINY, epochs=2, data=str(folders / "unlabelled"))
     full = make_trainer(build_config("pretrain", **opts, out=str(tmp_path / "a")), tmp_path / "a")
-    full.fit()
+    result = full.fit()
+    # no --val-data: the last epoch is the model (a self-distillation loss ranks no epochs)
+    assert result["best"]["epoch"] == result["last"]["epoch"] == 2 and result["monitor"]["key"] == "epoch"
     cfg = build_config("pretrain", **opts, out=str(tmp_path / "b"))
     interrupted = make_trainer(cfg, tmp_path / "b")
     interrupted.stop_after_epoch = 1
@@ -120,6 +124,14 @@ def test_the_run_is_a_backbone_for_training_embedding_and_knn(folders, tmp_path,
     assert 0 <= summary["metrics"]["top1"] <= 1
     result = api.knn(run, data=folders / "labelled", k=(3,), device="cpu", progress=False, out=tmp_path / "k.json")
     assert 0 <= result["k=3"]["top1"] <= 1
+    # exported as what it is: a transformers backbone with its image processor
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    from transformers import AutoImageProcessor, AutoModel
+
+    hf = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state[:, 0], backbone(x).cls)
+    assert AutoImageProcessor.from_pretrained(tmp_path / "hf").crop_size == {"height": 28, "width": 28}
 
 
 def test_band_arrays_pretrain_through_the_widened_patch_embedding(tmp_path):
@@ -134,3 +146,29 @@ def test_band_arrays_pretrain_through_the_widened_patch_embedding(tmp_path):
     from dinotune.backbone.model import DinoBackbone
 
     assert DinoBackbone.from_spec(str(run)).patch_embedding().in_channels == 5
+    # and it trains on the same bands with its own 5-band embedding (LoRA: the embedding trains and is saved)
+    cls = dinotune.train(task="classify", data=str(data), model=str(run), image_size=28, batch_size=4, epochs=1,
+                         workers=0, progress=False, device="cpu", out=str(tmp_path / "cls"), val_fraction=0.34)
+    loaded = dinotune.load(cls["run_dir"], device="cpu")
+    assert loaded.model.backbone.patch_embedding().in_channels == 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DINOTUNE_SHARED"), reason="needs DINOTUNE_SHARED (eurosat_ms)")
+def test_pretraining_raises_the_knn_top1_of_random_tiny_on_eurosat(tmp_path):
+    """The recipe of benchmarks/bench_pretrain.py, one seed: ~1 min on 2 cores (make test-slow)."""
+    import sys
+
+    source = Path(os.environ["DINOTUNE_SHARED"]) / "data" / "eurosat_ms"
+    if not source.is_dir():
+        pytest.skip(f"no {source}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_pretrain import eurosat_split
+
+    labelled = eurosat_split(source, tmp_path / "labelled")
+    before = api.knn("random:tiny", data=labelled, k=(20,), image_size=56, device="cpu", progress=False, save=False)
+    dinotune.train(task="pretrain", data=str(source), val_data=str(labelled), model="random:tiny", image_size=56,
+                   epochs=10, batch_size=32, local_crops=4, prototypes=1024, head_hidden=512, workers=0,
+                   progress=False, device="cpu", out=str(tmp_path / "run"))
+    after = api.knn(tmp_path / "run", data=labelled, k=(20,), device="cpu", progress=False, save=False)
+    assert after["k=20"]["top1"] >= before["k=20"]["top1"] + 0.05

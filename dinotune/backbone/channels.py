@@ -31,7 +31,7 @@ from torch import nn
 
 from dinotune.backbone.families import family_for, hf_model_of
 from dinotune.data.input_spec import InputSpec
-from dinotune.errors import BackboneLoadError
+from dinotune.errors import BackboneLoadError, ConfigError
 
 # Set on a widened convolution: ``(in_channels, rgb_bands)``, so the layer can be found and saved.
 _MARK = "dinotune_input_bands"
@@ -90,6 +90,14 @@ def adapt_input(backbone: nn.Module, in_channels: int, rgb_bands: Sequence[int],
     whether the new layer trains (the adapter trains the backbone). Returns the new layer or None."""
     if in_channels == 3 and list(rgb_bands) == [0, 1, 2]:
         return None
+    takes = patch_embedding(backbone)[2].in_channels
+    if takes != 3:  # a backbone already pretrained on band arrays (a dinotune pretrain run): kept as it is
+        if takes != in_channels:
+            raise ConfigError(f"the backbone's patch embedding takes {takes} bands and the data has {in_channels}")
+        conv = patch_embedding(backbone)[2]
+        setattr(conv, _MARK, (int(in_channels), [int(b) for b in rgb_bands]))
+        conv.requires_grad_(trainable)
+        return conv
     conv = widen_patch_embedding(backbone, in_channels, rgb_bands)
     conv.requires_grad_(trainable)
     return conv

@@ -9,9 +9,11 @@ to give up, and the user needs a hint, not a trace. The DINOv3 repos are gated: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -83,6 +85,21 @@ def _check_family(model_type: str, where: str) -> None:
 RUN_BACKBONE = "backbone"
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers without its progress bars (loading or writing a local folder takes a blink; a
+    bar per call would bury dinotune's own lines), restored as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _from_folder(path: Path) -> PreTrainedModel:
     if not (path / "config.json").is_file() and (path / RUN_BACKBONE / "config.json").is_file():
         path = path / RUN_BACKBONE  # a pretraining run: its backbone, as `--model RUN` means
@@ -94,7 +111,8 @@ def _from_folder(path: Path) -> PreTrainedModel:
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     _check_family(cfg.model_type, str(path))
     try:
-        return AutoModel.from_pretrained(path, local_files_only=True).eval()
+        with no_progress_bars():
+            return AutoModel.from_pretrained(path, local_files_only=True).eval()
     except OSError as exc:
         raise BackboneLoadError(f"{path}: cannot load the weights ({exc})") from None
 

@@ -147,6 +147,8 @@ class AdapterConfig:
         "q_proj fc1 (DINOv2) / q_proj up_proj (DINOv3)",
     )
     last_n_blocks: int = opt(0, "adapt only the last N transformer blocks (0 = all)", ge=0)
+    unfreeze_blocks: int = opt(0, "lora / dora: every weight of the last N blocks trains too (ExPLoRA's recipe: "
+                               "LoRA below, the last blocks unfrozen)", ge=0)
 
 
 @dataclass
@@ -239,6 +241,9 @@ def validate_common(cfg: Any) -> None:
     if cfg.optim.layer_decay < 1 and cfg.adapter.kind == "none":
         raise ConfigError("--layer-decay scales the learning rates of backbone weights that train; with "
                           "--adapter none none do: use --adapter full (or lora / dora)")
+    if cfg.adapter.unfreeze_blocks and cfg.adapter.kind not in ("lora", "dora"):
+        raise ConfigError(f"--unfreeze-blocks unfreezes blocks beside a LoRA / DoRA adapter; with --adapter "
+                          f"{cfg.adapter.kind} use --adapter lora (or full, where every block trains)")
     if cfg.train.two_stage and cfg.adapter.kind == "none":
         raise ConfigError(
             "--two-stage unfreezes the adapters in stage 2, so it needs --adapter lora, dora or full"

@@ -43,12 +43,16 @@ class MonitorChoice:
             imbalanced: 312 / 58 / 53 images"); empty when there is nothing to explain.
         keys: the keys ``--monitor`` may name, or None when the task does not declare them
             (then they are checked against the first evaluation's result).
+        without_validation: what picks the best checkpoint of a run with no validation data:
+            ``loss`` (the lowest training loss) or ``last`` (the last epoch: a loss whose scale
+            moves with its schedules, such as self-distillation's, ranks no epochs).
     """
 
     default: str
     mode: str = "max"
     reason: str = ""
     keys: tuple[str, ...] | None = None
+    without_validation: str = "loss"
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,8 @@ def choose_monitor(setting: str, mode: str, choice: MonitorChoice, validating: b
         ConfigError: ``setting`` is not among the keys the task declares, naming them.
     """
     if not validating:
+        if choice.without_validation == "last":
+            return Monitor("epoch", "max", "no validation data: the last epoch")
         return Monitor("train/loss", "min", "no validation data")
     if setting == "auto":
         metric, reason = choice.default, choice.reason

@@ -32,7 +32,6 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -40,19 +39,15 @@ from torch.utils.data import DataLoader, Dataset
 from dinotune.adapters import trainable_backbone_parameters
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config.pretrain import PretrainConfig
-from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec
-from dinotune.data.images import readable_images
+from dinotune.data.bands import InputSpec, check_inputs, resolve_input_spec
 from dinotune.data.loader import make_loader
-from dinotune.data.splits import split_dirs
 from dinotune.data.transforms import classify_eval_transform
-from dinotune.engine.device import autocast, to_device
-from dinotune.engine.logging import progress
 from dinotune.engine.monitor import MonitorChoice
 from dinotune.errors import ConfigError
 from dinotune.models.bundle import ModelBundle
-from dinotune.ops.knn import knn_classify
 from dinotune.tasks.base import Task, TaskData, TrainedRun, files_fingerprint
-from dinotune.tasks.pretrain.data import MultiCropDataset, collate_multicrop, list_images
+from dinotune.tasks.pretrain.data import LOCAL_SCALE, MultiCropDataset, collate_multicrop, list_images
+from dinotune.tasks.pretrain.evaluation import KnnImages, class_tokens, knn_items, knn_metrics
 from dinotune.tasks.pretrain.losses import (
     dino_loss,
     distillation_loss,
@@ -77,37 +72,6 @@ LOCAL_SHARE = 98 / 224
 COLLAPSE_STD = 1e-3
 
 
-class KnnImages(Dataset):
-    """The labelled images of ``--val-data``: ``{"image", "query" (val: True, train: False), "label"}``."""
-
-    def __init__(self, items: Sequence[tuple[Path, bool, int]], classes: list[str], transform: Any, spec: InputSpec):
-        self.items, self.classes, self.transform, self.spec = list(items), classes, transform, spec
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        path, query, label = self.items[i]
-        image = self.transform(read_input(path, layout=self.spec.layout)).as_subclass(torch.Tensor)
-        return {"image": image, "query": query, "label": label}
-
-
-def knn_items(root: Path) -> tuple[list[tuple[Path, bool, int]], list[str]]:
-    """``train/`` and ``val/`` class folders of ``root`` -> ``(path, is val, class index)`` and the classes."""
-    splits = split_dirs(root)
-    if "train" not in splits or "val" not in splits:
-        raise ConfigError(f"--val-data {root}: needs train/ and val/ class folders for the k-NN evaluation")
-    per_split = {s: {c.name: readable_images(c) for c in sorted(splits[s].iterdir()) if c.is_dir()}
-                 for s in ("train", "val")}
-    classes = sorted(per_split["train"])
-    if len(classes) < 2:
-        raise ConfigError(f"--val-data {root}: train/ needs at least two class folders, found {len(classes)}")
-    index = {c: i for i, c in enumerate(classes)}
-    items = [(p, split == "val", index.get(c, -1)) for split in ("train", "val")
-             for c, paths in per_split[split].items() for p in paths]
-    return items, classes
-
-
 class PretrainTask(Task):
     name = "pretrain"
     monitor_mode = "max"
@@ -125,7 +89,7 @@ class PretrainTask(Task):
         return "knn_top1"
 
     def monitor_for(self, meta: dict[str, Any], val: Dataset | None) -> MonitorChoice:
-        return MonitorChoice("knn_top1", "max", "", ("knn_top1", "knn_top5"))
+        return MonitorChoice("knn_top1", "max", "", ("knn_top1", "knn_top5"), without_validation="last")
 
     # ---------------------------------------------------------------------------------- data
     def local_size(self, patch_size: int) -> int:
@@ -140,7 +104,8 @@ class PretrainTask(Task):
         spec = resolve_input_spec(paths, in_channels=b.in_channels, rgb_bands=b.rgb_bands, layout=b.layout,
                                   stats=b.stats, mean=b.mean, std=b.std, max_pixels=d.max_image_pixels)
         train = MultiCropDataset(paths, spec, self.cfg.backbone.image_size, self.local_size(patch_size),
-                                 d.local_crops, max_image_pixels=d.max_image_pixels)
+                                 d.local_crops, max_image_pixels=d.max_image_pixels,
+                                 global_scale=(d.global_scale, 1.0), local_scale=(LOCAL_SCALE[0], d.global_scale))
         val, classes = None, []
         if d.val_data:
             items, classes = knn_items(Path(d.val_data).expanduser())
@@ -176,7 +141,9 @@ class PretrainTask(Task):
         model = Pretrainer(backbone, head)
         if not s.distill:
             head.teacher = TeacherWeights(self.student_weights(model))
-        return ModelBundle(model=model, criterion=lambda *a, **k: {}, postprocess=None, class_names=[])
+        # distillation passes no mask, so the backbone's mask token gets no gradient: DDP must know
+        return ModelBundle(model=model, criterion=lambda *a, **k: {}, postprocess=None, class_names=[],
+                           find_unused_parameters=bool(s.distill))
 
     def _distill_teacher(self, meta: dict[str, Any]) -> DinoBackbone:
         spec = InputSpec.from_meta(meta)
@@ -277,42 +244,21 @@ class PretrainTask(Task):
                  "lower --teacher-temperature, or use more images and local crops")
 
     # ---------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluation_pass(self, bundle: ModelBundle, loader: DataLoader, device: torch.device, precision: str,
                         show_progress: bool) -> Any:
-        vectors, queries, labels = [], [], []
-        backbone = bundle.model.backbone
-        for batch in progress(loader, show_progress, desc="k-NN", unit="batch"):
-            batch = to_device(batch, device)
-            with autocast(device, precision):
-                cls = backbone(batch["image"]).cls
-            vectors.append(cls.float().cpu().numpy())
-            queries.append(batch["query"].cpu().numpy())
-            labels.append(batch["label"].cpu().numpy())
-        if not vectors:
-            return None
-        return np.concatenate(vectors), np.concatenate(queries), np.concatenate(labels)
+        return class_tokens(bundle.model.backbone, loader, device, precision, show_progress)
 
     def compute_metrics(self, bundle: ModelBundle, parts: Sequence[Any], dataset: Dataset) -> dict[str, Any]:
-        parts = [p for p in parts if p is not None]
-        vectors = np.concatenate([p[0] for p in parts])
-        query = np.concatenate([p[1] for p in parts]).astype(bool)
-        labels = [str(x) for x in np.concatenate([p[2] for p in parts])]
-        train = [i for i in range(len(labels)) if not query[i]]
-        val = [i for i in range(len(labels)) if query[i]]
-        k = min(self.cfg.ssl.knn_k, len(train))
-        scores = knn_classify(vectors[train], [labels[i] for i in train], vectors[val], [labels[i] for i in val],
-                              (k,), self.cfg.ssl.knn_temperature)[f"k={k}"]
-        return {"knn_top1": scores["top1"], "knn_top5": scores["top5"]}
+        return knn_metrics(parts, self.cfg.ssl.knn_k, self.cfg.ssl.knn_temperature)
 
     def finished(self, run_dir: Path, bundle: ModelBundle) -> list[Path]:
-        """The best checkpoint's backbone (the last one's without ``--val-data``; adapter merged, the
-        widened patch embedding kept) as a transformers folder ``RUN/backbone``: what ``--model RUN``
+        """The best checkpoint's backbone (by k-NN top-1 with ``--val-data``, else the last epoch's;
+        adapter merged, the widened patch embedding kept) as a transformers folder ``RUN/backbone``: what ``--model RUN``
         loads, the same weights ``dinotune load`` / ``embed RUN`` / ``knn RUN`` take."""
         import copy
 
         from dinotune.adapters import merge_adapter
-        from dinotune.backbone.loading import RUN_BACKBONE
+        from dinotune.backbone.loading import RUN_BACKBONE, no_progress_bars
         from dinotune.engine import checkpoint
         from dinotune.engine.run_folder import RunLayout
 
@@ -325,11 +271,40 @@ class PretrainTask(Task):
         model = backbone.hf_model()
         model.config.num_channels = backbone.patch_embedding().in_channels
         folder = Path(run_dir) / RUN_BACKBONE
-        model.save_pretrained(folder, safe_serialization=True)
+        with no_progress_bars():
+            model.save_pretrained(folder, safe_serialization=True)
         info(f"the pretrained backbone: {folder} (use it as --model {run_dir})")
         return [folder]
 
     # ---------------------------------------------------------------------------- a trained run
+    def check_transformers_export(self) -> None:
+        """A pretraining run exports as what it is: the backbone (``Dinov2Model`` / ``DINOv3ViTModel``)."""
+
+    def to_transformers(self, run: TrainedRun) -> tuple[Any, Any, str]:
+        """The run's backbone (loaded merged) as a plain transformers model, the image processor of
+        its evaluation transform, and a short model card."""
+        import copy
+
+        from dinotune.models.hf_processor import image_processor
+
+        backbone = run.model.backbone
+        hf_model = copy.deepcopy(backbone.hf_model()).cpu().eval()
+        hf_model.config.num_channels = backbone.patch_embedding().in_channels
+        spec = InputSpec.from_meta(run.meta)
+        processor = image_processor(run, classify_eval_transform(self.cfg.backbone.image_size, spec))
+        objective = f"distillation of `{self.cfg.ssl.distill}`" if self.cfg.ssl.distill else \
+            "DINOv2's objective (DINO + iBOT + KoLeo, EMA teacher)"
+        card = "\n".join([
+            "---", "library_name: transformers", "pipeline_tag: image-feature-extraction",
+            f"tags: [dinotune, self-supervised, {hf_model.config.model_type}]", "---", "",
+            f"# {Path(run.run_dir).name}", "",
+            f"A backbone pretrained with dinotune on {run.meta.get('images', '?')} unlabelled images by {objective}, "
+            f"starting from `{self.cfg.backbone.model}`; {hf_model.config.num_channels} input bands, "
+            f"{self.cfg.backbone.image_size} px.", "",
+            "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(FOLDER)",
+            "features = model(pixel_values=x).last_hidden_state[:, 0]  # the class token", "```", ""])
+        return hf_model, processor, card
+
     def predict(self, run: TrainedRun, images: Any, settings: Any, **options: Any) -> list[dict[str, Any]]:
         raise ConfigError("a pretraining run is a backbone: embed images with `dinotune embed RUN DATA --out "
                           "FILE.parquet`, or train on it with `dinotune train TASK --model RUN`")
