@@ -10,6 +10,7 @@ images, and a run of minutes needs a head that learns in minutes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from dinotune.config.bands import BandsConfig
@@ -88,6 +89,9 @@ class PretrainConfig:
         s = self.ssl
         if not self.data.data:
             raise ConfigError("--data is required: the unlabelled images to pretrain on")
+        for flag, value in (("--data", self.data.data), ("--val-data", self.data.val_data)):
+            if value and not Path(value).expanduser().exists():
+                raise ConfigError(f"{flag} {value}: no such folder or file")
         if s.mask_ratio_min > s.mask_ratio_max:
             raise ConfigError(f"--mask-ratio-min {s.mask_ratio_min} is above --mask-ratio-max {s.mask_ratio_max}")
         if self.adapter.kind == "none":
