@@ -132,6 +132,16 @@ def test_the_run_is_a_backbone_for_training_embedding_and_knn(folders, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state[:, 0], backbone(x).cls)
     assert AutoImageProcessor.from_pretrained(tmp_path / "hf").crop_size == {"height": 28, "width": 28}
+    # and as an ONNX graph of the embedding: the torch-free runtime gives predict's records
+    assert main(["export", str(run), "--out", str(tmp_path / "onnx"), "--exporter", "legacy"]) == 0
+    from dinotune.runtime import load_predictor
+
+    images = sorted((folders / "labelled" / "val" / "red").iterdir())
+    from_torch = dinotune.predict(run, images, device="cpu")
+    from_onnx = load_predictor(tmp_path / "onnx").predict(images)
+    assert [r["image"] for r in from_onnx] == [r["image"] for r in from_torch] and len(from_torch) == 2
+    np.testing.assert_allclose([r["embedding"] for r in from_onnx], [r["embedding"] for r in from_torch], atol=1e-4)
+    assert len(from_torch[0]["embedding"]) == backbone.embed_dim
 
 
 def test_band_arrays_pretrain_through_the_widened_patch_embedding(tmp_path):

@@ -146,3 +146,14 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     padded = np.zeros((c, ph, pw), dtype=x.dtype)
     padded[:, :h, :w] = x
     return padded
+
+
+def eval_crop_input(image: np.ndarray, size: int, spec: InputSpec, name: str = "image", max_pixels: int = 0
+                   ) -> np.ndarray:
+    """``classify_eval_transform``: short side to ``round(size * 256 / 224)``, center crop ``size``,
+    normalise. ``H x W x C`` -> ``C x size x size`` float32. DataError naming ``name`` when the
+    resized image would have more than ``max_pixels`` pixels (0 = no limit)."""
+    short = int(round(size * 256 / 224))
+    h, w = short_side_size(image.shape[0], image.shape[1], short)
+    check_work(name, image, (h, w), max_pixels, f"resized to the short side {short}")
+    return normalize(center_crop(resize(image, h, w), size), spec)

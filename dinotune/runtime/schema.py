@@ -80,7 +80,7 @@ def check_description(raw: Any, where: str) -> dict[str, Any]:
     missing = [k for k in ("task", "class_names", "image_size", "patch_size", "inputs", "outputs") if k not in raw]
     if missing:
         raise DescriptionError(f"{where}: not a dinotune export description (missing {', '.join(missing)})")
-    names = c.names(raw, "class_names")
+    names = c.names(raw, "class_names", allow_empty=True)  # a backbone export (pretraining) has none
     patch = c.int_in(raw, "patch_size", 1, 256)
     size = c.int_in(raw, "image_size", patch, MAX_IMAGE_SIZE)
     if size % patch:

@@ -124,4 +124,4 @@ register(TaskEntry(
     "pretrain", "Self-supervised pretraining on unlabelled images (DINOv2's objective, or distillation of a "
                 "larger backbone); the run is a backbone for every other task",
     config="dinotune.config.pretrain:PretrainConfig", task="dinotune.tasks.pretrain.task:PretrainTask",
-    runtime="dinotune.runtime.task:RuntimeTask", command="pretrain"))
+    runtime="dinotune.tasks.pretrain.runtime:PretrainRuntime", command="pretrain"))

@@ -12,21 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dinotune.data.input_spec import InputSpec
 from dinotune.runtime.postprocess import softmax
-from dinotune.runtime.preprocess import center_crop, check_work, normalize, resize, short_side_size
+from dinotune.runtime.preprocess import eval_crop_input
 from dinotune.runtime.task import Prediction, RuntimeTask
 
 
-def classify_input(image: np.ndarray, size: int, spec: InputSpec, name: str = "image", max_pixels: int = 0
-                   ) -> np.ndarray:
-    """``classify_eval_transform``: short side to ``round(size * 256 / 224)``, center crop ``size``,
-    normalise. ``H x W x C`` -> ``C x size x size`` float32. DataError naming ``name`` when the
-    resized image would have more than ``max_pixels`` pixels (0 = no limit)."""
-    short = int(round(size * 256 / 224))
-    h, w = short_side_size(image.shape[0], image.shape[1], short)
-    check_work(name, image, (h, w), max_pixels, f"resized to the short side {short}")
-    return normalize(center_crop(resize(image, h, w), size), spec)
+# the evaluation transform in numpy, shared with every task that crops like classification
+classify_input = eval_crop_input
 
 
 def top_k_record(image: str, logits: np.ndarray, names: Sequence[str], top_k: int) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinotune.adapters import trainable_backbone_parameters
 from dinotune.backbone.model import DinoBackbone
 from dinotune.config.pretrain import PretrainConfig
-from dinotune.data.bands import InputSpec, check_inputs, resolve_input_spec
+from dinotune.data.bands import InputSpec, check_inputs, read_input, resolve_input_spec
 from dinotune.data.loader import make_loader
 from dinotune.data.transforms import classify_eval_transform
 from dinotune.engine.monitor import MonitorChoice
@@ -306,8 +306,37 @@ class PretrainTask(Task):
         return hf_model, processor, card
 
     def predict(self, run: TrainedRun, images: Any, settings: Any, **options: Any) -> list[dict[str, Any]]:
-        raise ConfigError("a pretraining run is a backbone: embed images with `dinotune embed RUN DATA --out "
-                          "FILE.parquet`, or train on it with `dinotune train TASK --model RUN`")
+        """One embedding per image (the class token after the final norm, the evaluation transform):
+        ``[{"image", "embedding"}]``, the records of the exported model's runtime. For an embeddings
+        file of a folder, ``dinotune embed RUN DATA`` (split and label columns, resumable)."""
+        from dinotune.data.images import readable_images
+        from dinotune.data.transforms import classify_eval_transform
+        from dinotune.engine.device import autocast
+        from dinotune.engine.logging import progress
+        from dinotune.tasks.pretrain.runtime import embedding_record
+
+        limit = self.cfg.data.max_image_pixels
+        spec = InputSpec.from_meta(run.meta)
+        paths = readable_images(images, "full", max_pixels=limit, layout=spec.layout)
+        check_inputs(paths, spec, "prediction")
+        transform = classify_eval_transform(self.cfg.backbone.image_size, spec)
+        backbone = run.bundle.model.backbone.eval()
+        out = []
+        with torch.no_grad():
+            for start in progress(range(0, len(paths), settings.batch_size), len(paths) > settings.batch_size,
+                                  desc="embedding"):
+                chunk = paths[start:start + settings.batch_size]
+                x = torch.stack([transform(read_input(p, limit, spec.layout)).as_subclass(torch.Tensor)
+                                 for p in chunk]).to(run.device)
+                with autocast(run.device, run.precision):
+                    cls = backbone(x).cls.float().cpu().numpy()
+                out += [embedding_record(str(p), row) for p, row in zip(chunk, cls)]
+        return out
+
+    def export_graph(self, run: TrainedRun, model: torch.nn.Module, image_size: int) -> Any:
+        from dinotune.tasks.pretrain.export import build_graph
+
+        return build_graph(model, self.cfg.inference.batch_size)
 
     def evaluate_data(self, run: TrainedRun, data: str, split: str, settings: Any, *, images: str = "",
                       subset: int = 0, subset_seed: int = 0, pre_transform: Any = None) -> dict[str, Any]:
