@@ -59,25 +59,15 @@ def is_embeddings_file(source: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".parquet"
 
 
-def _rows(source: str | Path, data: str | Path | None, *, what: str, splits: Sequence[str] = (), **options: Any
-          ) -> Embeddings:
-    """The rows of an embeddings file, or ``data``'s images embedded by the model ``source``
+def _data_rows(data: str | Path, model: str | Path, *, what: str, splits: Sequence[str] = (),
+               **options: Any) -> Embeddings:
+    """The rows of ``data``: an embeddings file as written, or a data folder embedded by ``model``
     (only the ``splits`` named, when any)."""
-    if is_embeddings_file(source):
-        return read_embeddings(source)
-    if not data:
-        raise ConfigError(f"{what}: give a data folder to embed with the model, or an embeddings .parquet file")
-    items = [i for i in find_items(data) if not splits or i.split in splits]
-    return embed_items(source, items, **options)
-
-
-def _data_rows(data: str | Path, model: str | Path, *, what: str, **options: Any) -> Embeddings:
-    """The rows of ``data``: an embeddings file as written, or a data folder embedded by ``model``."""
     if is_embeddings_file(data):
         return read_embeddings(data)
     if not Path(data).expanduser().exists():
         raise ConfigError(f"{what}: {data} does not exist")
-    return embed_items(model, find_items(data), **options)
+    return embed_items(model, [i for i in find_items(data) if not splits or i.split in splits], **options)
 
 
 def _knn_out(source: str | Path) -> Path:
@@ -106,8 +96,11 @@ def knn(source: str | Path, *, data: str | Path | None = None, k: Sequence[int] 
     ks = [int(x) for x in k]
     if not ks:
         raise ConfigError("--k needs at least one value")
-    rows = _rows(source, data, what="knn", splits=("train", "val"), pool=pool, image_size=image_size,
-                 batch_size=batch_size, workers=workers, device=device, progress=progress)
+    if not data and not is_embeddings_file(source):
+        raise ConfigError("knn: give a data folder to embed with the model, or an embeddings .parquet file")
+    rows = _data_rows(source if is_embeddings_file(source) else data, source, what="knn", splits=("train", "val"),
+                      pool=pool, image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+                      progress=progress)
     train, val = rows.where("train"), rows.where("val")
     if not len(train) or not len(val):
         raise ConfigError(f"knn: needs train and val images with labels (class folders under train/ and val/); "

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from dinotune.data.input_spec import InputSpec
 from dinotune.errors import ConfigError
 
 # hits a request may ask for (the page asks for the default)
@@ -44,8 +43,6 @@ class SimilarImages:
             raise ConfigError(f"{self.folder}: an index of {meta['in_channels']}-band arrays made with a backbone spec "
                               "cannot be served; index embeddings made with a trained run instead")
         self.backbone, _, self.input_spec = backbone_for(meta["model"], [], device)
-        if not isinstance(self.input_spec, InputSpec):  # pragma: no cover - backbone_for's contract
-            raise TypeError(type(self.input_spec))
         self.class_names: list[str] = sorted({label for label in self.index.labels if label})
         paths = self.index.paths
         self.root = os.path.commonpath(paths) if paths else ""
